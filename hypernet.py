@@ -1,0 +1,158 @@
+"""HINT's hypernetwork (../shared/HINT.md sections 3-4): instruction -> task state -> T5 run.
+
+Two steps, so that an instruction is read once per task:
+    state  = encode_task(params, hcfg, instruction_ids)          # per task (or per instance in training)
+    logits = model.t5_forward(params['t5'], cfg, input_ids, dec_ids, mods=state)
+The task state holds the generated adapters and prefixes in the T5 stacks' layout (a leading layer
+axis, scanned with the layer weights) and the encoded instruction for fusion. With a batch axis
+it is one state per instance; `select_task(state, i)` drops that axis, and the model then shares
+one state across a whole batch without copying it.
+
+Layout note: HINT.md gives every attention slot C = 2r+2 adapter rows + 2p prefix rows. Adapters
+sit only on feed-forward blocks (one per layer), so we keep two query tables, adapter rows for the
+Le + Ld layers and prefix rows for the S = Le + 2 Ld attention blocks: the cross-attention slots'
+adapter rows would otherwise never receive a gradient.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import model as M
+
+
+@dataclasses.dataclass(frozen=True)
+class HyperConfig:
+    adapter_dim: int = 64          # r (paper: Base 64, XL/XXL 512)
+    prefix_len: int = 30           # p (paper: 30)
+    adapters: bool = True
+    prefixes: bool = True
+    fusion: bool = True            # decoder cross-attention also sees the encoded instruction
+    instruction_encoder: str = 'shared'   # shared (the T5 encoder itself) | t5 (a separate copy) | roberta
+    roberta: M.RobertaConfig | None = None
+
+
+def dense_init(rng, n_in, n_out, lead=()):
+    w = jax.random.normal(rng, (*lead, n_in, n_out), jnp.float32) * n_in ** -0.5  # variance scaling, fan-in
+    return {'w': w, 'b': jnp.zeros((*lead, n_out), jnp.float32)}
+
+
+def init_hyper(cfg: M.T5Config, hcfg: HyperConfig, rng, t5_params=None, encoder_params=None) -> dict:
+    """Hypernetwork parameters (plus the separate instruction encoder, if any)."""
+    D, HK, r, p = cfg.d_model, cfg.num_heads * cfg.d_kv, hcfg.adapter_dim, hcfg.prefix_len
+    Le, Ld = cfg.num_layers, cfg.num_decoder_layers
+    keys = iter(jax.random.split(rng, 32))
+    mlp = lambda n_out: {'fc1': dense_init(next(keys), D, D), 'fc2': dense_init(next(keys), D, n_out)}
+    h = {'pool': {n: jax.random.normal(next(keys), (D, HK) if n != 'o' else (HK, D)) * (D if n != 'o' else HK) ** -0.5
+                  for n in 'qkvo'}}
+    if hcfg.adapters:  # rows: r down, r up, 1 down bias, 1 up bias
+        h['adapter_queries'] = jax.random.normal(next(keys), (Le + Ld, 2 * r + 2, D)) * D ** -0.5
+        h['gen'] = {'down': mlp(D), 'up': mlp(D), 'down_bias': mlp(r), 'up_bias': mlp(D)}
+    if hcfg.prefixes:  # rows: p keys, p values, for every attention block
+        h['prefix_queries'] = jax.random.normal(next(keys), (Le + 2 * Ld, 2 * p, D)) * D ** -0.5
+        h.setdefault('gen', {}).update({'prefix_k': mlp(HK), 'prefix_v': mlp(HK)})
+    if hcfg.instruction_encoder == 't5':  # a separate T5 encoder, initialised from the underlying one
+        h['encoder'] = {'embed': t5_params['embed'], 'encoder': t5_params['encoder']}
+    elif hcfg.instruction_encoder == 'roberta':
+        h['encoder'] = encoder_params
+        if hcfg.roberta.hidden_size != D:
+            h['proj'] = dense_init(next(keys), hcfg.roberta.hidden_size, D)
+    return h
+
+
+def encode_instruction(hyper, t5_params, cfg, hcfg, ids, rng=None):
+    """E [B, n, D] with padding rows zeroed, and the mask [B, n]."""
+    if hcfg.instruction_encoder == 'roberta':
+        E = M.roberta_forward(hyper['encoder'], hcfg.roberta, ids).astype(jnp.float32)
+        mask = ids != hcfg.roberta.pad_token_id
+        if 'proj' in hyper:
+            E = E @ hyper['proj']['w'] + hyper['proj']['b']
+    else:
+        enc = hyper['encoder'] if hcfg.instruction_encoder == 't5' else t5_params
+        E = M.t5_encode(enc, cfg, ids, rng=rng).astype(jnp.float32)
+        mask = ids != M.PAD_ID
+    return E * mask[..., None], mask
+
+
+def mlp(p, x):  # the generators: d -> d, GELU, -> out
+    return jax.nn.gelu(x @ p['fc1']['w'] + p['fc1']['b'], approximate=False) @ p['fc2']['w'] + p['fc2']['b']
+
+
+def encode_task(params, cfg: M.T5Config, hcfg: HyperConfig, instruction_ids, rng=None) -> dict:
+    """instruction_ids [B, n] -> task state (one per row; see the module docstring for its layout)."""
+    hyper = params['hyper']
+    D, H, K, r, p = cfg.d_model, cfg.num_heads, cfg.d_kv, hcfg.adapter_dim, hcfg.prefix_len
+    Le, Ld, B = cfg.num_layers, cfg.num_decoder_layers, instruction_ids.shape[0]
+    E, mask = encode_instruction(hyper, params['t5'], cfg, hcfg, instruction_ids, rng)
+    state = {'encoder': {}, 'decoder': {}, 'memory': {'E': E, 'mask': mask} if hcfg.fusion else None}
+
+    # Pooling: one multi-head attention, queries = the learned slot rows, keys/values = E.
+    tables = [hyper[n] for n in ('adapter_queries', 'prefix_queries') if n in hyper]
+    if not tables:
+        return state
+    Z = jnp.concatenate([t.reshape(-1, D) for t in tables])                       # [Q, D]
+    w = hyper['pool']
+    q = jnp.broadcast_to((Z @ w['q']).reshape(1, -1, H, K), (B, Z.shape[0], H, K)) * K ** -0.5
+    k, v = ((E @ w[n]).reshape(B, -1, H, K) for n in 'kv')
+    G = M.attend(q, k, v, M.mask_bias(mask)[:, None, None, :]) @ w['o']             # [B, Q, D]
+    gen = lambda name, rows: mlp(hyper['gen'][name], rows) / np.sqrt(D)            # every output / sqrt(d)
+    lm = lambda x: jnp.moveaxis(x, 1, 0)                                            # [B, S, ...] -> [S, B, ...]
+
+    if 'adapter_queries' in hyper:
+        n = hyper['adapter_queries'].size // D
+        A, G = G[:, :n].reshape(B, Le + Ld, 2 * r + 2, D), G[:, n:]
+        ad = {'down': jnp.swapaxes(gen('down', A[:, :, :r]), -1, -2),            # [B, Sa, D, r]
+              'up': gen('up', A[:, :, r:2 * r]),                                  # [B, Sa, r, D]
+              'down_bias': gen('down_bias', A[:, :, 2 * r]),                      # [B, Sa, r]
+              'up_bias': gen('up_bias', A[:, :, 2 * r + 1])}                      # [B, Sa, D]
+        ad = jax.tree.map(lm, ad)
+        state['encoder']['adapter'] = jax.tree.map(lambda x: x[:Le], ad)
+        state['decoder']['adapter'] = jax.tree.map(lambda x: x[Le:], ad)
+    if 'prefix_queries' in hyper:
+        P = G.reshape(B, Le + 2 * Ld, 2 * p, D)
+        pre = {'k': gen('prefix_k', P[:, :, :p]).reshape(B, -1, p, H, K),         # [B, S, p, H, K]
+               'v': gen('prefix_v', P[:, :, p:]).reshape(B, -1, p, H, K)}
+        pre = jax.tree.map(lm, pre)
+        state['encoder']['prefix'] = jax.tree.map(lambda x: x[:Le], pre)
+        state['decoder']['self_prefix'] = jax.tree.map(lambda x: x[Le::2], pre)   # slot Le + 2j
+        state['decoder']['cross_prefix'] = jax.tree.map(lambda x: x[Le + 1::2], pre)  # slot Le + 2j + 1
+    return state
+
+
+def select_task(state, i):
+    """Row i of a batched task state, without the batch axis (shared by a whole batch)."""
+    return {'encoder': jax.tree.map(lambda x: x[:, i], state['encoder']),
+            'decoder': jax.tree.map(lambda x: x[:, i], state['decoder']),
+            'memory': jax.tree.map(lambda x: x[i], state['memory'])}
+
+
+def hint_forward(params, cfg, hcfg: HyperConfig | None, instruction_ids, input_ids, decoder_input_ids, rng=None):
+    """Training-time forward, one task state per instance -> logits [B, T, V]. hcfg None = plain
+    T5 on the input alone (the baselines: full input puts the instruction into input_ids)."""
+    if hcfg is None:
+        return M.t5_forward(params['t5'], cfg, input_ids, decoder_input_ids, rng=rng)
+    r1, r2 = (None, None) if rng is None else jax.random.split(rng)
+    state = encode_task(params, cfg, hcfg, instruction_ids, r1)
+    return M.t5_forward(params['t5'], cfg, input_ids, decoder_input_ids, mods=state, rng=r2)
+
+
+def save_task_state(path, state):
+    """Write a task state (batched or not) to a safetensors file, so the task's generated modules
+    can be served without re-reading its instruction."""
+    from flax import traverse_util
+    from safetensors.numpy import save_file
+    flat = traverse_util.flatten_dict(state, sep='/')
+    tmp = path + '.tmp'
+    save_file({k: np.asarray(v) for k, v in flat.items() if v is not None}, tmp)
+    os.replace(tmp, path)
+
+
+def load_task_state(path):
+    from flax import traverse_util
+    from safetensors.numpy import load_file
+    tree = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in load_file(path).items()}, sep='/')
+    return {'encoder': tree.get('encoder', {}), 'decoder': tree.get('decoder', {}), 'memory': tree.get('memory')}
