@@ -39,7 +39,7 @@ class ByteTokenizer:
             i = int(i)
             if i == self.eos_id:
                 break
-            if i >= 3:
+            if 3 <= i < 259:  # ids past the byte range (vocab padding) are dropped
                 out.append(i - 3)
         return out.decode('utf-8', errors='ignore')
 
@@ -154,7 +154,10 @@ class T5Config:
             num_buckets=c.get('relative_attention_num_buckets', 32),
             max_distance=c.get('relative_attention_max_distance', 128),
             dropout_rate=c.get('dropout_rate', 0.1), layer_norm_epsilon=c.get('layer_norm_epsilon', 1e-6),
-            gated_gelu=act == 'gated-gelu', tie_word_embeddings=c.get('tie_word_embeddings', True),
+            gated_gelu=act == 'gated-gelu',
+            # transformers 5 writes tie_word_embeddings=true for every T5 and marks v1.1's untied, unscaled
+            # output by scale_decoder_outputs=false
+            tie_word_embeddings=c.get('scale_decoder_outputs', c.get('tie_word_embeddings', True)),
             **overrides)
 
 
@@ -253,16 +256,20 @@ def heads(x, cfg):  # [..., T, H*K] -> [..., T, H, K]
     return x.reshape(*x.shape[:-1], cfg.num_heads, cfg.d_kv)
 
 
-def attend(q, k, v, bias, extra=(), rate=0.0, rng=None):
-    """Softmax attention of q [B,T,H,K] over k/v [B,S,H,K] (+ bias [B|1,H|1,T,S]) and over extra
-    key/value sets (k, v, bias or None): HINT's prefixes and fused instruction memory. An extra set
-    may lack the batch axis ([M,H,K]): one task state shared by the whole batch, never copied.
-    No 1/sqrt(K) scaling: T5 folds it into the query init."""
+def attend(q, k, v, bias, extra=(), prefix=None, rate=0.0, rng=None):
+    """Softmax attention of q [B,T,H,K] over k/v [B,S,H,K] (+ bias [B|1,H|1,T,S]), jointly with extra
+    key/value sets (k, v, bias [M] | [B,M] | None): HINT's fused instruction memory. `prefix` (k, v) is
+    HINT's generated prefix, attended with a softmax of its own whose output is added: zero prefix
+    values then leave T5 exactly as it was (in one joint softmax, zero keys would still take attention
+    mass). An extra set or prefix may lack the batch axis ([M,H,K]): one task state shared by the whole
+    batch, never copied. No 1/sqrt(K) scaling: T5 folds it into the query init."""
     f32 = jnp.float32
+    qk = lambda ek: jnp.einsum('bthk,mhk->bhtm' if ek.ndim == 3 else 'bthk,bmhk->bhtm', q, ek, preferred_element_type=f32)
+    pv = lambda p, ev: jnp.einsum('bhtm,mhk->bthk' if ev.ndim == 3 else 'bhtm,bmhk->bthk', p, ev)
     scores = [jnp.einsum('bthk,bshk->bhts', q, k, preferred_element_type=f32) + bias]
     for ek, _, ebias in extra:
-        s = jnp.einsum('bthk,mhk->bhtm' if ek.ndim == 3 else 'bthk,bmhk->bhtm', q, ek, preferred_element_type=f32)
-        if ebias is not None:  # [M] or [B, M]
+        s = qk(ek)
+        if ebias is not None:
             s = s + (ebias if ebias.ndim == 1 else ebias[:, None, None, :])
         scores.append(s)
     sizes = [s.shape[-1] for s in scores]
@@ -270,7 +277,10 @@ def attend(q, k, v, bias, extra=(), rate=0.0, rng=None):
     probs = jnp.split(probs, np.cumsum(sizes)[:-1], axis=-1)
     out = jnp.einsum('bhts,bshk->bthk', probs[0], v)
     for p, (_, ev, _) in zip(probs[1:], extra):
-        out = out + jnp.einsum('bhtm,mhk->bthk' if ev.ndim == 3 else 'bhtm,bmhk->bthk', p, ev)
+        out = out + pv(p, ev)
+    if prefix is not None:
+        p = dropout(jax.nn.softmax(qk(prefix['k']), axis=-1), rate, sub(rng, 1)).astype(q.dtype)
+        out = out + pv(p, prefix['v'])
     return out.reshape(*out.shape[:2], -1)  # [B, T, H*K]
 
 
@@ -295,11 +305,6 @@ def ffn(p, h, cfg, rng):
 def adapter(m, h):
     """HINT's parallel adapter: gelu(h Wd + bd) Wu + bu, generated per task."""
     return add_bias(bmm(jax.nn.gelu(add_bias(bmm(h, m['down']), m['down_bias']), approximate=False), m['up']), m['up_bias'])
-
-
-def prefix_kv(m):
-    """Generated prefix -> an extra key/value set: never masked, no position bias."""
-    return [(m['k'], m['v'], None)] if m is not None else []
 
 
 def rngs(rng, n):  # per-layer dropout keys (None when deterministic)
@@ -330,7 +335,7 @@ def t5_encode(params, cfg, ids, mods=None, rng=None):
         a = p['self_attn']
         h = rms_norm(x, a['norm'], eps)
         q, k, v = (heads(h @ a[n].astype(dt), cfg) for n in 'qkv')
-        o = attend(q, k, v, bias, prefix_kv(m.get('prefix')), rate, sub(r, 0)) @ a['o'].astype(dt)
+        o = attend(q, k, v, bias, (), m.get('prefix'), rate, sub(r, 0)) @ a['o'].astype(dt)
         x = x + dropout(o, rate, sub(r, 1))
         h = rms_norm(x, p['ffn']['norm'], eps)
         y = ffn(p['ffn'], h, cfg, sub(r, 2))
@@ -378,13 +383,13 @@ def t5_decode(params, cfg, tokens, kv, mods=None, rng=None, cache=None, index=0)
             k = jax.lax.dynamic_update_slice(cache_l['k'], k.astype(cache_l['k'].dtype), (0, index, 0, 0))
             v = jax.lax.dynamic_update_slice(cache_l['v'], v.astype(cache_l['v'].dtype), (0, index, 0, 0))
             cache_l = {'k': k, 'v': v}
-        o = attend(q, k, v, self_bias, prefix_kv(m.get('self_prefix')), rate, sub(r, 0)) @ a['o'].astype(dt)
+        o = attend(q, k, v, self_bias, (), m.get('self_prefix'), rate, sub(r, 0)) @ a['o'].astype(dt)
         x = x + dropout(o, rate, sub(r, 1))
         c = p['cross_attn']
         h = rms_norm(x, c['norm'], eps)
         q = heads(h @ c['q'].astype(dt), cfg)
-        extra = prefix_kv(m.get('cross_prefix')) + ([(mem['k'], mem['v'], kv['memory']['bias'])] if mem is not None else [])
-        o = attend(q, ck, cv, kv['bias'], extra, rate, sub(r, 2)) @ c['o'].astype(dt)
+        extra = [(mem['k'], mem['v'], kv['memory']['bias'])] if mem is not None else []
+        o = attend(q, ck, cv, kv['bias'], extra, m.get('cross_prefix'), rate, sub(r, 2)) @ c['o'].astype(dt)
         x = x + dropout(o, rate, sub(r, 3))
         h = rms_norm(x, p['ffn']['norm'], eps)
         y = ffn(p['ffn'], h, cfg, sub(r, 4))

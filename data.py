@@ -1,0 +1,501 @@
+"""Data for HINT: a synthetic instruction suite, Super-NaturalInstructions (SNI) and C4, tokenized and cached.
+
+Every task yields the same thing (see HINT.md sections 5-6): an `instruction` for the hypernetwork, an `input`
+for the encoder and a `target` for the decoder, as 0-padded int32 arrays with EOS (1) closing each non-empty
+sequence. Text is always cut by TOKENS: at most L-1 tokens, then EOS, so it always fits in L.
+Format 'hint' splits instruction and instance; 'full-input' (the Tk-Instruct baseline) puts everything into
+the encoder and leaves a [N, 1] all-padding instruction. `batches` then serves a deterministic, resumable stream.
+
+    python data.py --task ni --data-dir natural-instructions --split test --shots 2 --show 3
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob
+import gzip
+import hashlib
+import itertools
+import json
+import os
+import random
+import string
+import sys
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """Bad data on disk or bad arguments: the message names the file and the field."""
+
+
+@dataclasses.dataclass
+class DataArgs:
+    task: str = 'synthetic'          # synthetic | ni | c4
+    data_dir: str | None = None      # ni: a natural-instructions clone; c4: folder of c4-*.json.gz (None: the hub)
+    shots: int = 0                   # 0|1|2 positive examples in the instruction
+    format: str = 'hint'             # hint | full-input
+    max_instances_per_task: int = 100    # the first ones of each task, in file order
+    instruction_len: int | None = None   # in tokens; None: task default (see `lengths`)
+    input_len: int | None = None         # in tokens; the limit of the whole text in full-input
+    target_len: int | None = None        # in tokens
+    tokenizer: str = ''              # '' = 'byte' for synthetic, google/t5-base-lm-adapt for ni/c4
+    c4_documents: int = 20000        # at most this many C4 documents are read (and cached)
+    seed: int = 0                    # train split only: the test split never depends on it
+    cache_dir: str = '.cache/data'   # tokenized splits, reused while arguments and source files are unchanged
+
+
+def tokenizer_name(args: DataArgs) -> str:
+    return args.tokenizer or ('byte' if args.task == 'synthetic' else 'google/t5-base-lm-adapt')
+
+
+def lengths(args: DataArgs) -> tuple[int, int, int]:
+    """(instruction_len, input_len, target_len): the widths of the arrays `load_split` returns.
+
+    Defaults: synthetic (bytes) 64 + 72*shots / 32 / 32, which nothing exceeds by construction (phrasing + blank
+    line + EOS <= 52 bytes, a demo <= 68, "Input: <8 items>\nOutput:" + EOS = 31, target <= 24);
+    ni 1024 / 1024 / 256 (paper); c4 512 / 512 / 512.
+    In full-input the instruction is [N, 1] padding and the input default is: ni 1024 (the paper's Tk-Instruct
+    limit), otherwise instruction + input (so the synthetic baseline sees exactly the same text, untruncated)."""
+    li, lx, ly = {'synthetic': (64 + 72 * args.shots, 32, 32), 'ni': (1024, 1024, 256),
+                  'c4': (512, 512, 512)}[args.task]
+    li, ly = args.instruction_len or li, args.target_len or ly
+    if args.format == 'full-input':
+        return 1, args.input_len or (1024 if args.task == 'ni' else li + lx), ly
+    return li, args.input_len or lx, ly
+
+
+def encode(tokenizer, text: str, length: int) -> tuple[list[int], bool]:
+    """Token ids of `text` cut to length-1 tokens plus EOS ([] for empty text), and whether it was cut."""
+    ids = tokenizer.encode(text) if text else []
+    if not ids:
+        return [], False
+    return ids[:length - 1] + [tokenizer.eos_id], len(ids) > length - 1
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Synthetic suite: list manipulations that can only be solved by reading the instruction.
+# Inputs are 3-8 single-character items ("c a 7"...). A task = (family, parameter, phrasing).
+# Train tasks use the train parameters, test tasks ONLY the held-out ones (same families, same phrasings):
+# first k in {3,5}, last k in {2,4}, item k in {4,6}, drop x in {c,h}, replace a->b with (a+b) % 9 == 0
+# (10 pairs: a and b both appear in other train pairs), double x in {b,g}, count x in {d,i}, add n in {4,7}.
+# reverse and sort have no held-out parameter and are train-only.
+
+LETTERS, DIGITS = 'abcdefghij', '0123456789'
+PAIRS = [(a, b) for a in LETTERS for b in LETTERS if a != b]
+
+
+def _held_pair(p):
+    return (LETTERS.index(p[0]) + LETTERS.index(p[1])) % 9 == 0
+
+
+def _split_params(values, held):
+    return [v for v in values if v not in held], list(held)
+
+
+# family -> (phrasings, train parameters, test parameters). Phrasings use {p} (and {a}, {b} for replace).
+FAMILIES = {
+    'reverse': (['Reverse the list.', 'Write the items in reverse order.', 'Output the list backwards.'],
+                [None], []),
+    'sort': (['Sort the items in {p} order.', 'Arrange the items in {p} order.',
+              'Output the items in {p} order.'], ['ascending', 'descending'], []),
+    'first': (['Take the first {p} items.', 'Keep only the first {p} items of the list.',
+               'Output the first {p} items.'], *_split_params([1, 2, 3, 4, 5, 6], [3, 5])),
+    'last': (['Take the last {p} items.', 'Keep only the last {p} items of the list.',
+              'Output the last {p} items.'], *_split_params([1, 2, 3, 4, 5], [2, 4])),
+    'item': (['What is item number {p}?', 'Output the item at position {p}, counting from 1.',
+              'Give item {p} of the list.'], *_split_params([1, 2, 3, 4, 5, 6, 7], [4, 6])),
+    'drop': (['Remove every {p}.', 'Delete all occurrences of {p} from the list.',
+              'Output the list without any {p}.'], *_split_params(list(LETTERS), 'ch')),
+    'replace': (['Replace every {a} with {b}.', 'Change each {a} into {b}.', 'Write {b} instead of every {a}.'],
+                [p for p in PAIRS if not _held_pair(p)], [p for p in PAIRS if _held_pair(p)]),
+    'double': (['Write every {p} twice.', 'Repeat each {p} once more.', 'Duplicate every {p} in the list.'],
+               *_split_params(list(LETTERS), 'bg')),
+    'count': (['How many times does {p} appear?', 'Count the occurrences of {p}.',
+               'Output the number of {p} items in the list.'], *_split_params(list(LETTERS), 'di')),
+    'add': (['Add {p} to each number.', 'Increase every number by {p}.', 'Output each number plus {p}.'],
+            *_split_params(list(range(1, 10)), [4, 7])),
+}
+SYN_TRAIN_PER_FAMILY = 2000   # train instances per family, spread over its tasks (capped per task)
+SYN_TEST_PER_TASK = 20
+
+
+def synthetic_output(family: str, p, items: list[str]) -> str:
+    out = {'reverse': lambda: items[::-1],
+           'sort': lambda: sorted(items, reverse=p == 'descending'),
+           'first': lambda: items[:p],
+           'last': lambda: items[-p:],
+           'item': lambda: [items[p - 1]],
+           'drop': lambda: [i for i in items if i != p],
+           'replace': lambda: [p[1] if i == p[0] else i for i in items],
+           'double': lambda: [j for i in items for j in ([i, i] if i == p else [i])],
+           'count': lambda: [str(items.count(p))],
+           'add': lambda: [str(int(i) + p) for i in items]}[family]()
+    return ' '.join(out)
+
+
+def _synthetic_pair(rng: random.Random, family: str, p) -> tuple[str, str]:
+    """One (input, output) pair, resampled until the output is non-empty and differs from the input."""
+    x = p[0] if family == 'replace' else p if family in ('drop', 'double', 'count') else None
+    lo = {'first': p + 1, 'last': p + 1, 'item': p}.get(family, 3) if isinstance(p, int) else 3
+    while True:
+        n = rng.randint(max(3, lo), 8)
+        if x is not None:   # letters, with x placed 1-4 times (0-4 for count), never everywhere
+            items = [rng.choice(LETTERS.replace(x, '')) for _ in range(n)]
+            for pos in rng.sample(range(n), rng.randint(0 if family == 'count' else 1, min(4, n - 1))):
+                items[pos] = x
+        else:               # positional families see letters or digits, so digit lists are shared with 'add'
+            pool = DIGITS if family == 'add' or rng.random() < 0.5 else LETTERS
+            items = [rng.choice(pool) for _ in range(n)]
+        inp, out = ' '.join(items), synthetic_output(family, p, items)
+        if out and out != inp:
+            return inp, out
+
+
+def synthetic_tasks(split: str) -> list[tuple[str, str, object, str]]:
+    """[(task name, family, parameter, phrasing)] of a split, in a fixed order."""
+    tasks = []
+    for family, (phrasings, train, test) in FAMILIES.items():
+        for p in (train if split == 'train' else test):
+            for j, phrasing in enumerate(phrasings):
+                a, b = p if family == 'replace' else (None, None)
+                name = f'{family}:{a + ">" + b if a else "-" if p is None else p}:{j}'
+                tasks.append((name, family, p, phrasing.format(p=p, a=a, b=b)))
+    return tasks
+
+
+def build_synthetic(args: DataArgs, split: str):
+    """Texts [(example dict)]: instruction = phrasing + "\\n\\n" + demos ("Example i -\\nInput: ..\\nOutput: ..\\n\\n"),
+    input = "Input: <items>\\nOutput:", target = the items. full-input: input = instruction + input (the
+    instruction already ends with the blank line that separates them)."""
+    tasks, rows = synthetic_tasks(split), []
+    per_family = {f: sum(t[1] == f for t in tasks) for f in FAMILIES}
+    seed = args.seed if split == 'train' else 0   # the held-out set never depends on the training seed
+    for name, family, p, phrasing in tasks:
+        demo_rng = random.Random(f'demo:{seed}:{name}')   # same demos for every shots: 1 shot is a prefix of 2
+        demos = [_synthetic_pair(demo_rng, family, p) for _ in range(args.shots)]
+        instruction = phrasing + '\n\n' + ''.join(
+            f'Example {i} -\nInput: {a}\nOutput: {b}\n\n' for i, (a, b) in enumerate(demos, 1))
+        n = SYN_TEST_PER_TASK if split == 'test' else max(1, SYN_TRAIN_PER_FAMILY // per_family[family])
+        rng = random.Random(f'{split}:{seed}:{name}')
+        for i in range(min(n, args.max_instances_per_task)):
+            inp, out = _synthetic_pair(rng, family, p)
+            rows.append(dict(task=name, id=f'{name}-{i}', instruction=instruction, input=f'Input: {inp}\nOutput:',
+                             target=out, references=[out], category=family))
+    return rows, {}
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Super-NaturalInstructions, exactly as Tk-Instruct builds its input (HINT.md section 6).
+
+NI_HELP = ('expected a clone of https://github.com/allenai/natural-instructions with splits/default/'
+           'train_tasks.txt, splits/default/test_tasks.txt and tasks/<task>.json; get it with '
+           '`git clone https://github.com/allenai/natural-instructions` and pass --data-dir')
+
+
+def dot(s: str) -> str:
+    return s if s and s[-1] in string.punctuation else s + '.'
+
+
+def ni_task_files(data_dir: str | None, split: str) -> tuple[str, list[tuple[str, str]]]:
+    """The split file and [(task, path)] listed in it; every path checked to exist."""
+    if not data_dir:
+        raise DataError(f'--task ni needs --data-dir: {NI_HELP}')
+    split_file = os.path.join(data_dir, 'splits', 'default', f'{split}_tasks.txt')
+    missing = [p for p in (split_file, os.path.join(data_dir, 'tasks')) if not os.path.exists(p)]
+    if missing:
+        raise DataError(f'{data_dir}: not a natural-instructions clone (missing {", ".join(missing)}): {NI_HELP}')
+    tasks = []
+    with open(split_file, encoding='utf-8') as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                path = os.path.join(data_dir, 'tasks', line.strip() + '.json')
+                if not os.path.isfile(path):
+                    raise DataError(f'{split_file} line {lineno}: task {line.strip()!r} has no file {path}')
+                tasks.append((line.strip(), path))
+    return split_file, tasks
+
+
+def _field(obj, key, where, kind=None):
+    if not isinstance(obj, dict) or key not in obj:
+        raise DataError(f'{where}: missing field {key!r}')
+    if kind is not None and not isinstance(obj[key], kind):
+        raise DataError(f'{where}: field {key!r} must be a {kind.__name__}, got {type(obj[key]).__name__}')
+    return obj[key]
+
+
+def read_ni_task(path: str) -> dict:
+    try:
+        with open(path, encoding='utf-8') as f:
+            task = json.load(f)   # Python's json reads the NaN some task files hold (e.g. "URL": [NaN])
+    except json.JSONDecodeError as e:
+        raise DataError(f'{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}') from None
+    except UnicodeDecodeError as e:
+        raise DataError(f'{path}: not UTF-8 text ({e})') from None
+    for key in ('Definition', 'Positive Examples', 'Instances', 'Categories'):
+        value = _field(task, key, path, list)
+        if key in ('Definition', 'Categories') and not (value and isinstance(value[0], str)):
+            raise DataError(f'{path}: field {key!r} must be a non-empty list of strings')
+    return task
+
+
+def ni_texts(task: dict, path: str, instance_input: str, shots: int, limit: int, tokenizer) -> tuple[str, str]:
+    """(definition + examples, instance part). Examples are added one at a time while the whole text still
+    fits `limit` tokens (including EOS), so hint and full-input choose the same ones at equal limits."""
+    definition = 'Definition: ' + dot(task['Definition'][0].strip()) + '\n\n'
+    instance = dot('Now complete the following example -\nInput: ' + instance_input.strip()) + '\nOutput: '
+    examples = ''
+    for i, ex in enumerate(task['Positive Examples'][:shots], 1):
+        where = f'{path}: Positive Examples[{i - 1}]'
+        text = (dot(f' Positive Example {i} -\nInput: ' + _field(ex, 'input', where, str).strip()) + '\n'
+                + dot(' Output: ' + _field(ex, 'output', where, str).strip()) + '\n' + '\n')
+        if len(tokenizer.encode(definition + examples + text + instance)) > limit - 1:
+            break
+        examples += text
+    return definition + examples, instance
+
+
+def build_ni(args: DataArgs, split: str, tokenizer):
+    """Rows from the first max_instances_per_task instances of each task (file order). Instances whose
+    outputs are all empty strings are skipped and counted; empty strings are dropped from references.
+    target: train = a seeded random reference (seed, instance id); test = the first reference."""
+    _, task_files = ni_task_files(args.data_dir, split)
+    li, lx, _ = lengths(args)
+    limit = lx if args.format == 'full-input' else li
+    rows, skipped = [], {'empty_output': 0}
+    for name, path in task_files:
+        task = read_ni_task(path)
+        for k, inst in enumerate(task['Instances'][:args.max_instances_per_task]):
+            where = f'{path}: Instances[{k}]'
+            iid = _field(inst, 'id', where, str)
+            where = f'{path}: instance {iid}'
+            outputs = _field(inst, 'output', where, list)
+            if not outputs:
+                raise DataError(f'{where}: field \'output\' is an empty list (no reference at all)')
+            if not all(isinstance(o, str) for o in outputs):
+                raise DataError(f'{where}: field \'output\' must be a list of strings')
+            refs = [o for o in outputs if o.strip()]
+            if not refs:
+                skipped['empty_output'] += 1
+                continue
+            instruction, inp = ni_texts(task, path, _field(inst, 'input', where, str), args.shots, limit, tokenizer)
+            if args.format == 'full-input':
+                instruction, inp = '', instruction + inp
+            target = random.Random(f'{args.seed}:{iid}').choice(refs) if split == 'train' else refs[0]
+            rows.append(dict(task=name, id=iid, instruction=instruction, input=inp, target=target,
+                             references=refs, category=task['Categories'][0]))
+    return rows, skipped
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. C4: each tokenized document is cut at two seeded random points (uniform over the document) into three
+# non-empty consecutive segments: instruction, input, target; each then keeps its first L-1 tokens.
+
+
+def c4_files(args: DataArgs, split: str) -> list[str]:
+    if args.data_dir is None:
+        return []
+    pattern = os.path.join(args.data_dir, f'c4-{"train" if split == "train" else "validation"}*.json.gz')
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise DataError(f'--task c4: no shards match {pattern} (expected files like c4-train.00000-of-01024.json'
+                        '.gz, one JSON object with "text" per line; or leave --data-dir unset to stream allenai/c4)')
+    return files
+
+
+def read_c4(args: DataArgs, split: str):
+    """Yields document texts: local shards in sorted order, else streamed from the hub."""
+    files = c4_files(args, split)
+    if not files:
+        try:
+            import datasets
+            name = 'train' if split == 'train' else 'validation'
+            yield from (row['text'] for row in datasets.load_dataset('allenai/c4', 'en', split=name, streaming=True))
+        except Exception as e:
+            raise DataError(f'could not stream allenai/c4 (en) from the Hugging Face hub ({type(e).__name__}: {e}); '
+                            'download c4-*.json.gz shards and pass --data-dir') from None
+    for path in files:
+        try:
+            with gzip.open(path, 'rt', encoding='utf-8') as f:
+                for lineno, line in enumerate(f, 1):
+                    try:
+                        yield json.loads(line)['text']
+                    except (json.JSONDecodeError, KeyError, TypeError) as e:
+                        raise DataError(f'{path} line {lineno}: expected a JSON object with "text" ({e!r})') from None
+        except (OSError, EOFError, UnicodeDecodeError) as e:
+            raise DataError(f'{path}: cannot read gzip text ({e})') from None
+
+
+def c4_cut(ids: list[int], seed: int, index: int):
+    """Three consecutive non-empty segments of `ids` (len >= 3), cut at two seeded random points."""
+    a, b = sorted(np.random.default_rng([seed, index]).choice(np.arange(1, len(ids)), 2, replace=False).tolist())
+    return ids[:a], ids[a:b], ids[b:]
+
+
+def build_c4(args: DataArgs, split: str, tokenizer):
+    """Returns token-id rows directly (no re-tokenizing of text); example texts are previews: the decoded
+    first 64 tokens of each (truncated) segment."""
+    li, lx, ly = lengths(args)
+    seed = args.seed if split == 'train' else 0
+    rows, skipped = [], {'too_short': 0}
+    for i, text in enumerate(itertools.islice(read_c4(args, split), args.c4_documents)):
+        ids = tokenizer.encode(text)
+        if len(ids) < 3:
+            skipped['too_short'] += 1
+            continue
+        s1, s2, s3 = c4_cut(ids, seed, i)
+        if args.format == 'full-input':
+            s1, s2 = [], s1 + s2
+        cut = lambda s, n: s[:n - 1] + [tokenizer.eos_id] if s else []
+        seqs = {'instruction': cut(s1, li), 'input': cut(s2, lx), 'target': cut(s3, ly)}
+        flags = {'instruction': len(s1) > li - 1, 'input': len(s2) > lx - 1, 'target': len(s3) > ly - 1}
+        pv = {k: tokenizer.decode(v[:64]) for k, v in seqs.items()}
+        rows.append((dict(task='c4', id=f'c4-{split}-{i}', **pv, references=[pv['target']], category='c4'),
+                     seqs, flags))
+    return rows, skipped
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenize, cache, report.
+
+
+def tokenize_rows(rows, args: DataArgs, tokenizer):
+    """Texts -> ids. Example texts stay the original text unless cut; a cut text becomes the decoded ids
+    (for SentencePiece that normalizes whitespace, e.g. newlines become spaces)."""
+    widths = dict(zip(('instruction', 'input', 'target'), lengths(args)))
+    memo = {}   # the instruction text repeats for every instance of a task: encode it once
+    for ex in rows:
+        seqs, flags = {}, {}
+        for key, width in widths.items():
+            if (ex[key], width) not in memo:
+                memo[ex[key], width] = encode(tokenizer, ex[key], width)
+            seqs[key], flags[key] = memo[ex[key], width]
+            if flags[key]:
+                ex[key] = tokenizer.decode(seqs[key])
+        yield ex, seqs, flags
+
+
+def pack(rows, args: DataArgs, skipped: dict, pad_id: int = 0) -> dict:
+    widths = dict(zip(('instruction', 'input', 'target'), lengths(args)))
+    data = {k: np.full([len(rows), w], pad_id, np.int32) for k, w in widths.items()}   # RoBERTa pads with 1
+    truncated = dict.fromkeys(widths, 0)
+    for n, (_, seqs, flags) in enumerate(rows):
+        for k in widths:
+            data[k][n, :len(seqs[k])] = seqs[k]
+            truncated[k] += flags[k]
+    return dict(data, examples=[r[0] for r in rows], skipped=skipped, truncated=truncated)
+
+
+def source_files(args: DataArgs, split: str) -> list[str]:
+    if args.task == 'ni':
+        split_file, tasks = ni_task_files(args.data_dir, split)
+        return [split_file] + [p for _, p in tasks]
+    return c4_files(args, split) if args.task == 'c4' else []
+
+
+def cache_path(args: DataArgs, split: str, tokenizer, files: list[str]) -> str:
+    """Keyed by everything the arrays depend on, including this file's own source (a code change rebuilds)."""
+    stat = lambda p: [os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns]
+    with open(__file__, 'rb') as f:
+        code = hashlib.sha256(f.read()).hexdigest()
+    key = dict(code=code, task=args.task, split=split, shots=args.shots, format=args.format, lengths=lengths(args),
+               tokenizer=tokenizer.name,
+               tokenizer_file=stat(tokenizer.name) if os.path.isfile(tokenizer.name) else None,
+               seed=args.seed if split == 'train' else 0, files=[stat(p) for p in files])
+    if args.task in ('synthetic', 'ni'):
+        key['max_instances_per_task'] = args.max_instances_per_task
+    if args.task == 'c4':
+        key.update(c4_documents=args.c4_documents, source=args.data_dir and os.path.abspath(args.data_dir))
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return os.path.join(args.cache_dir, f'{args.task}-{split}-{digest}.npz')
+
+
+def save_cache(path: str, data: dict):
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    meta = json.dumps({k: data[k] for k in ('examples', 'skipped', 'truncated')}, ensure_ascii=False)
+    tmp = f'{path}.{os.getpid()}.tmp.npz'   # write then rename: concurrent processes never see half a file
+    np.savez_compressed(tmp, instruction=data['instruction'], input=data['input'], target=data['target'],
+                        meta=np.frombuffer(meta.encode('utf-8'), np.uint8))
+    os.replace(tmp, path)
+
+
+def load_cache(path: str) -> dict:
+    with np.load(path) as z:
+        data = {k: z[k].astype(np.int32) for k in ('instruction', 'input', 'target')}
+        data.update(json.loads(z['meta'].tobytes().decode('utf-8')))
+    return data
+
+
+def load_split(args: DataArgs, split: str, tokenizer) -> dict:
+    """{'instruction' [N, Li], 'input' [N, Lx], 'target' [N, Ly] int32, 'examples' (N dicts), 'skipped',
+    'truncated' (counts per field)}; built once, then read from cache_dir."""
+    if split not in ('train', 'test'):
+        raise DataError(f'split must be train or test, got {split!r}')
+    if args.task not in ('synthetic', 'ni', 'c4') or args.format not in ('hint', 'full-input'):
+        raise DataError(f'unknown --task {args.task!r} or --format {args.format!r}')
+    if args.shots not in (0, 1, 2):
+        raise DataError(f'--shots must be 0, 1 or 2, got {args.shots}')
+    path = cache_path(args, split, tokenizer, source_files(args, split))
+    if os.path.exists(path):
+        data, how = load_cache(path), f'cached {path}'
+    else:
+        if args.task == 'c4':
+            rows, skipped = build_c4(args, split, tokenizer)
+        else:
+            build = build_synthetic if args.task == 'synthetic' else functools.partial(build_ni, tokenizer=tokenizer)
+            texts, skipped = build(args, split)
+            if args.format == 'full-input' and args.task == 'synthetic':
+                for ex in texts:
+                    ex['instruction'], ex['input'] = '', ex['instruction'] + ex['input']
+            rows = list(tokenize_rows(texts, args, tokenizer))
+        data, how = pack(rows, args, skipped, tokenizer.pad_id), f'built {path}'
+        save_cache(path, data)
+    print(f'data: {args.task}/{split} ({args.format}, {args.shots} shots): {len(data["examples"])} instances from '
+          f'{len({e["task"] for e in data["examples"]})} tasks; skipped {data["skipped"]}; '
+          f'truncated {data["truncated"]}; {how}', file=sys.stderr)
+    return data
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches: the global batch of step s is a pure function of (seed, s), so resuming and multi-host agree.
+
+
+def batches(data: dict, batch_size: int, seed: int, start_step: int = 0, process_index: int = 0,
+            process_count: int = 1):
+    """Yields {'instruction', 'input', 'target'} with batch_size // process_count rows each (this host's
+    contiguous share of the global batch). Epoch e is np.random.default_rng([seed, e]).permutation(N)."""
+    n = len(data['input'])
+    if n == 0 or batch_size % process_count:
+        raise ValueError(f'need data and batch_size ({batch_size}) divisible by process_count ({process_count})')
+    share = batch_size // process_count
+    perm = functools.lru_cache(maxsize=4)(lambda e: np.random.default_rng([seed, e]).permutation(n))
+    for step in itertools.count(start_step):
+        pos = step * batch_size + process_index * share + np.arange(share)   # positions in the endless stream
+        idx = np.concatenate([perm(e)[pos[pos // n == e] % n] for e in np.unique(pos // n)])
+        yield {k: data[k][idx] for k in ('instruction', 'input', 'target')}
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ShowArgs(DataArgs):
+    split: str = 'train'   # train | test
+    show: int = 5          # print this many examples as JSON lines
+
+
+def main(args: ShowArgs):
+    from model import load_tokenizer
+    source_files(args, args.split)   # bad --data-dir is reported before a (possibly slow) tokenizer download
+    data = load_split(args, args.split, load_tokenizer(tokenizer_name(args)))
+    for ex in data['examples'][:args.show]:
+        print(json.dumps({k: ex[k] for k in ('task', 'id', 'instruction', 'input', 'target', 'references')},
+                         ensure_ascii=False))
+
+
+if __name__ == '__main__':
+    import tyro
+    try:
+        main(tyro.cli(ShowArgs))
+    except (DataError, FileNotFoundError) as e:
+        sys.exit(f'error: {e}')

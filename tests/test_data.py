@@ -1,0 +1,497 @@
+"""Tests for data.py: synthetic suite, SNI formatting and errors, C4 cutting, the cache and batches."""
+import collections
+import dataclasses
+import gzip
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import data  # noqa: E402
+from model import load_tokenizer  # noqa: E402
+
+SHARED = os.path.join(os.path.dirname(__file__), '..', '..', 'shared')
+SNI = os.path.join(SHARED, 'data', 'sni_sample')
+SPIECE = os.path.join(SHARED, 'assets', 't5_tokenizer', 'spiece.model')
+BYTE = load_tokenizer('byte')
+
+
+def need(path):
+    if not os.path.exists(path):
+        pytest.skip(f'{path} not found (the shared folder next to the repo is absent)')
+
+
+@pytest.fixture(scope='module')
+def spiece():
+    need(SPIECE)
+    return load_tokenizer(SPIECE)
+
+
+@pytest.fixture(scope='module', autouse=True)
+def module_cache(tmp_path_factory):
+    global CACHE   # one cache for the module, so tests share builds (tests of the cache itself use their own)
+    CACHE = str(tmp_path_factory.mktemp('cache'))
+
+
+def load(split='train', tokenizer=BYTE, **kw):
+    kw.setdefault('cache_dir', CACHE)
+    return data.load_split(data.DataArgs(**kw), split, tokenizer)
+
+
+def check_arrays(d, args, tokenizer):
+    """Shapes = lengths(args); each row is its (possibly truncated) text's ids, then EOS, then padding."""
+    for key, width in zip(('instruction', 'input', 'target'), data.lengths(args)):
+        assert d[key].shape == (len(d['examples']), width) and d[key].dtype == np.int32
+        for row, ex in zip(d[key], d['examples']):
+            n = int((row != 0).sum())
+            assert (row[n:] == 0).all()
+            if ex[key]:   # whole text, or (cut) the example text is the decoded ids of a full row
+                assert row[n - 1] == tokenizer.eos_id and n <= width
+                assert (row[:n - 1].tolist() == tokenizer.encode(ex[key])
+                        or (n == width and tokenizer.decode(row) == ex[key])), (key, ex[key])
+            else:
+                assert n == 0
+
+
+# ---------------------------------------------------------------------------------------------- synthetic
+
+def test_synthetic_defaults_fit_and_are_deterministic(tmp_path):
+    for shots, fmt in ((0, 'hint'), (1, 'hint'), (2, 'hint'), (2, 'full-input')):
+        args = data.DataArgs(shots=shots, format=fmt, cache_dir=CACHE)
+        for split in ('train', 'test'):
+            d = data.load_split(args, split, BYTE)
+            assert d['truncated'] == {'instruction': 0, 'input': 0, 'target': 0}, (shots, fmt, split)
+            assert d['skipped'] == {}
+            check_arrays({k: d[k][::7] for k in ('instruction', 'input', 'target', 'examples')}, args, BYTE)
+    for split in ('train', 'test'):   # rebuilt from scratch in another cache: the same data
+        args = data.DataArgs(shots=2, cache_dir=CACHE)
+        d = data.load_split(args, split, BYTE)
+        again = data.load_split(dataclasses.replace(args, cache_dir=str(tmp_path / 'b')), split, BYTE)
+        assert again['examples'] == d['examples']
+        for k in ('instruction', 'input', 'target'):
+            np.testing.assert_array_equal(again[k], d[k])
+    assert data.lengths(data.DataArgs()) == (64, 32, 32)
+    for task, fmt, expected in (('ni', 'hint', (1024, 1024, 256)), ('ni', 'full-input', (1, 1024, 256)),
+                                ('c4', 'hint', (512, 512, 512)), ('c4', 'full-input', (1, 1024, 512))):
+        assert data.lengths(data.DataArgs(task=task, format=fmt)) == expected
+    assert data.lengths(data.DataArgs(task='ni', instruction_len=7, input_len=8, target_len=9)) == (7, 8, 9)
+    assert data.lengths(data.DataArgs(shots=2, format='full-input')) == (1, 208 + 32, 32)
+    train = load()
+    assert 300 <= len({e['task'] for e in train['examples']}) and 10000 <= len(train['examples']) <= 20000
+    assert len({e['category'] for e in train['examples']}) == 10
+
+
+def test_synthetic_seed_changes_train_not_test(tmp_path):
+    a, b = load(seed=0), load(seed=1)
+    assert [e['input'] for e in a['examples']] != [e['input'] for e in b['examples']]
+    ta = load('test', seed=0, shots=2)
+    tb = load('test', seed=1, shots=2, cache_dir=str(tmp_path / 'other'))
+    assert ta['examples'] == tb['examples']
+
+
+def test_synthetic_heldout_instructions_are_unseen():
+    train, test = load(shots=0), load('test', shots=0)
+    train_instr = {e['instruction'] for e in train['examples']}
+    test_instr = {e['instruction'] for e in test['examples']}
+    assert len(test_instr) == 72 and not train_instr & test_instr
+    # unseen PARAMETERS of seen families: the task name is family:parameter:phrasing
+    params = lambda d: {tuple(e['task'].split(':')[:2]) for e in d['examples']}
+    assert not params(train) & params(test)
+    assert {e['category'] for e in test['examples']} < {e['category'] for e in train['examples']}
+    assert ('replace', 'a>j') in params(test) and ('replace', 'a>b') in params(train)
+    assert all(len(list(g)) == 20 for _, g in itertools.groupby(e['task'] for e in test['examples']))
+    # every instance of a task shares one instruction text (eval encodes it once per task)
+    per_task = collections.defaultdict(set)
+    for e in load('test', shots=2)['examples']:
+        per_task[e['task']].add(e['instruction'])
+    assert all(len(v) == 1 for v in per_task.values())
+
+
+def test_synthetic_same_input_different_outputs():
+    items = 'a c b a d'.split()
+    outs = {f'{f}:{p}': data.synthetic_output(f, p, items) for f, p in [
+        ('reverse', None), ('sort', 'ascending'), ('first', 2), ('last', 2), ('item', 3), ('drop', 'a'),
+        ('replace', ('a', 'e')), ('double', 'a'), ('count', 'a')]}
+    assert outs == {'reverse:None': 'd a b c a', 'sort:ascending': 'a a b c d', 'first:2': 'a c', 'last:2': 'a d',
+                    'item:3': 'b', 'drop:a': 'c b d', "replace:('a', 'e')": 'e c b e d',
+                    'double:a': 'a a c b a a d', 'count:a': '2'}
+    assert data.synthetic_output('add', 7, '3 9'.split()) == '10 16'
+    # in the data itself, inputs seen under several tasks mostly get different outputs
+    by_input = collections.defaultdict(dict)
+    for e in load()['examples']:
+        by_input[e['input']][e['task']] = e['target']
+    shared = [v for v in by_input.values() if len(v) > 1]
+    assert len(shared) > 300
+    assert sum(len(set(v.values())) > 1 for v in shared) > 0.9 * len(shared)
+
+
+def test_synthetic_texts():
+    d = load('test', shots=2)
+    ex = next(e for e in d['examples'] if e['task'] == 'replace:a>j:0')
+    assert ex['instruction'].startswith('Replace every a with j.\n\nExample 1 -\nInput: ')
+    assert ex['instruction'].endswith('\n\n') and ex['instruction'].count('Example') == 2
+    items = ex['input'].removeprefix('Input: ').removesuffix('\nOutput:').split(' ')
+    assert ex['target'] == ' '.join('j' if x == 'a' else x for x in items) and 'a' in items
+    one = load('test', shots=1)['examples'][d['examples'].index(ex)]
+    assert ex['instruction'].startswith(one['instruction'])   # the demos of 1 shot are those of 2 shots
+    for split in ('train', 'test'):   # shots change the instruction only, never the instances
+        runs = [load(split, shots=k)['examples'] for k in (0, 2)]
+        assert [(e['id'], e['input'], e['target']) for e in runs[0]] == [(e['id'], e['input'], e['target'])
+                                                                         for e in runs[1]]
+        for e in runs[0]:   # never a no-op: the output always differs from the input list
+            assert e['target'] and e['target'] != e['input'].removeprefix('Input: ').removesuffix('\nOutput:')
+    full = load('test', shots=2, format='full-input')
+    for h, f, ids in zip(d['examples'], full['examples'], full['input']):
+        assert f['instruction'] == '' and f['input'] == h['instruction'] + h['input']
+        assert BYTE.decode(ids) == f['input']
+    assert (full['instruction'] == 0).all() and full['instruction'].shape == (len(d['examples']), 1)
+
+
+# ---------------------------------------------------------------------------------------------- SNI
+
+T063_DEF = ('Definition: In this task, you are given inputs i and A, where i is an integer and A is a list. You need '
+            'to output the first i elements of A, starting with the 1st element in A. i will always have a value '
+            'less than the length of A.\n\n')
+T063_POS = (" Positive Example 1 -\nInput: 3, ['a', '34', 'f', '931', '7', '3432', '13245', '762']\n"
+            " Output: a, 34, f.\n\n"
+            " Positive Example 2 -\nInput: 6, ['5191', '9389', '9907', '8877', 'N', '6453', 's', 'k', '6209', 'W', "
+            "'4591', 'B', 'p']\n Output: 5191, 9389, 9907, 8877, N, 6453.\n\n")
+T063_INST = ("Now complete the following example -\nInput: 7, ['q', 'q', '6047', 'e', '4093', 'w', 'D', '2021', 'R', "
+             "'j', '1003', 'Y', 'L', 'Q', 'I', 'F', 'B', '8745', 'H', 'Z', 'O', 'g']\nOutput: ")
+T1564_DEF = 'Definition: In this task you are given a question. You need to generate an answer to the question.\n\n'
+T1564_POS = (' Positive Example 1 -\nInput: Question:Who was the man behind The Chipmunks?\n Output: David Seville.\n\n'
+             ' Positive Example 2 -\nInput: Question:What star sign is Jamie Lee Curtis?\n Output: Scorpio.\n\n')
+T1564_INST = ('Now complete the following example -\nInput: Question:Who was married to Whitney Houston from 1992 to '
+              '2007?\nOutput: ')
+
+
+def first(d, task):
+    return next(e for e in d['examples'] if e['task'] == task)
+
+
+@pytest.mark.parametrize('task,definition,positives,instance,target', [
+    ('task063_first_i_elements', T063_DEF, T063_POS, T063_INST, 'q, q, 6047, e, 4093, w, D'),
+    ('task1564_triviaqa_answer_generation', T1564_DEF, T1564_POS, T1564_INST, 'bobby brown')])
+def test_ni_texts_written_by_hand(spiece, task, definition, positives, instance, target):
+    need(SNI)
+    for shots in (0, 2):
+        hint = first(load(tokenizer=spiece, task='ni', data_dir=SNI, shots=shots), task)
+        full = first(load(tokenizer=spiece, task='ni', data_dir=SNI, shots=shots, format='full-input'), task)
+        instruction = definition + (positives if shots else '')
+        assert (hint['instruction'], hint['input'], hint['target']) == (instruction, instance, target)
+        assert (full['instruction'], full['input'], full['target']) == ('', instruction + instance, target)
+        assert hint['id'] == full['id'] and hint['references'] == [target]
+    assert hint['category'] == {'task063_first_i_elements': 'Program Execution'}.get(task, 'Question Answering')
+
+
+def test_ni_formats_agree_and_arrays(spiece):
+    need(SNI)
+    for split, n in (('train', 413), ('test', 248)):
+        for limit in (1024, 200):   # at 200 some examples are dropped (and some texts truncated)
+            kw = dict(task='ni', data_dir=SNI, shots=2, instruction_len=limit, input_len=limit, split=split)
+            hint = load(tokenizer=spiece, **kw)
+            full = load(tokenizer=spiece, format='full-input', **kw)
+            assert len(hint['examples']) == n and hint['skipped'] == {'empty_output': 0}
+            check_arrays(hint, data.DataArgs(task='ni', instruction_len=limit, input_len=limit), spiece)
+            same = 0
+            for h, f, row in zip(hint['examples'], full['examples'], full['input']):
+                if (row != 0).sum() < limit:   # full text not cut: the two formats hold the same text
+                    assert f['input'] == h['instruction'] + h['input']
+                    same += 1
+            assert same > n // 2
+            if limit == 1024:
+                assert same == n and full['truncated']['input'] == 0
+    one = [e['instruction'].count('Positive Example') for e in hint['examples']]
+    assert 0 in one or 1 in one   # at 200 tokens some instructions could not take both examples
+
+
+def test_ni_examples_added_only_while_they_fit(spiece):
+    need(SNI)
+    task = 'task1564_triviaqa_answer_generation'
+    pos1 = T1564_POS[:T1564_POS.index(' Positive Example 2')]
+    fits1 = len(spiece.encode(T1564_DEF + pos1 + T1564_INST)) + 1   # + EOS
+    assert len(spiece.encode(T1564_DEF + T1564_POS + T1564_INST)) + 1 > fits1
+    for limit, expected in ((fits1, pos1), (fits1 - 1, '')):
+        hint = first(load(tokenizer=spiece, task='ni', data_dir=SNI, shots=2, instruction_len=limit), task)
+        full = first(load(tokenizer=spiece, task='ni', data_dir=SNI, shots=2, input_len=limit,
+                          format='full-input'), task)
+        assert hint['instruction'] == T1564_DEF + expected and hint['input'] == T1564_INST
+        assert full['input'] == T1564_DEF + expected + T1564_INST
+
+
+def test_ni_truncates_by_tokens(spiece):
+    need(SNI)
+    d = load(tokenizer=spiece, task='ni', data_dir=SNI, instruction_len=16, input_len=12, target_len=4)
+    n = d['examples'].index(first(d, 'task063_first_i_elements'))
+    for key, text, width in (('instruction', T063_DEF, 16), ('input', T063_INST, 12)):
+        ids = spiece.encode(text)
+        assert len(ids) > width   # the text is long: it is cut to width-1 TOKENS, then EOS
+        assert d[key][n].tolist() == ids[:width - 1] + [1]
+        assert d['examples'][n][key] == spiece.decode(ids[:width - 1])   # the example text is the decoded cut ids
+    assert d['target'][n].tolist() == spiece.encode('q, q, 6047, e, 4093, w, D')[:3] + [1]
+    assert d['examples'][n]['references'] == ['q, q, 6047, e, 4093, w, D']   # references stay whole
+    assert d['truncated']['instruction'] == len(d['examples'])
+
+
+def test_ni_targets_and_references(tmp_path):
+    need(SNI)
+    task = 'task082_babi_t1_single_supporting_fact_question_generation'
+    picks = {}
+    for seed in (0, 1, 2):
+        d = load(task='ni', data_dir=SNI, seed=seed)
+        ex = [e for e in d['examples'] if e['task'] == task]
+        assert all(e['target'] in e['references'] for e in ex)
+        picks[seed] = [e['target'] for e in ex]
+        assert picks[seed] == [e['target'] for e in load(task='ni', data_dir=SNI, seed=seed,
+                                                          cache_dir=str(tmp_path / f's{seed}'))['examples']
+                               if e['task'] == task]
+    assert picks[0] != picks[1] != picks[2]
+    test = load('test', task='ni', data_dir=SNI)
+    ex = first(test, 'task1409_dart_text_generation')
+    assert ex['target'] == ex['references'][0] and len(ex['references']) == 2
+    assert ex['references'][0].startswith('For cheap French food') and ex['category'] == 'Data to Text'
+    assert len(load('test', task='ni', data_dir=SNI, max_instances_per_task=5)['examples']) == 30
+
+
+# SNI bad input: copy the sample, corrupt it, expect a DataError naming the file and the field.
+
+@pytest.fixture
+def clone(tmp_path):
+    need(SNI)
+    root = tmp_path / 'ni'
+    shutil.copytree(SNI, root)
+    return root
+
+
+def edit(clone, name, fn):
+    path = clone / 'tasks' / f'{name}.json'
+    task = json.loads(path.read_text())
+    fn(task)
+    path.write_text(json.dumps(task))
+    return str(path)
+
+
+def expect_error(clone, *needles, split='train'):
+    with pytest.raises(data.DataError) as e:
+        load(split, task='ni', data_dir=str(clone) if clone else None)
+    for s in needles:
+        assert s in str(e.value), (s, str(e.value))
+
+
+def test_ni_bad_data_dir(tmp_path):
+    expect_error(None, '--data-dir', 'git clone https://github.com/allenai/natural-instructions')
+    (tmp_path / 'empty').mkdir()
+    expect_error(tmp_path / 'empty', 'not a natural-instructions clone', 'train_tasks.txt', 'tasks/',
+                 'git clone')
+    with pytest.raises(data.DataError, match='train or test'):
+        load('dev')
+
+
+def test_ni_missing_task_file(clone):
+    os.remove(clone / 'tasks' / 'task828_copa_commonsense_cause_effect.json')
+    load('train', task='ni', data_dir=str(clone))   # the train split does not need it
+    expect_error(clone, 'task828_copa_commonsense_cause_effect', 'test_tasks.txt line 4', split='test')
+
+
+def test_ni_invalid_json(clone):
+    path = clone / 'tasks' / 'task379_agnews_topic_classification.json'
+    text = path.read_text()
+    path.write_text(text[:300] + ',,' + text[300:])
+    expect_error(clone, str(path), 'not valid JSON', 'line ', 'column ')
+
+
+@pytest.mark.parametrize('field', ['Definition', 'Instances', 'Positive Examples', 'Categories'])
+def test_ni_missing_task_field(clone, field):
+    path = edit(clone, 'task1564_triviaqa_answer_generation', lambda t: t.pop(field))
+    expect_error(clone, path, f"missing field '{field}'")
+
+
+@pytest.mark.parametrize('field', ['input', 'output', 'id'])
+def test_ni_missing_instance_field(clone, field):
+    path = edit(clone, 'task1564_triviaqa_answer_generation', lambda t: t['Instances'][2].pop(field))
+    where = 'Instances[2]' if field == 'id' else 'task1564-4979fd960ec6440480919600d7046ec3'
+    expect_error(clone, path, where, f"missing field '{field}'")
+
+
+def test_ni_bad_example_and_types(clone):
+    path = edit(clone, 'task063_first_i_elements', lambda t: t['Positive Examples'][1].pop('output'))
+    with pytest.raises(data.DataError, match=r"Positive Examples\[1\]: missing field 'output'"):
+        load(task='ni', data_dir=str(clone), shots=2)
+    load(task='ni', data_dir=str(clone), shots=1)   # the second example is not used with 1 shot
+    edit(clone, 'task063_first_i_elements', lambda t: t.update(Definition='not a list'))
+    expect_error(clone, path, "field 'Definition' must be a list")
+    edit(clone, 'task063_first_i_elements', lambda t: t.update(Definition=[]))
+    expect_error(clone, path, "field 'Definition' must be a non-empty list of strings")
+
+
+def test_ni_instance_without_outputs_is_an_error(clone):
+    path = edit(clone, 'task363_sst2_polarity_classification', lambda t: t['Instances'][1].update(output=[]))
+    iid = json.load(open(path))['Instances'][1]['id']
+    expect_error(clone, path, iid, 'empty list')
+
+
+def test_ni_empty_outputs_are_skipped_and_reported(clone, capsys):
+    def blank(t):
+        t['Instances'][0]['output'] = ['', ' ']
+        t['Instances'][1]['output'] = ['', 'yes']
+    edit(clone, 'task1564_triviaqa_answer_generation', blank)
+    d = load('train', task='ni', data_dir=str(clone))
+    assert d['skipped'] == {'empty_output': 1} and len(d['examples']) == 413 - 1
+    assert first(d, 'task1564_triviaqa_answer_generation')['references'] == ['yes']
+    assert "skipped {'empty_output': 1}" in capsys.readouterr().err
+
+
+def test_ni_cli(tmp_path, spiece):
+    need(SNI)
+    cmd = [sys.executable, os.path.join(REPO, 'data.py'), '--task', 'ni', '--data-dir', SNI, '--split', 'test',
+           '--shots', '2', '--tokenizer', SPIECE, '--show', '3', '--cache-dir', str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(x) for x in out.stdout.splitlines()]
+    assert len(lines) == 3 and set(lines[0]) == {'task', 'id', 'instruction', 'input', 'target', 'references'}
+    assert lines[0]['task'] == 'task880_schema_guided_dstc8_classification'
+    assert lines[0]['instruction'].count('Positive Example') == 2
+    bad = subprocess.run(cmd[:4] + ['--data-dir', '/nonexistent'], capture_output=True, text=True, cwd=tmp_path)
+    assert bad.returncode == 1 and 'git clone' in bad.stderr and 'Traceback' not in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------- cache
+
+def test_cache_is_reused_and_invalidated(clone, tmp_path, monkeypatch):
+    kw = dict(task='ni', data_dir=str(clone), shots=2, cache_dir=str(tmp_path / 'c'))
+    tok = load_tokenizer('byte')
+    a = data.load_split(data.DataArgs(**kw), 'test', tok)
+    monkeypatch.setattr(tok, 'encode', lambda text: pytest.fail('tokenized again instead of reading the cache'))
+    b = data.load_split(data.DataArgs(**kw), 'test', tok)
+    assert a['examples'] == b['examples'] and a['skipped'] == b['skipped']
+    for k in ('instruction', 'input', 'target'):
+        np.testing.assert_array_equal(a[k], b[k])
+        assert b[k].dtype == np.int32
+    for changed in (dict(shots=1), dict(format='full-input'), dict(max_instances_per_task=3), dict(target_len=9)):
+        with pytest.raises(pytest.fail.Exception):   # any argument that matters rebuilds
+            data.load_split(data.DataArgs(**{**kw, **changed}), 'test', tok)
+    path = clone / 'tasks' / 'task1390_wscfixed_coreference.json'
+    path.write_text(path.read_text() + ' ')   # a source file changed: rebuild
+    with pytest.raises(pytest.fail.Exception):
+        data.load_split(data.DataArgs(**kw), 'test', tok)
+    assert len(os.listdir(tmp_path / 'c')) == 1   # no temporary files left behind
+
+
+def test_synthetic_cache_hit(tmp_path, monkeypatch):
+    tok = load_tokenizer('byte')
+    a = load(tokenizer=tok, cache_dir=str(tmp_path))
+    monkeypatch.setattr(tok, 'encode', lambda text: pytest.fail('tokenized again'))
+    assert load(tokenizer=tok, cache_dir=str(tmp_path))['examples'] == a['examples']
+    with pytest.raises(pytest.fail.Exception):
+        load(tokenizer=tok, cache_dir=str(tmp_path), seed=1)
+
+
+# ---------------------------------------------------------------------------------------------- batches
+
+def toy(n):
+    rows = np.arange(n, dtype=np.int32)[:, None]
+    return {'instruction': rows, 'input': rows + 100, 'target': rows + 200}
+
+
+def take(gen, k):
+    return [next(gen) for _ in range(k)]
+
+
+def test_batches_deterministic_epochs_and_resume():
+    d = toy(10)
+    a = take(data.batches(d, 4, seed=3), 10)
+    b = take(data.batches(d, 4, seed=3), 10)
+    assert all((x['input'] == y['input']).all() for x, y in zip(a, b))
+    assert all((x['input'] == x['instruction'] + 100).all() and (x['target'] == x['instruction'] + 200).all()
+               for x in a)   # rows stay aligned across the three arrays
+    stream = np.concatenate([x['instruction'][:, 0] for x in a])   # 40 positions = 4 epochs of 10
+    for e in range(4):
+        assert sorted(stream[10 * e:10 * e + 10]) == list(range(10))
+    assert list(stream[:10]) != list(stream[10:20])   # each epoch its own permutation
+    c = take(data.batches(d, 4, seed=4), 3)
+    assert any((x['input'] != y['input']).any() for x, y in zip(a, c))
+    resumed = take(data.batches(d, 4, seed=3, start_step=7), 3)
+    assert all((x['input'] == y['input']).all() for x, y in zip(a[7:], resumed))
+
+
+def test_batches_process_shares():
+    d = toy(13)
+    glob = take(data.batches(d, 8, seed=1, start_step=5), 4)
+    shares = [take(data.batches(d, 8, seed=1, start_step=5, process_index=i, process_count=4), 4) for i in range(4)]
+    for s in range(4):
+        parts = [shares[i][s]['input'] for i in range(4)]
+        assert all(p.shape == (2, 1) for p in parts)
+        np.testing.assert_array_equal(np.concatenate(parts), glob[s]['input'])
+    with pytest.raises(ValueError):
+        next(data.batches(d, 6, seed=0, process_count=4))
+    small = take(data.batches(toy(3), 8, seed=0), 2)   # a batch larger than the data spans several epochs
+    assert sorted(small[0]['instruction'][:3, 0]) == [0, 1, 2]
+
+
+# ---------------------------------------------------------------------------------------------- C4
+
+DOCS = ['The quick brown fox jumps over the lazy dog.', 'x', 'ab', 'abc', 'Hello world, this is C4.',
+        'Lorem ipsum dolor sit amet, consectetur adipiscing elit.', '']
+
+
+def write_shard(path, docs):
+    with gzip.open(path, 'wt', encoding='utf-8') as f:
+        for doc in docs:
+            f.write(json.dumps({'text': doc, 'url': 'http://x'}) + '\n')
+
+
+@pytest.fixture
+def c4dir(tmp_path):
+    root = tmp_path / 'c4'
+    root.mkdir()
+    write_shard(root / 'c4-train.00000-of-00002.json.gz', DOCS[:4])
+    write_shard(root / 'c4-train.00001-of-00002.json.gz', DOCS[4:])
+    write_shard(root / 'c4-validation.00000-of-00001.json.gz', ['Validation text here.', 'no'])
+    return root
+
+
+def test_c4_cuts(c4dir, tmp_path):
+    d = load(task='c4', data_dir=str(c4dir), seed=5)
+    assert d['skipped'] == {'too_short': 3}   # 'x', 'ab', '' cannot give three non-empty segments
+    kept = [t for t in DOCS if len(t) >= 3]
+    assert len(d['examples']) == len(kept) and d['truncated'] == {'instruction': 0, 'input': 0, 'target': 0}
+    cuts = set()
+    for n, text in enumerate(kept):
+        parts = [BYTE.decode(d[k][n]) for k in ('instruction', 'input', 'target')]
+        assert all(parts) and ''.join(parts) == text   # three consecutive, non-empty segments
+        cuts.add(len(parts[0]))
+        assert d['examples'][n]['target'] == parts[2][:64]
+    assert len(cuts) > 1
+    assert d['examples'] == load(task='c4', data_dir=str(c4dir), seed=5, cache_dir=str(tmp_path / 'x'))['examples']
+    assert [d2['id'] for d2 in load(task='c4', data_dir=str(c4dir), c4_documents=5)['examples']] == \
+        ['c4-train-0', 'c4-train-3', 'c4-train-4']
+    test = load('test', task='c4', data_dir=str(c4dir))
+    assert len(test['examples']) == 1 and test['skipped'] == {'too_short': 1}
+    full = load(task='c4', data_dir=str(c4dir), seed=5, format='full-input')
+    assert (full['instruction'] == 0).all()
+    assert [BYTE.decode(r) for r in full['input']] == [BYTE.decode(np.concatenate([a[a > 1], b]))
+                                                      for a, b in zip(d['instruction'], d['input'])]
+
+
+def test_c4_truncation_and_errors(c4dir, tmp_path):
+    lorem = DOCS[5]
+    d = load(task='c4', data_dir=str(c4dir), instruction_len=4, input_len=4, target_len=4, seed=5)
+    n = [e['id'] for e in d['examples']].index('c4-train-5')
+    a, b, c = data.c4_cut(BYTE.encode(lorem), 5, 5)
+    for key, seg in zip(('instruction', 'input', 'target'), (a, b, c)):
+        assert d[key][n].tolist() == (seg[:3] + [1] + [0] * 4)[:4]
+    (c4dir / 'c4-train.00000-of-00002.json.gz').write_bytes(gzip.compress(b'{"text": "fine"}\n{"txt": 1}\n'))
+    with pytest.raises(data.DataError, match='c4-train.00000-of-00002.json.gz line 2'):
+        load(task='c4', data_dir=str(c4dir))
+    (c4dir / 'c4-train.00000-of-00002.json.gz').write_bytes(b'not gzip')
+    with pytest.raises(data.DataError, match='cannot read gzip'):
+        load(task='c4', data_dir=str(c4dir))
+    with pytest.raises(data.DataError, match='no shards match'):
+        load(task='c4', data_dir=str(tmp_path))

@@ -1,0 +1,182 @@
+"""HINT's hypernetwork and the trainer: exactness properties of the method and of the training loop."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import hypernet as HN
+import model as M
+import train as T
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = dataclasses.replace(M.PRESETS['tiny'], dropout_rate=0.0)
+HCFG = HN.HyperConfig(adapter_dim=8, prefix_len=4)
+
+
+def hint_params(cfg=CFG, hcfg=HCFG, seed=0):
+    return T.init_params(cfg, hcfg, jax.random.PRNGKey(seed))
+
+
+def ids(rng, shape, lengths):
+    """Random token ids [B, L] in [3, vocab) with EOS at length-1 and padding after."""
+    x = np.array(jax.random.randint(jax.random.PRNGKey(rng), shape, 3, CFG.vocab_size))
+    for b, n in enumerate(lengths):
+        x[b, n - 1], x[b, n:] = M.EOS_ID, M.PAD_ID
+    return jnp.asarray(x)
+
+
+INS = ids(1, (3, 12), [12, 7, 9])
+INP = ids(2, (3, 8), [8, 5, 3])
+TGT = ids(3, (3, 6), [6, 4, 2])
+
+
+def test_zero_modules_without_fusion_is_plain_t5():
+    params = hint_params(hcfg=dataclasses.replace(HCFG, fusion=False))
+    state = jax.tree.map(jnp.zeros_like, HN.encode_task(params, CFG, dataclasses.replace(HCFG, fusion=False), INS))
+    assert state['memory'] is None and state['encoder']['adapter'] is not None and state['decoder']['cross_prefix'] is not None
+    plain = M.t5_forward(params['t5'], CFG, INP, M.shift_right(TGT))
+    hint = M.t5_forward(params['t5'], CFG, INP, M.shift_right(TGT), mods=state)
+    assert float(jnp.abs(plain - hint).max()) <= 1e-6
+    # and the real (non-zero) modules do change the output
+    real = HN.hint_forward(params, CFG, dataclasses.replace(HCFG, fusion=False), INS, INP, M.shift_right(TGT))
+    assert float(jnp.abs(plain - real).max()) > 1e-3
+
+
+@pytest.mark.parametrize('encoder', ['shared', 't5'])
+def test_every_hypernetwork_parameter_gets_a_gradient(encoder):
+    hcfg = dataclasses.replace(HCFG, instruction_encoder=encoder)
+    params = hint_params(hcfg=hcfg)
+
+    def loss(p):
+        logits = HN.hint_forward(p, CFG, hcfg, INS, INP, M.shift_right(TGT))
+        return T.token_losses(logits, TGT)[0]
+
+    grads = jax.grad(loss)(params)
+    for path, g in jax.tree_util.tree_leaves_with_path(grads['hyper']):
+        g = np.asarray(g)
+        # every tensor, and every slot row of the query tables, must receive a gradient
+        rows = g.reshape(g.shape[0], -1) if path[0].key.endswith('_queries') else g.reshape(1, -1)
+        assert (np.abs(rows).max(axis=1) > 0).all(), f'zero gradient in hyper{jax.tree_util.keystr(path)}'
+
+
+def test_switches_remove_modules():
+    for field in ('adapters', 'prefixes', 'fusion'):
+        hcfg = dataclasses.replace(HCFG, **{field: False})
+        state = HN.encode_task(hint_params(hcfg=hcfg), CFG, hcfg, INS)
+        present = {'adapters': state['encoder'].get('adapter'), 'prefixes': state['encoder'].get('prefix'),
+                   'fusion': state['memory']}
+        assert present[field] is None
+        assert all(v is not None for k, v in present.items() if k != field)
+
+
+def test_shared_task_state_equals_one_by_one():
+    params = hint_params()
+    state = HN.encode_task(params, CFG, HCFG, INS[:1])
+    shared = HN.select_task(state, 0)                      # no batch axis: broadcast, never copied
+    batched_inputs = ids(4, (5, 8), [8, 2, 5, 7, 3])
+    dec = M.shift_right(ids(5, (5, 6), [6, 6, 3, 4, 5]))
+    together = M.t5_forward(params['t5'], CFG, batched_inputs, dec, mods=shared)
+    for b in range(5):
+        alone = HN.hint_forward(params, CFG, HCFG, INS[:1], batched_inputs[b:b + 1], dec[b:b + 1])
+        assert float(jnp.abs(together[b] - alone[0]).max()) <= 1e-5
+    gen_together = M.t5_generate(params['t5'], CFG, batched_inputs, 10, shared)
+    for b in range(5):
+        gen_alone = M.t5_generate(params['t5'], CFG, batched_inputs[b:b + 1], 10, state)
+        np.testing.assert_array_equal(gen_together[b], gen_alone[0])
+
+
+def test_generation_matches_teacher_forcing_with_modules():
+    params = hint_params()
+    state = HN.encode_task(params, CFG, HCFG, INS)
+    gen = M.t5_generate(params['t5'], CFG, INP, 8, state)
+    logits = M.t5_forward(params['t5'], CFG, INP, M.shift_right(gen), mods=state)
+    greedy = np.asarray(jnp.argmax(logits, -1))
+    for b in range(3):  # identical up to and including the first EOS
+        n = int(np.argmax(np.asarray(gen[b]) == M.EOS_ID)) + 1 if M.EOS_ID in np.asarray(gen[b]) else 8
+        np.testing.assert_array_equal(greedy[b, :n], np.asarray(gen[b, :n]))
+
+
+def test_task_state_save_and_load(tmp_path):
+    params = hint_params()
+    state = HN.select_task(HN.encode_task(params, CFG, HCFG, INS[:1]), 0)
+    HN.save_task_state(str(tmp_path / 'task.safetensors'), state)
+    loaded = HN.load_task_state(str(tmp_path / 'task.safetensors'))
+    a = M.t5_generate(params['t5'], CFG, INP, 8, state)
+    b = M.t5_generate(params['t5'], CFG, INP, 8, loaded)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_roberta_instruction_encoder_with_projection():
+    rcfg = M.RobertaConfig(vocab_size=100, hidden_size=48, num_hidden_layers=1, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=40)
+    hcfg = dataclasses.replace(HCFG, instruction_encoder='roberta', roberta=rcfg)
+    params = T.init_params(CFG, hcfg, jax.random.PRNGKey(0), encoder_params=M.init_roberta(rcfg, jax.random.PRNGKey(1)))
+    ins = jnp.array([[0, 5, 6, 7, 2, 1, 1], [0, 8, 9, 2, 1, 1, 1]])     # RoBERTa ids, padding 1
+    grads = jax.grad(lambda p: T.token_losses(HN.hint_forward(p, CFG, hcfg, ins, INP[:2], M.shift_right(TGT[:2])), TGT[:2])[0])(params)
+    assert params['hyper']['proj']['w'].shape == (48, CFG.d_model)
+    assert float(jnp.abs(grads['hyper']['encoder']['word']).max()) > 0
+
+
+def test_eight_devices_match_one():
+    """The shard_map step on 8 fake CPU devices gives the loss and gradients of 1 device (<= 1e-5)."""
+    script = r'''
+import dataclasses, jax, jax.numpy as jnp, numpy as np
+import model as M, hypernet as HN, train as T
+assert jax.device_count() == 8
+cfg = dataclasses.replace(M.PRESETS['tiny'], dropout_rate=0.0)
+hcfg = HN.HyperConfig(adapter_dim=8, prefix_len=4)
+params = T.init_params(cfg, hcfg, jax.random.PRNGKey(0))
+rng = np.random.default_rng(0)
+batch = {k: rng.integers(3, 259, (16, n)).astype(np.int32) for k, n in (('instruction', 12), ('input', 8), ('target', 6))}
+for k in batch:   # ragged lengths, so the token count differs per device
+    for b in range(16):
+        batch[k][b, rng.integers(2, batch[k].shape[1]):] = 0
+out = []
+for n, accum in ((1, 1), (8, 1), (8, 2)):
+    mesh = jax.make_mesh((n,), ('data',), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:n])
+    fn = jax.jit(T.make_grad_fn(cfg, hcfg, mesh, accum))
+    out.append(fn(params, batch, jax.random.PRNGKey(0)))
+for loss, ce, grads in out[1:]:
+    assert abs(float(loss) - float(out[0][0])) <= 1e-5, (float(loss), float(out[0][0]))
+    diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(out[0][2])))
+    assert diff <= 1e-5, diff
+    print('max grad diff', diff)
+'''
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def run_train(tmp_path, out, **kw):
+    args = T.Args(init='tiny', batch_size=8, adapter_dim=8, prefix_len=4, log_every=2, eval_instances=8,
+                  out_dir=str(tmp_path / out), cache_dir=str(tmp_path / 'cache'), **kw)
+    return T.main(args)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    """2N steps == N steps, a kill (the checkpoint at 2N never written), --resume, N more (<= 1e-6)."""
+    full, _ = run_train(tmp_path, 'full', steps=6, save_every=3)
+    run_train(tmp_path, 'cut', steps=6, save_every=3)
+    import shutil
+    shutil.rmtree(tmp_path / 'cut' / 'ckpt-0000006')   # killed after step 3's checkpoint
+    resumed, metrics = run_train(tmp_path, 'cut', steps=6, save_every=3, resume=True)
+    for a, b in zip(jax.tree.leaves(full['params']), jax.tree.leaves(resumed['params'])):
+        assert float(jnp.abs(a - b).max()) <= 1e-6
+    assert int(resumed['step']) == 6
+    assert os.path.exists(tmp_path / 'cut' / 'metrics.json') and os.path.exists(tmp_path / 'cut' / 'predictions.jsonl')
+    rows = [json.loads(l) for l in open(tmp_path / 'cut' / 'predictions.jsonl')]
+    assert len(rows) == 8 and {'id', 'task', 'prediction', 'references'} <= set(rows[0])
+
+
+def test_checkpoint_that_does_not_match_the_config(tmp_path):
+    run_train(tmp_path, 'run', steps=1, save_every=1)
+    ckpt = T.latest_checkpoint(str(tmp_path / 'run'))
+    other = jax.eval_shape(lambda: T.init_params(CFG, dataclasses.replace(HCFG, adapter_dim=4), jax.random.PRNGKey(0)))
+    with pytest.raises(ValueError, match=r"adapter_queries.*shape"):
+        T.load_params(ckpt, other)
