@@ -180,7 +180,7 @@ def build_synthetic(args: DataArgs, split: str):
         rng = random.Random(f'{split}:{seed}:{name}')
         for i in range(min(n, args.max_instances_per_task)):
             inp, out = _synthetic_pair(rng, family, p)
-            rows.append(dict(task=name, id=f'{name}-{i}', instruction=instruction, input=f'Input: {inp}\nOutput:',
+            rows.append(dict(task=name, id=f'{name}-{i}', instruction=instruction, input=instance_text('synthetic', inp),
                              target=out, references=[out], category=family))
     return rows, {}
 
@@ -195,6 +195,13 @@ NI_HELP = ('expected a clone of https://github.com/allenai/natural-instructions 
 
 def dot(s: str) -> str:
     return s if s and s[-1] in string.punctuation else s + '.'
+
+
+def instance_text(task: str, text: str) -> str:
+    """The encoder's text for one instance input (eval.py's one-off mode uses it too)."""
+    if task == 'ni':
+        return dot('Now complete the following example -\nInput: ' + text.strip()) + '\nOutput: '
+    return f'Input: {text}\nOutput:'
 
 
 def ni_task_files(data_dir: str | None, split: str) -> tuple[str, list[tuple[str, str]]]:
@@ -243,7 +250,7 @@ def ni_texts(task: dict, path: str, instance_input: str, shots: int, limit: int,
     """(definition + examples, instance part). Examples are added one at a time while the whole text still
     fits `limit` tokens (including EOS), so hint and full-input choose the same ones at equal limits."""
     definition = 'Definition: ' + dot(task['Definition'][0].strip()) + '\n\n'
-    instance = dot('Now complete the following example -\nInput: ' + instance_input.strip()) + '\nOutput: '
+    instance = instance_text('ni', instance_input)
     examples = ''
     for i, ex in enumerate(task['Positive Examples'][:shots], 1):
         where = f'{path}: Positive Examples[{i - 1}]'

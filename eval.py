@@ -116,3 +116,89 @@ def write_results(out_dir, metrics, rows):
     with open(os.path.join(out_dir, 'predictions.jsonl'), 'w') as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + '\n')
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class EvalArgs(data.DataArgs):
+    checkpoint: str = ''            # a run folder (its newest ckpt-*) or one ckpt-* folder
+    split: str = 'test'
+    out_dir: str = ''               # for metrics.json / predictions.jsonl; default: the run folder
+    batch_size: int = 64
+    eval_instances: int = 0         # only the first N instances (0: all)
+    dtype: str = 'float32'
+    instruction: str | None = None  # one-off mode: this instruction, instance inputs from stdin, one per line
+    task_state: str = ''            # one-off mode: a saved task state (.safetensors) instead of --instruction
+    save_task_state: str = ''       # one-off mode: also save the instruction's task state here
+
+
+def one_off(args, cfg, hcfg, params, tokenizer, lines):
+    """Predictions for raw instance inputs under one instruction (or a saved task state)."""
+    li, lx, ly = data.lengths(args)
+    full_input = args.format == 'full-input'
+    instruction = args.instruction or ''
+    if not full_input and instruction and not instruction.endswith('\n'):
+        instruction += '\n\n' if args.task == 'synthetic' else ''
+    enc = lambda text, n: np.array(data.encode(tokenizer, text, n)[0] + [0] * n, np.int32)[:n]
+    inputs = np.stack([enc((instruction if full_input else '') + data.instance_text(args.task, x), lx) for x in lines])
+    mods = None
+    if hcfg is not None:
+        if args.task_state:
+            mods = HN.load_task_state(args.task_state)
+        else:
+            mods = _encode_task(params, jnp.asarray(enc(instruction, li)), cfg, hcfg)
+        if args.save_task_state:
+            HN.save_task_state(args.save_task_state, mods)
+    out = np.asarray(M.t5_generate(params['t5'], cfg, jnp.asarray(inputs), ly, mods))
+    return [tokenizer.decode(row) for row in out]
+
+
+def main(args: EvalArgs):
+    import train as T
+    cfg, hcfg, params, meta = T.load_run(args.checkpoint, args.dtype)
+    tokenizer = M.load_tokenizer(meta['tokenizer'])
+    if args.instruction is not None or args.task_state:
+        if hcfg is None and args.format != 'full-input' and args.instruction:
+            print('note: an input-only baseline ignores the instruction', file=sys.stderr)
+        lines = [l.rstrip('\n') for l in sys.stdin if l.strip()]
+        for pred in one_off(args, cfg, hcfg, params, tokenizer, lines):
+            print(pred)
+        return None
+    split = data.load_split(args, args.split, tokenizer)
+    if args.eval_instances:
+        split = {k: v[:args.eval_instances] if isinstance(v, (list, np.ndarray)) else v for k, v in split.items()}
+    metrics, rows = evaluate(params, cfg, hcfg, split, tokenizer, args.batch_size)
+    out_dir = args.out_dir or (args.checkpoint if T.latest_checkpoint(args.checkpoint) != args.checkpoint
+                               else os.path.dirname(args.checkpoint.rstrip('/')))
+    write_results(out_dir, metrics, rows)
+    print(json.dumps(metrics['overall']), f'({metrics["count"]} instances; {out_dir}/metrics.json)')
+    return metrics
+
+
+def cli(argv=None):
+    """Data flags default to the evaluated run's own (its args.json); any flag given overrides them."""
+    import tyro
+    argv = sys.argv[1:] if argv is None else argv
+    ckpt = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == '--checkpoint'), None)
+    if ckpt is None:
+        ckpt = next((a.split('=', 1)[1] for a in argv if a.startswith('--checkpoint=')), None)
+    default = EvalArgs()
+    if ckpt:
+        run = ckpt if os.path.exists(os.path.join(ckpt, 'args.json')) else os.path.dirname(ckpt.rstrip('/'))
+        if os.path.exists(os.path.join(run, 'args.json')):
+            saved = json.load(open(os.path.join(run, 'args.json')))
+            names = {f.name for f in dataclasses.fields(data.DataArgs)} - {'cache_dir'}
+            default = EvalArgs(**{k: v for k, v in saved.items() if k in names})
+    args = tyro.cli(EvalArgs, default=default, args=argv)
+    if not args.checkpoint:
+        raise ValueError('--checkpoint is required (a run folder written by train.py)')
+    return main(args)
+
+
+if __name__ == '__main__':
+    try:
+        cli()
+    except (data.DataError, FileNotFoundError, ValueError, KeyError) as e:
+        sys.exit(f'error: {e}')

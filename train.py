@@ -31,24 +31,26 @@ import model as M
 
 @dataclasses.dataclass
 class Args(data.DataArgs):
-    init: str = 'mini'              # a preset (random init): tiny, mini, small, base, ...; a transformers
+    # Fields left at None take the task's defaults (TASK_DEFAULTS below: the paper's recipe for ni and c4).
+    init: str | None = None         # a preset (random init): tiny, mini, small, base, ...; a transformers
                                     # checkpoint dir or hub name; or a HINT run dir (e.g. after C4 pretraining)
     baseline: str = 'none'          # none (HINT) | full-input (plain T5, instruction + input) | input-only
     adapters: bool = True
     prefixes: bool = True
     fusion: bool = True
-    adapter_dim: int = 64           # r
-    prefix_len: int = 30            # p
+    adapter_dim: int | None = None  # r
+    prefix_len: int | None = None   # p
     instruction_encoder: str = 'shared'   # shared | t5 (a separate copy) | roberta (needs --instruction-encoder-init)
     instruction_encoder_init: str = ''    # RoBERTa checkpoint dir or hub name
-    batch_size: int = 32            # global, over all devices and accumulation steps
+    batch_size: int | None = None   # global, over all devices and accumulation steps
     grad_accum: int = 1
-    steps: int = 1500
-    lr: float = 1e-3
+    steps: int | None = None
+    lr: float | None = None
     warmup: int = 100
-    dropout: float | None = None    # None: 0.1 for ni (paper), 0 otherwise (synthetic and C4 pretraining)
+    param_scale: bool = True        # Adafactor's step relative to each parameter's RMS (t5x default); from-scratch runs learn faster without
+    dropout: float | None = None
     dtype: str = 'auto'             # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU
-    out_dir: str = 'runs/synthetic'
+    out_dir: str | None = None      # default runs/<task>
     log_every: int = 50
     save_every: int = 500
     eval_every: int = 0             # 0: evaluate only at the end
@@ -56,6 +58,24 @@ class Args(data.DataArgs):
     eval_instances: int = 0         # evaluate on the first N test instances only (0: all)
     keep_checkpoints: int = 2
     resume: bool = False
+
+
+# Paper recipe (HINT.md section 5) for ni and c4; the synthetic suite's defaults train a small model from
+# scratch on a laptop CPU in about five minutes (its larger step size suits random init).
+TASK_DEFAULTS = {
+    'synthetic': dict(init='mini', batch_size=16, steps=1500, lr=5e-3, adapter_dim=8, prefix_len=4, dropout=0.0),
+    'ni': dict(init='google/t5-base-lm-adapt', batch_size=1024, steps=1000, lr=1e-3, adapter_dim=64, prefix_len=30, dropout=0.1),
+    'c4': dict(init='google/t5-base-lm-adapt', batch_size=1024, steps=10000, lr=1e-3, adapter_dim=64, prefix_len=30, dropout=0.0),
+}
+
+
+def fill_defaults(args):
+    for k, v in TASK_DEFAULTS[args.task].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.out_dir is None:
+        args.out_dir = f'runs/{args.task}' + ('' if args.baseline == 'none' else f'-{args.baseline}')
+    return args
 
 
 # Sizes beyond model.PRESETS used by the default synthetic run.
@@ -197,7 +217,7 @@ def token_losses(logits, targets, z_loss=1e-4):
 
 def make_optimizer(args):
     schedule = lambda step: args.lr * jnp.minimum(1.0, (step + 1) / max(args.warmup, 1))  # warm-up, then constant
-    return optax.adafactor(learning_rate=schedule, decay_rate=0.8, factored=True), schedule
+    return optax.adafactor(learning_rate=schedule, decay_rate=0.8, factored=True, multiply_by_parameter_scale=args.param_scale), schedule
 
 
 def make_grad_fn(cfg, hcfg, mesh, accum):
@@ -250,14 +270,15 @@ def main(args: Args):
     import eval as E  # the evaluation harness (also its own script)
     from tensorboardX import SummaryWriter
 
+    if args.task not in TASK_DEFAULTS:
+        raise data.DataError(f'unknown --task {args.task!r} (synthetic, ni or c4)')
+    fill_defaults(args)
     if args.dtype == 'auto':
         args.dtype = 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'
     if args.baseline not in ('none', 'full-input', 'input-only'):
         raise ValueError(f'--baseline must be none, full-input or input-only, got {args.baseline!r}')
     if args.baseline == 'full-input':
         args.format = 'full-input'
-    if args.dropout is None:
-        args.dropout = 0.1 if args.task == 'ni' else 0.0
     tok_name = args.tokenizer or ('byte' if args.task == 'synthetic' else None)
     if tok_name is None:
         if args.init in PRESETS:

@@ -1,0 +1,123 @@
+"""Super-NaturalInstructions end to end on the real sample: train, evaluate, metrics, eval.py, C4 -> SNI."""
+import gzip
+import io
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import data
+import eval as E
+import train as T
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(ROOT, '..', 'shared')
+SNI = os.path.join(SHARED, 'data', 'sni_sample')
+TOK = os.path.join(SHARED, 'assets', 't5_tokenizer')
+needs_shared = pytest.mark.skipif(not (os.path.isdir(SNI) and os.path.isdir(TOK)),
+                                  reason='../shared/data/sni_sample or ../shared/assets/t5_tokenizer not found')
+
+
+def ni_args(tmp_path, out, **kw):
+    base = dict(task='ni', data_dir=SNI, tokenizer=TOK, init='tiny', instruction_len=384, input_len=128, target_len=12,
+                batch_size=4, steps=2, log_every=1, adapter_dim=8, prefix_len=4, eval_batch_size=32,
+                out_dir=str(tmp_path / out), cache_dir=str(tmp_path / 'cache'))
+    return T.Args(**{**base, **kw})
+
+
+def official_metrics(rows):
+    """An independent re-computation with rouge_score, as natural-instructions' compute_metrics.py does."""
+    import string
+    from rouge_score import rouge_scorer
+    scorer = rouge_scorer.RougeScorer(['rougeL'], use_stemmer=True)
+    norm = lambda s: ' '.join(''.join(c for c in s.lower() if c not in string.punctuation).split())
+    em = [max(norm(r['prediction']) == norm(g) for g in r['references']) for r in rows]
+    rl = [max(scorer.score(g, r['prediction'])['rougeL'].fmeasure for g in r['references']) for r in rows]
+    return round(100 * sum(em) / len(rows), 4), round(100 * sum(rl) / len(rows), 4)
+
+
+def test_metrics_match_rouge_score_on_fixed_predictions():
+    rows = [dict(task='t1', category='A', prediction='The cat sat.', references=['the  cat sat', 'a dog']),
+            dict(task='t1', category='A', prediction='running dogs', references=['the dog runs', 'dogs ran']),
+            dict(task='t2', category='B', prediction='', references=['yes']),
+            dict(task='t2', category='B', prediction='Yes!', references=['no', 'YES'])]
+    m = E.compute_metrics(rows)
+    assert (m['overall']['exact_match'], m['overall']['rougeL']) == official_metrics(rows)
+    assert m['overall']['exact_match'] == 50.0            # rows 1 and 4 after normalisation
+    assert m['per_task']['t2']['exact_match'] == 50.0 and m['per_category']['A']['exact_match'] == 50.0
+    assert m['per_task']['t1']['rougeL'] == official_metrics(rows[:2])[1]
+    assert 0 < m['per_task']['t1']['rougeL'] < 100        # stemming: "running dogs" ~ "dogs ran"
+
+
+@needs_shared
+@pytest.mark.parametrize('shots', [2, 0])
+def test_ni_trains_and_evaluates_end_to_end(tmp_path, shots):
+    state, metrics = T.main(ni_args(tmp_path, 'run', shots=shots))
+    test_tasks = open(os.path.join(SNI, 'splits', 'default', 'test_tasks.txt')).read().split()
+    assert int(state['step']) == 2
+    assert set(metrics['per_task']) == set(test_tasks)
+    saved = json.load(open(tmp_path / 'run' / 'metrics.json'))
+    rows = [json.loads(l) for l in open(tmp_path / 'run' / 'predictions.jsonl')]
+    assert len(rows) == metrics['count'] == saved['count'] > 200
+    assert {'id', 'task', 'prediction', 'references'} <= set(rows[0])
+    # the numbers in metrics.json are what rouge_score gives on predictions.jsonl
+    assert (saved['overall']['exact_match'], saved['overall']['rougeL']) == official_metrics(rows)
+    categories = {json.load(open(os.path.join(SNI, 'tasks', t + '.json')))['Categories'][0] for t in test_tasks}
+    assert set(saved['per_category']) == categories
+
+    # eval.py on the run gives the same predictions (data flags default to the run's own)
+    out = tmp_path / 'again'
+    again = E.cli(['--checkpoint', str(tmp_path / 'run'), '--out-dir', str(out)])
+    assert again['overall'] == saved['overall']
+    assert [json.loads(l)['prediction'] for l in open(out / 'predictions.jsonl')] == [r['prediction'] for r in rows]
+
+
+@needs_shared
+def test_eval_one_off_mode_reads_stdin(tmp_path, monkeypatch, capsys):
+    T.main(ni_args(tmp_path, 'run', shots=0, steps=1, eval_instances=4))
+    monkeypatch.setattr(sys, 'stdin', io.StringIO('The movie was great.\n\nI hated it.\n'))
+    state_file = str(tmp_path / 'task.safetensors')
+    E.cli(['--checkpoint', str(tmp_path / 'run'), '--instruction', 'Definition: Classify the sentiment.\n\n',
+           '--save-task-state', state_file])
+    first = capsys.readouterr().out.splitlines()
+    assert len(first) == 2                                # one prediction per non-empty input line
+    monkeypatch.setattr(sys, 'stdin', io.StringIO('The movie was great.\nI hated it.\n'))
+    E.cli(['--checkpoint', str(tmp_path / 'run'), '--task-state', state_file])
+    assert capsys.readouterr().out.splitlines() == first  # the saved task state serves the same predictions
+
+
+def write_c4(folder, texts, split):
+    os.makedirs(folder, exist_ok=True)
+    with gzip.open(os.path.join(folder, f'c4-{split}.00000-of-00001.json.gz'), 'wt', encoding='utf-8') as f:
+        for t in texts:
+            f.write(json.dumps({'text': t, 'url': 'x'}) + '\n')
+
+
+@needs_shared
+def test_c4_pretraining_then_sni_finetuning(tmp_path):
+    texts = [json.load(open(os.path.join(SNI, 'tasks', f)))['Definition'][0] * 3
+             for f in sorted(os.listdir(os.path.join(SNI, 'tasks')))]
+    write_c4(str(tmp_path / 'c4'), texts[:12], 'train')
+    write_c4(str(tmp_path / 'c4'), texts[12:], 'validation')
+    pre, _ = T.main(ni_args(tmp_path, 'pre', task='c4', data_dir=str(tmp_path / 'c4'), instruction_len=64,
+                            input_len=64, target_len=16, steps=2, eval_instances=4))
+    # fine-tuning starts from the pretrained HINT model (T5 and hypernetwork), tokenizer taken from the run
+    args = ni_args(tmp_path, 'ft', init=str(tmp_path / 'pre'), tokenizer='', shots=2, steps=2, eval_instances=8)
+    tok = T.M.load_tokenizer(TOK)
+    cfg, hcfg, params = T.build_model(args, tok)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(pre['params'])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    state, metrics = T.main(args)
+    assert int(state['step']) == 2 and metrics['count'] == 8
+    assert json.load(open(tmp_path / 'ft' / 'args.json'))['tokenizer'] == json.load(open(tmp_path / 'pre' / 'args.json'))['tokenizer']
+
+
+@needs_shared
+def test_ni_errors_are_clear(tmp_path):
+    with pytest.raises(data.DataError, match='natural-instructions'):
+        T.main(ni_args(tmp_path, 'x', data_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match='--tokenizer'):
+        T.main(ni_args(tmp_path, 'y', tokenizer=''))
