@@ -257,7 +257,7 @@ def make_train_step(cfg, hcfg, optimizer, schedule, mesh, accum, seed):
         loss, ce, grads = grad_fn(state['params'], batch, rng)
         updates, opt_state = optimizer.update(grads, state['opt'], state['params'])
         params = optax.apply_updates(state['params'], updates)
-        metrics = {'loss': loss, 'ce': ce, 'grad_norm': optax.global_norm(grads), 'lr': schedule(state['step'])}
+        metrics = {'loss': loss, 'ce': ce, 'grad_norm': optax.tree.norm(grads), 'lr': schedule(state['step'])}
         return {'params': params, 'opt': opt_state, 'step': state['step'] + 1}, metrics
 
     return step

@@ -78,6 +78,7 @@ def test_ni_trains_and_evaluates_end_to_end(tmp_path, shots):
 @needs_shared
 def test_eval_one_off_mode_reads_stdin(tmp_path, monkeypatch, capsys):
     T.main(ni_args(tmp_path, 'run', shots=0, steps=1, eval_instances=4))
+    capsys.readouterr()                                   # drop the training log
     monkeypatch.setattr(sys, 'stdin', io.StringIO('The movie was great.\n\nI hated it.\n'))
     state_file = str(tmp_path / 'task.safetensors')
     E.cli(['--checkpoint', str(tmp_path / 'run'), '--instruction', 'Definition: Classify the sentiment.\n\n',
