@@ -174,7 +174,7 @@ def build_synthetic(args: DataArgs, split: str):
     for name, family, p, phrasing in tasks:
         demo_rng = random.Random(f'demo:{seed}:{name}')   # same demos for every shots: 1 shot is a prefix of 2
         demos = [_synthetic_pair(demo_rng, family, p) for _ in range(args.shots)]
-        instruction = phrasing + '\n\n' + ''.join(
+        instruction = instruction_text('synthetic', phrasing) + ''.join(
             f'Example {i} -\nInput: {a}\nOutput: {b}\n\n' for i, (a, b) in enumerate(demos, 1))
         n = SYN_TEST_PER_TASK if split == 'test' else max(1, SYN_TRAIN_PER_FAMILY // per_family[family])
         rng = random.Random(f'{split}:{seed}:{name}')
@@ -195,6 +195,11 @@ NI_HELP = ('expected a clone of https://github.com/allenai/natural-instructions 
 
 def dot(s: str) -> str:
     return s if s and s[-1] in string.punctuation else s + '.'
+
+
+def instruction_text(task: str, definition: str) -> str:
+    """The instruction's opening (its definition); demonstrations follow it."""
+    return 'Definition: ' + dot(definition.strip()) + '\n\n' if task == 'ni' else definition + '\n\n'
 
 
 def instance_text(task: str, text: str) -> str:
@@ -249,7 +254,7 @@ def read_ni_task(path: str) -> dict:
 def ni_texts(task: dict, path: str, instance_input: str, shots: int, limit: int, tokenizer) -> tuple[str, str]:
     """(definition + examples, instance part). Examples are added one at a time while the whole text still
     fits `limit` tokens (including EOS), so hint and full-input choose the same ones at equal limits."""
-    definition = 'Definition: ' + dot(task['Definition'][0].strip()) + '\n\n'
+    definition = instruction_text('ni', task['Definition'][0])
     instance = instance_text('ni', instance_input)
     examples = ''
     for i, ex in enumerate(task['Positive Examples'][:shots], 1):

@@ -129,7 +129,8 @@ class EvalArgs(data.DataArgs):
     batch_size: int = 64
     eval_instances: int = 0         # only the first N instances (0: all)
     dtype: str = 'float32'
-    instruction: str | None = None  # one-off mode: this instruction, instance inputs from stdin, one per line
+    instruction: str | None = None  # one-off mode: this task definition (formatted as in training), instance
+                                    # inputs from stdin, one per line
     task_state: str = ''            # one-off mode: a saved task state (.safetensors) instead of --instruction
     save_task_state: str = ''       # one-off mode: also save the instruction's task state here
 
@@ -138,9 +139,7 @@ def one_off(args, cfg, hcfg, params, tokenizer, lines):
     """Predictions for raw instance inputs under one instruction (or a saved task state)."""
     li, lx, ly = data.lengths(args)
     full_input = args.format == 'full-input'
-    instruction = args.instruction or ''
-    if not full_input and instruction and not instruction.endswith('\n'):
-        instruction += '\n\n' if args.task == 'synthetic' else ''
+    instruction = data.instruction_text(args.task, args.instruction) if args.instruction else ''
     enc = lambda text, n: np.array(data.encode(tokenizer, text, n)[0] + [0] * n, np.int32)[:n]
     inputs = np.stack([enc((instruction if full_input else '') + data.instance_text(args.task, x), lx) for x in lines])
     mods = None

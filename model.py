@@ -1,9 +1,10 @@
-"""T5 (v1.0 and v1.1 / LM-adapted / Flan) and RoBERTa in flax, checkpoint import, tokenizers.
+"""T5 (v1.0 and v1.1 / LM-adapted / Flan) and RoBERTa as plain JAX functions, checkpoint import, tokenizers.
 
 Numerics follow Hugging Face transformers exactly (tests/test_parity.py checks it); the T5 math
-follows t5x's examples/t5/network.py. HINT plugs into the attention through `extra_kv` (prefixes and
-an extra memory to attend to) and into the feed-forward block through a parallel `adapter`; plain T5
-pays for neither when they are None. Shapes: B batch, T/S sequence, H heads, K head size, D width.
+follows t5x's examples/t5/network.py. Parameters are plain pytrees (flax only serializes), so the
+trainer can jit, shard and checkpoint them directly. HINT plugs into the attention (generated
+prefixes, and the encoded instruction as extra cross-attention memory) and into the feed-forward
+block (a parallel adapter); plain T5 pays for neither when they are None. Shapes: B batch, T/S sequence, H heads, K head size, D width.
 """
 from __future__ import annotations
 
@@ -12,12 +13,10 @@ import functools
 import json
 import math
 import os
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
 
 PAD_ID, EOS_ID = 0, 1  # shared by T5's SentencePiece vocabulary and the byte tokenizer
 

@@ -47,6 +47,7 @@ class Args(data.DataArgs):
     steps: int | None = None
     lr: float | None = None
     warmup: int = 100
+    momentum: float | None = None   # Adafactor first moment (paper: none); 0 = none
     param_scale: bool = True        # Adafactor's step relative to each parameter's RMS (t5x default); from-scratch runs learn faster without
     dropout: float | None = None
     dtype: str = 'auto'             # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU
@@ -63,9 +64,9 @@ class Args(data.DataArgs):
 # Paper recipe (HINT.md section 5) for ni and c4; the synthetic suite's defaults train a small model from
 # scratch on a laptop CPU in about five minutes (its larger step size suits random init).
 TASK_DEFAULTS = {
-    'synthetic': dict(init='mini', batch_size=16, steps=1500, lr=5e-3, adapter_dim=8, prefix_len=4, dropout=0.0),
-    'ni': dict(init='google/t5-base-lm-adapt', batch_size=1024, steps=1000, lr=1e-3, adapter_dim=64, prefix_len=30, dropout=0.1),
-    'c4': dict(init='google/t5-base-lm-adapt', batch_size=1024, steps=10000, lr=1e-3, adapter_dim=64, prefix_len=30, dropout=0.0),
+    'synthetic': dict(init='mini', batch_size=16, steps=1500, lr=5e-3, momentum=0.9, adapter_dim=8, prefix_len=4, dropout=0.0),
+    'ni': dict(init='google/t5-base-lm-adapt', batch_size=1024, steps=1000, lr=1e-3, momentum=0.0, adapter_dim=64, prefix_len=30, dropout=0.1),
+    'c4': dict(init='google/t5-base-lm-adapt', batch_size=1024, steps=10000, lr=1e-3, momentum=0.0, adapter_dim=64, prefix_len=30, dropout=0.0),
 }
 
 
@@ -79,7 +80,9 @@ def fill_defaults(args):
 
 
 # Sizes beyond model.PRESETS used by the default synthetic run.
-PRESETS = {**M.PRESETS, 'mini': M.T5Config(d_model=128, d_kv=32, d_ff=256, num_heads=4, num_layers=2, num_decoder_layers=2)}
+# 64 position buckets: exact relative positions up to 16 bytes each way, which list tasks need.
+PRESETS = {**M.PRESETS, 'mini': M.T5Config(d_model=128, d_kv=32, d_ff=256, num_heads=4, num_layers=2, num_decoder_layers=2,
+                                           num_buckets=64)}
 
 
 def hyper_config(args) -> HN.HyperConfig | None:
@@ -175,6 +178,16 @@ def init_params(cfg, hcfg, rng, t5_params=None, encoder_params=None, skeleton=Fa
     return params
 
 
+def tokenizer_for(args) -> str:
+    """--tokenizer, else bytes for the synthetic suite, else the one of the --init checkpoint or run."""
+    if args.tokenizer or args.task == 'synthetic':
+        return args.tokenizer or 'byte'
+    if args.init in PRESETS:
+        raise ValueError(f'--task {args.task} with a preset --init needs --tokenizer (e.g. a dir with spiece.model)')
+    run = latest_checkpoint(args.init) if os.path.isdir(args.init) else None
+    return json.load(open(os.path.join(run, 'meta.json')))['tokenizer'] if run else args.init
+
+
 def build_model(args, tokenizer):
     """(cfg, hcfg, params) from --init: a preset, a transformers checkpoint, or a HINT run folder."""
     rng = jax.random.PRNGKey(args.seed)
@@ -217,7 +230,8 @@ def token_losses(logits, targets, z_loss=1e-4):
 
 def make_optimizer(args):
     schedule = lambda step: args.lr * jnp.minimum(1.0, (step + 1) / max(args.warmup, 1))  # warm-up, then constant
-    return optax.adafactor(learning_rate=schedule, decay_rate=0.8, factored=True, multiply_by_parameter_scale=args.param_scale), schedule
+    return optax.adafactor(learning_rate=schedule, decay_rate=0.8, factored=True, momentum=args.momentum or None,
+                           multiply_by_parameter_scale=args.param_scale), schedule
 
 
 def make_grad_fn(cfg, hcfg, mesh, accum):
@@ -279,13 +293,8 @@ def main(args: Args):
         raise ValueError(f'--baseline must be none, full-input or input-only, got {args.baseline!r}')
     if args.baseline == 'full-input':
         args.format = 'full-input'
-    tok_name = args.tokenizer or ('byte' if args.task == 'synthetic' else None)
-    if tok_name is None:
-        if args.init in PRESETS:
-            raise ValueError(f'--task {args.task} with a preset --init needs --tokenizer (e.g. a dir with spiece.model)')
-        tok_name = args.init if latest_checkpoint(args.init) is None else json.load(open(os.path.join(latest_checkpoint(args.init), 'meta.json')))['tokenizer']
-    tokenizer = M.load_tokenizer(tok_name)
-    args.tokenizer = tok_name
+    args.tokenizer = tokenizer_for(args)
+    tokenizer = M.load_tokenizer(args.tokenizer)
     train_data = data.load_split(args, 'train', tokenizer)
     test_data = data.load_split(args, 'test', tokenizer)
     if args.eval_instances:
@@ -304,7 +313,7 @@ def main(args: Args):
     optimizer, schedule = make_optimizer(args)
     state = {'params': params, 'opt': optimizer.init(params), 'step': jnp.int32(0)}
     meta = {'t5_config': dataclasses.asdict(cfg), 'hyper_config': dataclasses.asdict(hcfg) if hcfg else None,
-            'tokenizer': tok_name, 'args': dataclasses.asdict(args)}
+            'tokenizer': args.tokenizer, 'args': dataclasses.asdict(args)}
     os.makedirs(args.out_dir, exist_ok=True)
     ckpt = latest_checkpoint(args.out_dir) if args.resume else None
     if ckpt is not None:

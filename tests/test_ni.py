@@ -81,7 +81,7 @@ def test_eval_one_off_mode_reads_stdin(tmp_path, monkeypatch, capsys):
     capsys.readouterr()                                   # drop the training log
     monkeypatch.setattr(sys, 'stdin', io.StringIO('The movie was great.\n\nI hated it.\n'))
     state_file = str(tmp_path / 'task.safetensors')
-    E.cli(['--checkpoint', str(tmp_path / 'run'), '--instruction', 'Definition: Classify the sentiment.\n\n',
+    E.cli(['--checkpoint', str(tmp_path / 'run'), '--instruction', 'Classify the sentiment',
            '--save-task-state', state_file])
     first = capsys.readouterr().out.splitlines()
     assert len(first) == 2                                # one prediction per non-empty input line
