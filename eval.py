@@ -16,6 +16,7 @@ import json
 import os
 import string
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -87,17 +88,25 @@ def predict_ids(params, cfg, hcfg, instruction, inputs, max_len, batch_size):
     return np.concatenate(out)
 
 
+def first(split, n):
+    """The first n instances of a load_split() result (all of them for n = 0)."""
+    return {k: v[:n] if n and isinstance(v, (list, np.ndarray)) else v for k, v in split.items()}
+
+
 def predict(params, cfg, hcfg, split, tokenizer, batch_size=64):
     """Predicted texts for every instance of a load_split() result, in order."""
     groups = collections.defaultdict(list)   # instruction ids -> instance indices
     for i, row in enumerate(split['instruction']):
         groups[row.tobytes()].append(i)
     preds = [None] * len(split['input'])
-    max_len = split['target'].shape[1]
-    for idx in groups.values():
+    max_len, t0 = split['target'].shape[1], time.time()
+    for g, idx in enumerate(groups.values(), 1):
         ids = predict_ids(params, cfg, hcfg, split['instruction'][idx[0]], split['input'][idx], max_len, batch_size)
         for i, row in zip(idx, ids):
             preds[i] = tokenizer.decode(row)
+        if g % 20 == 0 or g == len(groups):
+            eta = (time.time() - t0) / g * (len(groups) - g)
+            print(f'eval: {g}/{len(groups)} tasks, {time.time() - t0:.0f} s, ETA {eta:.0f} s', flush=True)
     return preds
 
 
@@ -166,8 +175,7 @@ def main(args: EvalArgs):
             print(pred)
         return None
     split = data.load_split(args, args.split, tokenizer)
-    if args.eval_instances:
-        split = {k: v[:args.eval_instances] if isinstance(v, (list, np.ndarray)) else v for k, v in split.items()}
+    split = first(split, args.eval_instances)
     metrics, rows = evaluate(params, cfg, hcfg, split, tokenizer, args.batch_size)
     out_dir = args.out_dir or (args.checkpoint if T.latest_checkpoint(args.checkpoint) != args.checkpoint
                                else os.path.dirname(args.checkpoint.rstrip('/')))

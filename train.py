@@ -297,13 +297,12 @@ def main(args: Args):
     tokenizer = M.load_tokenizer(args.tokenizer)
     train_data = data.load_split(args, 'train', tokenizer)
     test_data = data.load_split(args, 'test', tokenizer)
-    if args.eval_instances:
-        test_data = {k: v[:args.eval_instances] if isinstance(v, (list, np.ndarray)) else v for k, v in test_data.items()}
     if args.instruction_encoder == 'roberta' and args.baseline == 'none':  # instructions in RoBERTa's vocabulary
         rargs = dataclasses.replace(args, tokenizer=args.instruction_encoder_init)
         rtok = M.load_tokenizer(args.instruction_encoder_init)
         for d, split in ((train_data, 'train'), (test_data, 'test')):
             d['instruction'] = data.load_split(rargs, split, rtok)['instruction']
+    test_data = E.first(test_data, args.eval_instances)
 
     cfg, hcfg, params = build_model(args, tokenizer)
     n_params = sum(x.size for x in jax.tree.leaves(params))
