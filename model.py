@@ -554,6 +554,19 @@ def read_hf_weights(d: str) -> dict:
                             '(sharded), flax_model.msgpack, pytorch_model.bin (needs torch)')
 
 
+def read_hf_checkpoint(name_or_dir: str, kind: str):
+    """(directory, config.json as a dict, flat weights) of a hub name or a local directory."""
+    d = resolve_dir(name_or_dir)
+    config_path = os.path.join(d, 'config.json')
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f'{config_path}: missing (a {kind} checkpoint directory needs config.json)')
+    try:
+        config = json.load(open(config_path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f'{config_path}: not valid JSON ({e})') from None
+    return d, config, read_hf_weights(d)
+
+
 def assign(expected, sources: dict, flat: dict, where: str):
     """Fill the pytree `expected` (shape structs) from `sources` {our path: [(hf name, transpose)]};
     stacked layers come from several names. Fails on the first missing name or shape mismatch."""
@@ -614,12 +627,8 @@ def t5_sources(cfg: T5Config) -> dict:
 def load_t5(name_or_dir: str, **overrides):
     """(T5Config, params) from a hub name or a local transformers-style directory. `overrides` set
     T5Config fields such as dtype or dropout_rate."""
-    d = resolve_dir(name_or_dir)
-    config_path = os.path.join(d, 'config.json')
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f'{config_path}: missing (a T5 checkpoint directory needs config.json)')
-    cfg = T5Config.from_hf(json.load(open(config_path)), **overrides)
-    flat = read_hf_weights(d)
+    d, config, flat = read_hf_checkpoint(name_or_dir, 'T5')
+    cfg = T5Config.from_hf(config, **overrides)
     expected = jax.eval_shape(lambda: init_t5(cfg, jax.random.PRNGKey(0)))
     return cfg, assign(expected, t5_sources(cfg), flat, d)
 
@@ -641,12 +650,8 @@ def roberta_sources(cfg: RobertaConfig, prefix: str) -> dict:
 
 
 def load_roberta(name_or_dir: str, **overrides):
-    d = resolve_dir(name_or_dir)
-    config_path = os.path.join(d, 'config.json')
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f'{config_path}: missing (a RoBERTa checkpoint directory needs config.json)')
-    cfg = dataclasses.replace(RobertaConfig.from_hf(json.load(open(config_path))), **overrides)
-    flat = read_hf_weights(d)
+    d, config, flat = read_hf_checkpoint(name_or_dir, 'RoBERTa')
+    cfg = dataclasses.replace(RobertaConfig.from_hf(config), **overrides)
     prefix = 'roberta.' if 'roberta.embeddings.word_embeddings.weight' in flat else ''
     expected = jax.eval_shape(lambda: init_roberta(cfg, jax.random.PRNGKey(0)))
     return cfg, assign(expected, roberta_sources(cfg, prefix), flat, d)
