@@ -628,7 +628,10 @@ def load_t5(name_or_dir: str, **overrides):
     """(T5Config, params) from a hub name or a local transformers-style directory. `overrides` set
     T5Config fields such as dtype or dropout_rate."""
     d, config, flat = read_hf_checkpoint(name_or_dir, 'T5')
-    cfg = T5Config.from_hf(config, **overrides)
+    try:
+        cfg = T5Config.from_hf(config, **overrides)
+    except KeyError as e:
+        raise ValueError(f'{os.path.join(d, "config.json")}: missing field {e} (not a T5 config?)') from None
     expected = jax.eval_shape(lambda: init_t5(cfg, jax.random.PRNGKey(0)))
     return cfg, assign(expected, t5_sources(cfg), flat, d)
 

@@ -52,6 +52,7 @@ def inference_flops(params, cfg, hcfg, split):
 
 
 def main(args: BenchArgs):
+    T.fill_defaults(args)
     results = {}
     for name in ('hint', 'full-input', 'input-only'):
         run = dataclasses.replace(args, baseline='none' if name == 'hint' else name, out_dir=os.path.join(args.out_dir, name))
