@@ -36,9 +36,9 @@ class HyperConfig:
     roberta: M.RobertaConfig | None = None
 
 
-def dense_init(rng, n_in, n_out, lead=()):
-    w = jax.random.normal(rng, (*lead, n_in, n_out), jnp.float32) * n_in ** -0.5  # variance scaling, fan-in
-    return {'w': w, 'b': jnp.zeros((*lead, n_out), jnp.float32)}
+def dense_init(rng, n_in, n_out):
+    w = jax.random.normal(rng, (n_in, n_out), jnp.float32) * n_in ** -0.5  # variance scaling, fan-in
+    return {'w': w, 'b': jnp.zeros((n_out,), jnp.float32)}
 
 
 def init_hyper(cfg: M.T5Config, hcfg: HyperConfig, rng, t5_params=None, encoder_params=None) -> dict:
@@ -100,7 +100,7 @@ def encode_task(params, cfg: M.T5Config, hcfg: HyperConfig, instruction_ids, rng
     k, v = ((E @ w[n]).reshape(B, -1, H, K) for n in 'kv')
     G = M.attend(q, k, v, M.mask_bias(mask)[:, None, None, :]) @ w['o']             # [B, Q, D]
     gen = lambda name, rows: mlp(hyper['gen'][name], rows) / np.sqrt(D)            # every output / sqrt(d)
-    lm = lambda x: jnp.moveaxis(x, 1, 0)                                            # [B, S, ...] -> [S, B, ...]
+    layer_major = lambda x: jnp.moveaxis(x, 1, 0)                                          # [B, S, ...] -> [S, B, ...]
 
     if 'adapter_queries' in hyper:
         n = hyper['adapter_queries'].size // D
@@ -109,14 +109,14 @@ def encode_task(params, cfg: M.T5Config, hcfg: HyperConfig, instruction_ids, rng
               'up': gen('up', A[:, :, r:2 * r]),                                  # [B, Sa, r, D]
               'down_bias': gen('down_bias', A[:, :, 2 * r]),                      # [B, Sa, r]
               'up_bias': gen('up_bias', A[:, :, 2 * r + 1])}                      # [B, Sa, D]
-        ad = jax.tree.map(lm, ad)
+        ad = jax.tree.map(layer_major, ad)
         state['encoder']['adapter'] = jax.tree.map(lambda x: x[:Le], ad)
         state['decoder']['adapter'] = jax.tree.map(lambda x: x[Le:], ad)
     if 'prefix_queries' in hyper:
         P = G.reshape(B, Le + 2 * Ld, 2 * p, D)
         pre = {'k': gen('prefix_k', P[:, :, :p]).reshape(B, -1, p, H, K),         # [B, S, p, H, K]
                'v': gen('prefix_v', P[:, :, p:]).reshape(B, -1, p, H, K)}
-        pre = jax.tree.map(lm, pre)
+        pre = jax.tree.map(layer_major, pre)
         state['encoder']['prefix'] = jax.tree.map(lambda x: x[:Le], pre)
         state['decoder']['self_prefix'] = jax.tree.map(lambda x: x[Le::2], pre)   # slot Le + 2j
         state['decoder']['cross_prefix'] = jax.tree.map(lambda x: x[Le + 1::2], pre)  # slot Le + 2j + 1
