@@ -1,5 +1,4 @@
 """Hub names resolve through huggingface_hub's cache when offline (no hub is reachable from tests)."""
-import os
 import shutil
 
 import jax.numpy as jnp
