@@ -19,8 +19,11 @@ import itertools
 import json
 import os
 import random
+import shutil
 import string
+import subprocess
 import sys
+from typing import Literal
 
 import numpy as np
 
@@ -31,10 +34,13 @@ class DataError(ValueError):
 
 @dataclasses.dataclass
 class DataArgs:
-    task: str = 'synthetic'          # synthetic | ni | c4
-    data_dir: str | None = None      # ni: a natural-instructions clone; c4: folder of c4-*.json.gz (None: the hub)
+    task: Literal['synthetic', 'ni', 'c4'] = 'synthetic'
+    data_dir: str | None = None
+    """ni: a natural-instructions clone (None: cloned once from --ni-source into --cache-dir);
+    c4: a folder of c4-*.json.gz shards (None: streamed from the hub)"""
+    ni_source: str = 'https://github.com/allenai/natural-instructions'   # git URL for --task ni
     shots: int = 0                   # 0|1|2 positive examples in the instruction
-    format: str = 'hint'             # hint | full-input
+    format: Literal['hint', 'full-input'] = 'hint'
     max_instances_per_task: int = 100    # the first ones of each task, in file order
     instruction_len: int | None = None   # in tokens; None: task default (see `lengths`)
     input_len: int | None = None         # in tokens; the limit of the whole text in full-input
@@ -65,11 +71,41 @@ def lengths(args: DataArgs) -> tuple[int, int, int]:
     return li, args.input_len or lx, ly
 
 
+def check_args(args: DataArgs):
+    """The data flags, checked before anything is read or downloaded."""
+    if args.task not in ('synthetic', 'ni', 'c4') or args.format not in ('hint', 'full-input'):
+        raise DataError(f'unknown --task {args.task!r} or --format {args.format!r}')
+    if args.shots not in (0, 1, 2):
+        raise DataError(f'--shots must be 0, 1 or 2, got {args.shots}')
+    for name in ('instruction_len', 'input_len', 'target_len'):
+        if getattr(args, name) is not None and getattr(args, name) < 2:
+            raise DataError(f'--{name.replace("_", "-")} must be at least 2 (one token and EOS)')
+    if args.max_instances_per_task < 1 or args.c4_documents < 1:
+        raise DataError('--max-instances-per-task and --c4-documents must be at least 1')
+
+
+def check_writable(path: str, flag: str):
+    """Create the folder `path` and check that files can be written there."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise DataError(f'{flag} {path}: exists and is not a folder')
+    probe = os.path.join(path, f'.write-test-{os.getpid()}')
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(probe, 'w') as f:
+            f.write('ok')
+        os.remove(probe)
+    except OSError as e:
+        raise DataError(f'{flag} {path}: cannot write there ({e.strerror})') from None
+
+
 def encode(tokenizer, text: str, length: int) -> tuple[list[int], bool]:
-    """Token ids of `text` cut to length-1 tokens plus EOS ([] for empty text), and whether it was cut."""
+    """Token ids of `text` cut to length-1 tokens plus EOS ([] for empty text), and whether it was cut.
+    A tokenizer with a BOS id (RoBERTa's <s>) gets it in front."""
     ids = tokenizer.encode(text) if text else []
     if not ids:
         return [], False
+    if getattr(tokenizer, 'bos_id', None) is not None:
+        ids = [tokenizer.bos_id] + ids
     return ids[:length - 1] + [tokenizer.eos_id], len(ids) > length - 1
 
 
@@ -190,7 +226,31 @@ def build_synthetic(args: DataArgs, split: str):
 
 NI_HELP = ('expected a clone of https://github.com/allenai/natural-instructions with splits/default/'
            'train_tasks.txt, splits/default/test_tasks.txt and tasks/<task>.json; get it with '
-           '`git clone https://github.com/allenai/natural-instructions` and pass --data-dir')
+           '`git clone --depth 1 https://github.com/allenai/natural-instructions` and pass --data-dir')
+
+
+def fetch_ni(args: DataArgs) -> str:
+    """A shallow clone of --ni-source in the cache folder: made once (into a temporary folder that is
+    renamed when complete), then reused."""
+    dest = os.path.join(args.cache_dir, 'natural-instructions')
+    if os.path.isdir(os.path.join(dest, 'splits')):
+        return dest
+    tmp = dest + '.partial'
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f'data: no --data-dir; cloning {args.ni_source} into {dest} (once; a few GB)', file=sys.stderr)
+    env = dict(os.environ, GIT_TERMINAL_PROMPT='0')   # fail, never ask for a password
+    try:
+        subprocess.run(['git', 'clone', '--depth', '1', '--progress', args.ni_source, tmp], check=True,
+                       stdin=subprocess.DEVNULL, stdout=sys.stderr, env=env)
+    except FileNotFoundError:
+        raise DataError(f'--task ni without --data-dir needs git to fetch {args.ni_source}: install git, '
+                        'or clone it yourself and pass --data-dir') from None
+    except subprocess.CalledProcessError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f'could not clone {args.ni_source} (no network?): on a machine with network run '
+                        f'`git clone --depth 1 {args.ni_source}` and pass --data-dir DIR') from None
+    os.replace(tmp, dest)
+    return dest
 
 
 def dot(s: str) -> str:
@@ -211,20 +271,24 @@ def instance_text(task: str, text: str) -> str:
 
 def ni_task_files(data_dir: str | None, split: str) -> tuple[str, list[tuple[str, str]]]:
     """The split file and [(task, path)] listed in it; every path checked to exist."""
-    if not data_dir:
-        raise DataError(f'--task ni needs --data-dir: {NI_HELP}')
     split_file = os.path.join(data_dir, 'splits', 'default', f'{split}_tasks.txt')
     missing = [p for p in (split_file, os.path.join(data_dir, 'tasks')) if not os.path.exists(p)]
     if missing:
         raise DataError(f'{data_dir}: not a natural-instructions clone (missing {", ".join(missing)}): {NI_HELP}')
     tasks = []
-    with open(split_file, encoding='utf-8') as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                path = os.path.join(data_dir, 'tasks', line.strip() + '.json')
-                if not os.path.isfile(path):
-                    raise DataError(f'{split_file} line {lineno}: task {line.strip()!r} has no file {path}')
-                tasks.append((line.strip(), path))
+    try:
+        with open(split_file, encoding='utf-8') as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f'{split_file}: not UTF-8 text ({e})') from None
+    for lineno, line in enumerate(lines, 1):
+        if line.strip():
+            path = os.path.join(data_dir, 'tasks', line.strip() + '.json')
+            if not os.path.isfile(path):
+                raise DataError(f'{split_file} line {lineno}: task {line.strip()!r} has no file {path}')
+            tasks.append((line.strip(), path))
+    if not tasks:
+        raise DataError(f'{split_file}: lists no tasks (one task name per line)')
     return split_file, tasks
 
 
@@ -443,10 +507,9 @@ def load_split(args: DataArgs, split: str, tokenizer) -> dict:
     'truncated' (counts per field)}; built once, then read from cache_dir."""
     if split not in ('train', 'test'):
         raise DataError(f'split must be train or test, got {split!r}')
-    if args.task not in ('synthetic', 'ni', 'c4') or args.format not in ('hint', 'full-input'):
-        raise DataError(f'unknown --task {args.task!r} or --format {args.format!r}')
-    if args.shots not in (0, 1, 2):
-        raise DataError(f'--shots must be 0, 1 or 2, got {args.shots}')
+    check_args(args)
+    if args.task == 'ni' and not args.data_dir:
+        args.data_dir = fetch_ni(args)
     path = cache_path(args, split, tokenizer, source_files(args, split))
     if os.path.exists(path):
         data, how = load_cache(path), f'cached {path}'
@@ -461,6 +524,9 @@ def load_split(args: DataArgs, split: str, tokenizer) -> dict:
                     ex['instruction'], ex['input'] = '', ex['instruction'] + ex['input']
             rows = list(tokenize_rows(texts, args, tokenizer))
         data, how = pack(rows, args, skipped, tokenizer.pad_id), f'built {path}'
+        if not data['examples']:
+            where = ', '.join(source_files(args, split)[:1]) or args.task
+            raise DataError(f'{where}: no {split} instances (skipped: {skipped})')
         save_cache(path, data)
     print(f'data: {args.task}/{split} ({args.format}, {args.shots} shots): {len(data["examples"])} instances from '
           f'{len({e["task"] for e in data["examples"]})} tasks; skipped {data["skipped"]}; '
@@ -492,12 +558,15 @@ def batches(data: dict, batch_size: int, seed: int, start_step: int = 0, process
 
 @dataclasses.dataclass
 class ShowArgs(DataArgs):
-    split: str = 'train'   # train | test
+    split: Literal['train', 'test'] = 'train'
     show: int = 5          # print this many examples as JSON lines
 
 
 def main(args: ShowArgs):
     from model import load_tokenizer
+    check_args(args)
+    if args.task == 'ni' and not args.data_dir:
+        args.data_dir = fetch_ni(args)
     source_files(args, args.split)   # bad --data-dir is reported before a (possibly slow) tokenizer download
     data = load_split(args, args.split, load_tokenizer(tokenizer_name(args)))
     for ex in data['examples'][:args.show]:
@@ -509,5 +578,5 @@ if __name__ == '__main__':
     import tyro
     try:
         main(tyro.cli(ShowArgs))
-    except (DataError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:   # DataError is a ValueError
         sys.exit(f'error: {e}')

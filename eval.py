@@ -17,6 +17,7 @@ import os
 import string
 import sys
 import time
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -132,8 +133,8 @@ def write_results(out_dir, metrics, rows):
 
 @dataclasses.dataclass
 class EvalArgs(data.DataArgs):
-    checkpoint: str = ''            # a run folder (its newest ckpt-*) or one ckpt-* folder
-    split: str = 'test'
+    checkpoint: str = ''            # a run folder (its newest ckpt-* that loads) or one ckpt-* folder
+    split: Literal['train', 'test'] = 'test'
     out_dir: str = ''               # for metrics.json / predictions.jsonl; default: the run folder
     batch_size: int = 64
     eval_instances: int = 0         # only the first N instances (0: all)
@@ -164,21 +165,27 @@ def one_off(args, cfg, hcfg, params, tokenizer, lines):
 
 
 def main(args: EvalArgs):
-    import train as T
-    cfg, hcfg, params, meta = T.load_run(args.checkpoint, args.dtype)
+    data.check_args(args)
+    one_off_mode = args.instruction is not None or args.task_state
+    if args.task_state and not os.path.isfile(args.task_state):
+        raise FileNotFoundError(f'--task-state {args.task_state}: no such file')
+    if one_off_mode:   # read stdin first: an empty one fails before a model is loaded
+        lines = [l.rstrip('\n') for l in sys.stdin if l.strip()]
+        if not lines:
+            raise data.DataError('one-off mode: no instance inputs on stdin (one per line)')
+    cfg, hcfg, params, meta = HN.load_run(args.checkpoint, args.dtype)
     tokenizer = M.load_tokenizer(meta['tokenizer'])
-    if args.instruction is not None or args.task_state:
+    if one_off_mode:
         if hcfg is None and args.format != 'full-input' and args.instruction:
             print('note: an input-only baseline ignores the instruction', file=sys.stderr)
-        lines = [l.rstrip('\n') for l in sys.stdin if l.strip()]
         for pred in one_off(args, cfg, hcfg, params, tokenizer, lines):
             print(pred)
         return None
     split = data.load_split(args, args.split, tokenizer)
     split = first(split, args.eval_instances)
     metrics, rows = evaluate(params, cfg, hcfg, split, tokenizer, args.batch_size)
-    out_dir = args.out_dir or (args.checkpoint if T.latest_checkpoint(args.checkpoint) != args.checkpoint
-                               else os.path.dirname(args.checkpoint.rstrip('/')))
+    out_dir = args.out_dir or (os.path.dirname(args.checkpoint.rstrip('/')) if HN.is_checkpoint(args.checkpoint)
+                               else args.checkpoint)
     write_results(out_dir, metrics, rows)
     print(json.dumps(metrics['overall']), f'({metrics["count"]} instances; {out_dir}/metrics.json)')
     return metrics
@@ -194,8 +201,13 @@ def cli(argv=None):
     default = EvalArgs()
     if ckpt:
         run = ckpt if os.path.exists(os.path.join(ckpt, 'args.json')) else os.path.dirname(ckpt.rstrip('/'))
-        if os.path.exists(os.path.join(run, 'args.json')):
-            saved = json.load(open(os.path.join(run, 'args.json')))
+        saved_path = os.path.join(run, 'args.json')
+        if os.path.exists(saved_path):
+            try:
+                with open(saved_path, encoding='utf-8') as f:
+                    saved = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise data.DataError(f'{saved_path}: not valid JSON ({e})') from None
             names = {f.name for f in dataclasses.fields(data.DataArgs)} - {'cache_dir'}
             default = EvalArgs(**{k: v for k, v in saved.items() if k in names})
     args = tyro.cli(EvalArgs, default=default, args=argv)
@@ -207,5 +219,5 @@ def cli(argv=None):
 if __name__ == '__main__':
     try:
         cli()
-    except (data.DataError, FileNotFoundError, ValueError, KeyError) as e:
+    except (ValueError, OSError) as e:   # bad arguments, data or checkpoints (DataError, CheckpointError)
         sys.exit(f'error: {e}')

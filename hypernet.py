@@ -16,7 +16,12 @@ adapter rows would otherwise never receive a gradient.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import glob
+import json
 import os
+import re
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -156,3 +161,106 @@ def load_task_state(path):
     from safetensors.numpy import load_file
     tree = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in load_file(path).items()}, sep='/')
     return {'encoder': tree.get('encoder', {}), 'decoder': tree.get('decoder', {}), 'memory': tree.get('memory')}
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs on disk: <run>/ckpt-<step>/{params.safetensors, opt_state.msgpack, meta.json}. train.py writes
+# them (to <name>.tmp first, then renamed); train.py --init/--resume and eval.py read them back here.
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, damaged or does not fit its config: the message names the file."""
+
+
+def init_params(cfg, hcfg, rng, t5_params=None, encoder_params=None, skeleton=False):
+    """{'t5': ..., 'hyper': ...} (no 'hyper' for a baseline). skeleton: shapes for a stored RoBERTa."""
+    r1, r2 = jax.random.split(rng)
+    t5 = t5_params if t5_params is not None else M.init_t5(cfg, r1)
+    params = {'t5': t5}
+    if hcfg is not None:
+        if skeleton and hcfg.instruction_encoder == 'roberta':
+            encoder_params = M.init_roberta(hcfg.roberta, r2)
+        params['hyper'] = init_hyper(cfg, hcfg, r2, t5, encoder_params)
+    return params
+
+
+def checkpoints(run_dir):
+    """The run's complete checkpoint folders, oldest first (not the .tmp / .del leftovers of a kill)."""
+    found = glob.glob(os.path.join(glob.escape(run_dir), 'ckpt-*'))
+    return sorted(p for p in found if re.fullmatch(r'ckpt-\d+', os.path.basename(p)))
+
+
+def is_checkpoint(path):
+    return os.path.isfile(os.path.join(path, 'meta.json')) or \
+        re.fullmatch(r'ckpt-\d+', os.path.basename(os.path.normpath(path))) is not None
+
+
+def read_meta(ckpt):
+    path = os.path.join(ckpt, 'meta.json')
+    try:
+        with open(path, encoding='utf-8') as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f'{path}: missing (an incomplete checkpoint)') from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f'{path}: not valid JSON ({e})') from None
+    for key in ('step', 't5_config', 'hyper_config', 'tokenizer'):
+        if not isinstance(meta, dict) or key not in meta:
+            raise CheckpointError(f'{path}: missing field {key!r}')
+    return meta
+
+
+def configs(meta, dtype='float32'):
+    """(T5Config, HyperConfig or None) stored in a checkpoint's meta.json."""
+    cfg = M.T5Config(**{**meta['t5_config'], 'dtype': dtype})
+    if meta['hyper_config'] is None:
+        return cfg, None
+    h = dict(meta['hyper_config'])
+    h['roberta'] = M.RobertaConfig(**h['roberta']) if h.get('roberta') else None
+    return cfg, HyperConfig(**h)
+
+
+def read_params(ckpt, expected):
+    """The checkpoint's parameters, checked against the shapes of `expected` (a pytree of arrays)."""
+    from flax import traverse_util
+    from safetensors.numpy import load_file
+    path = os.path.join(ckpt, 'params.safetensors')
+    if not os.path.isfile(path):
+        raise CheckpointError(f'{path}: missing (an incomplete checkpoint)')
+    try:
+        flat = load_file(path)
+    except Exception as e:   # safetensors raises its own error type for a truncated or damaged file
+        raise CheckpointError(f'{path}: cannot be read, the file is damaged ({e})') from None
+    want = traverse_util.flatten_dict(expected, sep='/')
+    for k, v in want.items():
+        if k not in flat:
+            raise CheckpointError(f'{path}: parameter {k!r} is missing (checkpoint does not match the config)')
+        if flat[k].shape != tuple(v.shape):
+            raise CheckpointError(f'{path}: parameter {k!r} has shape {flat[k].shape}, the config '
+                                  f'expects {tuple(v.shape)}')
+    extra = sorted(set(flat) - set(want))
+    if extra:
+        raise CheckpointError(f'{path}: unexpected parameter {extra[0]!r} (checkpoint does not match the config)')
+    return traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()}, sep='/')
+
+
+def load_run(path, dtype='float32'):
+    """(cfg, hcfg, params, meta) of one checkpoint folder, or of a run folder's newest checkpoint that
+    loads (a damaged one is skipped with a warning). meta['path'] is the checkpoint read."""
+    direct = is_checkpoint(path)
+    found = [path] if direct else checkpoints(path)[::-1]
+    if not os.path.isdir(path) or not found:
+        raise CheckpointError(f'{path}: no checkpoint (expected a run folder with ckpt-<step>/ inside, '
+                              'as train.py writes it)')
+    for ckpt in found:
+        try:
+            meta = read_meta(ckpt)
+            cfg, hcfg = configs(meta, dtype)
+            skeleton = functools.partial(init_params, cfg, hcfg, skeleton=True)
+            expected = jax.eval_shape(skeleton, jax.random.PRNGKey(0))
+            return cfg, hcfg, read_params(ckpt, expected), {**meta, 'path': ckpt}
+        except (CheckpointError, OSError, TypeError) as e:   # TypeError: meta.json of another version
+            if direct:
+                raise CheckpointError(f'{ckpt}: {e}' if ckpt not in str(e) else str(e)) from None
+            print(f'warning: skipping {ckpt}: {e}', file=sys.stderr)
+    raise CheckpointError(f'{path}: none of its {len(found)} checkpoints loads (see the warnings above)')

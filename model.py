@@ -146,7 +146,7 @@ class T5Config:
         act = c.get('feed_forward_proj', 'relu')
         if act not in ('relu', 'gated-gelu'):
             raise ValueError(f'config.json: feed_forward_proj={act!r} is not supported (relu, gated-gelu)')
-        return T5Config(
+        fields = dict(
             vocab_size=c['vocab_size'], d_model=c['d_model'], d_kv=c['d_kv'], d_ff=c['d_ff'],
             num_heads=c['num_heads'], num_layers=c['num_layers'],
             num_decoder_layers=c.get('num_decoder_layers') or c['num_layers'],
@@ -156,8 +156,8 @@ class T5Config:
             gated_gelu=act == 'gated-gelu',
             # transformers 5 writes tie_word_embeddings=true for every T5 and marks v1.1's untied, unscaled
             # output by scale_decoder_outputs=false
-            tie_word_embeddings=c.get('scale_decoder_outputs', c.get('tie_word_embeddings', True)),
-            **overrides)
+            tie_word_embeddings=c.get('scale_decoder_outputs', c.get('tie_word_embeddings', True)))
+        return T5Config(**{**fields, **overrides})   # overrides (dropout, dtype) win over config.json
 
 
 # T5 v1.1 / LM-adapted shapes (the underlying model of HINT), plus a tiny one for tests.

@@ -13,10 +13,14 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
+import math
 import os
 import shutil
+import signal
 import sys
 import time
+import uuid
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -32,23 +36,28 @@ import model as M
 @dataclasses.dataclass
 class Args(data.DataArgs):
     # Fields left at None take the task's defaults (TASK_DEFAULTS below: the paper's recipe for ni and c4).
-    init: str | None = None         # a preset (random init): tiny, mini, small, base, ...; a transformers
-                                    # checkpoint dir or hub name; or a HINT run dir (e.g. after C4 pretraining)
-    baseline: str = 'none'          # none (HINT) | full-input (plain T5, instruction + input) | input-only
+    init: str | None = None
+    """a preset for random init (tiny, mini, small, base, large, xl, xxl); a transformers checkpoint
+    folder or hub name (google/t5-base-lm-adapt); or a run folder of this repo (e.g. C4 pretraining)"""
+    baseline: Literal['none', 'full-input', 'input-only'] = 'none'
+    """none = HINT; full-input = plain T5 fed instruction + input (Tk-Instruct); input-only = no instruction"""
     adapters: bool = True
     prefixes: bool = True
     fusion: bool = True
     adapter_dim: int | None = None  # r
     prefix_len: int | None = None   # p
-    instruction_encoder: str = 'shared'   # shared | t5 (a separate copy) | roberta (needs --instruction-encoder-init)
-    instruction_encoder_init: str = ''    # RoBERTa checkpoint dir or hub name
+    instruction_encoder: Literal['shared', 't5', 'roberta'] = 'shared'
+    """shared = the T5 encoder itself; t5 = a separate copy of it; roberta (needs --instruction-encoder-init)"""
+    instruction_encoder_init: str = ''    # RoBERTa checkpoint folder or hub name (with its tokenizer.json)
     batch_size: int | None = None   # global, over all devices and accumulation steps
     grad_accum: int = 1
     steps: int | None = None
     lr: float | None = None
     warmup: int = 100
     momentum: float | None = None   # Adafactor first moment (paper: none); 0 = none
-    param_scale: bool = True        # Adafactor's step relative to each parameter's RMS (t5x default); from-scratch runs learn faster without
+    param_scale: bool = True
+    """Adafactor's step relative to each parameter's RMS (t5x default); from-scratch runs learn faster
+    without"""
     dropout: float | None = None
     dtype: str = 'auto'             # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU
     out_dir: str | None = None      # default runs/<task>
@@ -58,7 +67,8 @@ class Args(data.DataArgs):
     eval_batch_size: int = 64
     eval_instances: int = 0         # evaluate on the first N test instances only (0: all)
     keep_checkpoints: int = 2
-    resume: bool = False
+    resume: bool = False            # continue from the newest checkpoint in --out-dir that loads
+    overwrite: bool = False         # start over in an --out-dir that holds checkpoints: deletes them
 
 
 # Paper recipe (HINT.md section 5) for ni and c4; the synthetic suite's defaults train a small model from
@@ -79,6 +89,32 @@ def fill_defaults(args):
     return args
 
 
+def check_args(args):
+    """Arguments a run cannot work with, reported in a second: before data, models or compilation."""
+    if args.task not in TASK_DEFAULTS:
+        raise data.DataError(f'unknown --task {args.task!r} (synthetic, ni or c4)')
+    if args.baseline not in ('none', 'full-input', 'input-only'):
+        raise data.DataError(f'--baseline must be none, full-input or input-only, got {args.baseline!r}')
+    data.check_args(args)
+    for name in ('batch_size', 'grad_accum', 'steps', 'log_every', 'save_every', 'keep_checkpoints',
+                 'eval_batch_size', 'adapter_dim', 'prefix_len'):
+        if getattr(args, name) < 1:
+            raise data.DataError(f'--{name.replace("_", "-")} must be at least 1, got {getattr(args, name)}')
+    if not (args.lr > 0 and math.isfinite(args.lr)) or not 0 <= args.dropout < 1 or args.eval_every < 0:
+        raise data.DataError(f'need --lr > 0, 0 <= --dropout < 1 and --eval-every >= 0 (got {args.lr}, '
+                             f'{args.dropout}, {args.eval_every})')
+    per_step = jax.device_count() * args.grad_accum
+    if args.batch_size % per_step:
+        raise data.DataError(f'--batch-size {args.batch_size} must divide by devices ({jax.device_count()}) '
+                             f'x --grad-accum ({args.grad_accum})')
+    if args.resume and args.overwrite:
+        raise data.DataError('--resume continues the run in --out-dir and --overwrite deletes it: pick one')
+    if args.instruction_encoder == 'roberta' and args.baseline == 'none' and not args.instruction_encoder_init:
+        raise data.DataError('--instruction-encoder roberta needs --instruction-encoder-init (e.g. roberta-base)')
+    if args.init not in PRESETS and os.path.isfile(args.init):
+        raise data.DataError(f'--init {args.init}: is a file; expected a preset, a checkpoint folder or a hub name')
+
+
 # Sizes beyond model.PRESETS used by the default synthetic run.
 # 64 position buckets: exact relative positions up to 16 bytes each way, which list tasks need.
 PRESETS = {**M.PRESETS, 'mini': M.T5Config(d_model=128, d_kv=32, d_ff=256, num_heads=4, num_layers=2, num_decoder_layers=2,
@@ -95,6 +131,11 @@ def hyper_config(args) -> HN.HyperConfig | None:
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: ckpt-<step>/{params.safetensors, opt_state.msgpack, meta.json}, written to a temporary
 # folder first and renamed into place, so a kill never leaves a half-written checkpoint behind.
+# hypernet.py reads them back (for --init, --resume and eval.py).
+
+
+class TrainingError(RuntimeError):
+    """A run that has to stop (divergence, a checkpoint that cannot be written): says what to do next."""
 
 
 def flatten(tree):
@@ -102,80 +143,105 @@ def flatten(tree):
     return traverse_util.flatten_dict(tree, sep='/')
 
 
-def save_checkpoint(out_dir, step, params, opt_state, meta, keep):
+def remove_checkpoint(path):
+    """Renamed first, then deleted: a kill midway leaves a .del folder (cleared at the next start),
+    never a checkpoint folder with half its files."""
+    os.replace(path, path + '.del')
+    shutil.rmtree(path + '.del')
+
+
+def run_of(ckpt):
+    try:
+        return HN.read_meta(ckpt).get('run')
+    except HN.CheckpointError:
+        return None
+
+
+def save_checkpoint(out_dir, step, state, meta, keep):
+    """Write ckpt-<step>/ and drop this run's checkpoints beyond the newest `keep` (never another run's).
+    Parameters that are not finite are never written."""
     from flax import serialization
     from safetensors.numpy import save_file
+    params = {k: np.asarray(v) for k, v in flatten(jax.device_get(state['params'])).items()}
+    bad = [k for k, v in params.items() if not np.isfinite(v).all()]
+    if bad:
+        raise TrainingError(f'step {step}: parameter {bad[0]} is not finite, so it was not saved')
     final = os.path.join(out_dir, f'ckpt-{step:07d}')
     tmp = final + '.tmp'
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file({k: np.asarray(v) for k, v in flatten(jax.device_get(params)).items()}, os.path.join(tmp, 'params.safetensors'))
-    if opt_state is not None:
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        save_file(params, os.path.join(tmp, 'params.safetensors'))
         with open(os.path.join(tmp, 'opt_state.msgpack'), 'wb') as f:
-            f.write(serialization.to_bytes(jax.device_get(opt_state)))
-    with open(os.path.join(tmp, 'meta.json'), 'w') as f:
-        json.dump({**meta, 'step': step}, f, indent=1)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in checkpoints(out_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+            f.write(serialization.to_bytes(jax.device_get(state['opt'])))
+        with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+            json.dump({**meta, 'step': step}, f, indent=1)
+        if os.path.exists(final):
+            remove_checkpoint(final)
+        os.replace(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)   # give back the space a partial save took
+        raise
+    ours = [c for c in HN.checkpoints(out_dir) if run_of(c) == meta['run']]
+    for old in ours[:-keep]:
+        remove_checkpoint(old)
     return final
 
 
-def checkpoints(out_dir):
-    return sorted(p for p in glob.glob(os.path.join(out_dir, 'ckpt-*')) if not p.endswith('.tmp'))
+def read_opt_state(ckpt, template):
+    from flax import serialization
+    path = os.path.join(ckpt, 'opt_state.msgpack')
+    try:
+        with open(path, 'rb') as f:
+            return serialization.from_bytes(template, f.read())
+    except FileNotFoundError:
+        raise HN.CheckpointError(f'{path}: missing (an incomplete checkpoint)') from None
+    except Exception as e:   # msgpack's own errors for a truncated or damaged file
+        raise HN.CheckpointError(f'{path}: cannot be read, the file is damaged ({type(e).__name__}: {e})') from None
 
 
-def latest_checkpoint(path):
-    """A checkpoint folder itself, or the newest one in a run folder (None if there is none)."""
-    if os.path.exists(os.path.join(path, 'meta.json')):
-        return path
-    found = checkpoints(path)
-    return found[-1] if found else None
+def restore(out_dir, template):
+    """(checkpoint, meta, state) of the newest checkpoint in out_dir that loads; damaged ones are
+    skipped with a warning. (None, None, None) when there is none at all."""
+    found = HN.checkpoints(out_dir)
+    for ckpt in reversed(found):
+        try:
+            meta = HN.read_meta(ckpt)
+            state = {'params': HN.read_params(ckpt, template['params']),
+                     'opt': read_opt_state(ckpt, template['opt']), 'step': jnp.int32(meta['step'])}
+            return ckpt, meta, state
+        except HN.CheckpointError as e:
+            print(f'warning: --resume skips {ckpt}: {e}', file=sys.stderr)
+    if found:
+        raise HN.CheckpointError(f'--resume: none of the {len(found)} checkpoints in {out_dir} loads '
+                                 '(see the warnings above)')
+    return None, None, None
 
 
-def load_params(ckpt, expected):
-    """Params of a checkpoint, checked against the shapes the config expects."""
-    from flax import traverse_util
-    from safetensors.numpy import load_file
-    path = os.path.join(ckpt, 'params.safetensors')
-    flat, want = load_file(path), flatten(expected)
-    for k, v in want.items():
-        if k not in flat:
-            raise ValueError(f'{path}: parameter {k!r} is missing (checkpoint does not match the config)')
-        if flat[k].shape != tuple(v.shape):
-            raise ValueError(f'{path}: parameter {k!r} has shape {flat[k].shape}, the config expects {tuple(v.shape)}')
-    extra = sorted(set(flat) - set(want))
-    if extra:
-        raise ValueError(f'{path}: unexpected parameter {extra[0]!r} (checkpoint does not match the config)')
-    return traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()}, sep='/')
+def prepare_out_dir(args):
+    """Create --out-dir, clear what a killed run left (.tmp / .del folders, checkpoint folders without
+    their files) and refuse to mix the checkpoints of two runs."""
+    out = args.out_dir
+    data.check_writable(out, '--out-dir')
+    for leftover in sorted(glob.glob(os.path.join(glob.escape(out), 'ckpt-*'))):
+        complete = all(os.path.exists(os.path.join(leftover, f)) for f in ('meta.json', 'params.safetensors'))
+        if leftover.endswith(('.tmp', '.del')) or not complete:
+            print(f'removing {leftover}: left incomplete by an interrupted run', file=sys.stderr)
+            shutil.rmtree(leftover)
+    found = HN.checkpoints(out)
+    if found and not args.resume:
+        if not args.overwrite:
+            raise data.DataError(f'--out-dir {out} already holds checkpoints ({os.path.basename(found[-1])}, '
+                                 '...): add --resume to continue that run, or --overwrite to delete them '
+                                 'and start over')
+        print(f'--overwrite: deleting {len(found)} checkpoint(s) in {out}', file=sys.stderr)
+        for ckpt in found:
+            remove_checkpoint(ckpt)
 
 
-def load_run(path, dtype='float32'):
-    """(cfg, hcfg, params, meta) of a HINT/baseline run folder or checkpoint folder."""
-    ckpt = latest_checkpoint(path)
-    if ckpt is None:
-        raise FileNotFoundError(f'{path}: no checkpoint (expected ckpt-*/meta.json)')
-    meta = json.load(open(os.path.join(ckpt, 'meta.json')))
-    cfg = M.T5Config(**{**meta['t5_config'], 'dtype': dtype})
-    hcfg = None
-    if meta['hyper_config'] is not None:
-        h = dict(meta['hyper_config'])
-        h['roberta'] = M.RobertaConfig(**h['roberta']) if h.get('roberta') else None
-        hcfg = HN.HyperConfig(**h)
-    expected = jax.eval_shape(lambda: init_params(cfg, hcfg, jax.random.PRNGKey(0), skeleton=True))
-    return cfg, hcfg, load_params(ckpt, expected), meta
-
-
-def init_params(cfg, hcfg, rng, t5_params=None, encoder_params=None, skeleton=False):
-    r1, r2 = jax.random.split(rng)
-    t5 = t5_params if t5_params is not None else M.init_t5(cfg, r1)
-    params = {'t5': t5}
-    if hcfg is not None:
-        if skeleton and hcfg.instruction_encoder == 'roberta':  # shapes only: a random RoBERTa of the stored config
-            encoder_params = M.init_roberta(hcfg.roberta, r2)
-        params['hyper'] = HN.init_hyper(cfg, hcfg, r2, t5, encoder_params)
-    return params
+def is_run(path):
+    """A run folder (or one checkpoint folder) of this repo, as opposed to a transformers checkpoint."""
+    return os.path.isdir(path) and (HN.is_checkpoint(path) or bool(HN.checkpoints(path)))
 
 
 def tokenizer_for(args) -> str:
@@ -183,9 +249,17 @@ def tokenizer_for(args) -> str:
     if args.tokenizer or args.task == 'synthetic':
         return args.tokenizer or 'byte'
     if args.init in PRESETS:
-        raise ValueError(f'--task {args.task} with a preset --init needs --tokenizer (e.g. a dir with spiece.model)')
-    run = latest_checkpoint(args.init) if os.path.isdir(args.init) else None
-    return json.load(open(os.path.join(run, 'meta.json')))['tokenizer'] if run else args.init
+        raise data.DataError(f'--task {args.task} with a preset --init needs --tokenizer (e.g. a folder with '
+                             'spiece.model)')
+    if not is_run(args.init):
+        return args.init
+    found = [args.init] if HN.is_checkpoint(args.init) else HN.checkpoints(args.init)[::-1]
+    for ckpt in found:
+        try:
+            return HN.read_meta(ckpt)['tokenizer']
+        except HN.CheckpointError as e:
+            print(f'warning: skipping {ckpt}: {e}', file=sys.stderr)
+    raise HN.CheckpointError(f'--init {args.init}: no checkpoint in it has a readable meta.json')
 
 
 def build_model(args, tokenizer):
@@ -197,23 +271,24 @@ def build_model(args, tokenizer):
         vocab = -(-tokenizer.vocab_size // 128) * 128   # padded like T5's 32128
         cfg = dataclasses.replace(PRESETS[args.init], vocab_size=vocab, **overrides)
         t5 = None
-    elif os.path.isdir(args.init) and latest_checkpoint(args.init) is not None:  # continue from a HINT run
-        cfg, old_hcfg, old, _ = load_run(args.init, args.dtype)
+    elif is_run(args.init):  # continue from a run of this repo (e.g. HINT pretrained on C4)
+        cfg, old_hcfg, old, _ = HN.load_run(args.init, args.dtype)
         cfg = dataclasses.replace(cfg, **overrides)
-        if hcfg is not None and old_hcfg is not None and old_hcfg != hcfg:
-            raise ValueError(f'--init {args.init}: its hypernetwork config {old_hcfg} differs from the one asked for {hcfg}')
-        if hcfg is not None and old_hcfg is None:
-            raise ValueError(f'--init {args.init}: a baseline run has no hypernetwork to continue from')
-        return cfg, hcfg, old if hcfg is not None else {'t5': old['t5']}
+        if hcfg is None:
+            return cfg, None, {'t5': old['t5']}
+        if old_hcfg is None:
+            raise data.DataError(f'--init {args.init}: a baseline run has no hypernetwork to continue from')
+        if dataclasses.replace(old_hcfg, roberta=None) != hcfg:
+            raise data.DataError(f'--init {args.init}: its hypernetwork config {old_hcfg} differs from the '
+                                 f'one asked for {hcfg}')
+        return cfg, old_hcfg, old
     else:
         cfg, t5 = M.load_t5(args.init, **overrides)
     enc = None
     if hcfg is not None and hcfg.instruction_encoder == 'roberta':
-        if not args.instruction_encoder_init:
-            raise ValueError('--instruction-encoder roberta needs --instruction-encoder-init (e.g. roberta-base)')
         rcfg, enc = M.load_roberta(args.instruction_encoder_init, dtype=args.dtype)
         hcfg = dataclasses.replace(hcfg, roberta=rcfg)
-    return cfg, hcfg, init_params(cfg, hcfg, rng, t5, enc)
+    return cfg, hcfg, HN.init_params(cfg, hcfg, rng, t5, enc)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,6 +355,31 @@ def make_train_step(cfg, hcfg, optimizer, schedule, mesh, accum, seed):
 # ----------------------------------------------------------------------------------------------
 
 
+STOP = []          # the signal that asked the run to stop (SIGTERM: preemption, tpu.sh stop; Ctrl-C)
+FLAT_STEPS = 100   # warn after this many steps of an unchanged loss with zero gradient
+
+
+def request_stop(signum, frame):
+    if STOP and signum == signal.SIGINT:
+        raise KeyboardInterrupt   # a second Ctrl-C stops at once
+    STOP.append(signal.Signals(signum).name)
+    print(f'{STOP[0]}: finishing this step, then saving a checkpoint', file=sys.stderr, flush=True)
+
+
+def watch(step, metrics, seen, last_good):
+    """Stop on a loss or gradient that is not finite; warn once on a loss stuck with zero gradient."""
+    loss, gnorm = float(metrics['loss']), float(metrics['grad_norm'])
+    if not (math.isfinite(loss) and math.isfinite(gnorm)):
+        raise TrainingError(f'step {step}: the loss is {loss} (gradient norm {gnorm}); stopped without '
+                            f'saving. The last good checkpoint is {last_good or "none (none saved yet)"}: '
+                            'lower --lr, then continue from it with --resume')
+    seen['flat'] = seen['flat'] + 1 if gnorm == 0 and loss == seen['loss'] else 0
+    seen['loss'] = loss
+    if seen['flat'] == FLAT_STEPS:
+        print(f'warning: the loss has stayed at {loss:.6g} with zero gradient norm for {FLAT_STEPS} steps '
+              f'(step {step}): nothing is being learned; check --lr, --init and the targets', file=sys.stderr)
+
+
 def main(args: Args):
     import eval as E  # the evaluation harness (also its own script)
     from tensorboardX import SummaryWriter
@@ -287,12 +387,13 @@ def main(args: Args):
     if args.task not in TASK_DEFAULTS:
         raise data.DataError(f'unknown --task {args.task!r} (synthetic, ni or c4)')
     fill_defaults(args)
+    check_args(args)
     if args.dtype == 'auto':
         args.dtype = 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'
-    if args.baseline not in ('none', 'full-input', 'input-only'):
-        raise ValueError(f'--baseline must be none, full-input or input-only, got {args.baseline!r}')
     if args.baseline == 'full-input':
         args.format = 'full-input'
+    prepare_out_dir(args)
+    data.check_writable(args.cache_dir, '--cache-dir')
     args.tokenizer = tokenizer_for(args)
     tokenizer = M.load_tokenizer(args.tokenizer)
     train_data = data.load_split(args, 'train', tokenizer)
@@ -307,21 +408,15 @@ def main(args: Args):
     cfg, hcfg, params = build_model(args, tokenizer)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     mesh = jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
-    if args.batch_size % (jax.device_count() * args.grad_accum):
-        raise ValueError(f'--batch-size {args.batch_size} must divide by devices ({jax.device_count()}) x --grad-accum ({args.grad_accum})')
     optimizer, schedule = make_optimizer(args)
     state = {'params': params, 'opt': optimizer.init(params), 'step': jnp.int32(0)}
     meta = {'t5_config': dataclasses.asdict(cfg), 'hyper_config': dataclasses.asdict(hcfg) if hcfg else None,
-            'tokenizer': args.tokenizer, 'args': dataclasses.asdict(args)}
-    os.makedirs(args.out_dir, exist_ok=True)
-    ckpt = latest_checkpoint(args.out_dir) if args.resume else None
-    if ckpt is not None:
-        from flax import serialization
-        state['params'] = load_params(ckpt, params)
-        with open(os.path.join(ckpt, 'opt_state.msgpack'), 'rb') as f:
-            state['opt'] = serialization.from_bytes(state['opt'], f.read())
-        state['step'] = jnp.int32(json.load(open(os.path.join(ckpt, 'meta.json')))['step'])
-        print(f'resumed from {ckpt}')
+            'tokenizer': args.tokenizer, 'args': dataclasses.asdict(args), 'run': uuid.uuid4().hex}
+    last_good, old_meta, restored = restore(args.out_dir, state) if args.resume else (None, None, None)
+    if restored is not None:
+        state = restored
+        meta['run'] = old_meta.get('run', meta['run'])   # checkpoints of the same run replace each other
+        print(f'resumed from {last_good}')
     elif args.resume:
         print(f'--resume: no checkpoint in {args.out_dir}, starting from scratch')
     with open(os.path.join(args.out_dir, 'args.json'), 'w') as f:
@@ -332,43 +427,74 @@ def main(args: Args):
     start = int(state['step'])
     feed = data.batches(train_data, args.batch_size, args.seed, start, jax.process_index(), jax.process_count())
     to_global = lambda b: {k: jax.make_array_from_process_local_data(sharded, v) for k, v in b.items()}
-    writer = SummaryWriter(os.path.join(args.out_dir, 'tb'))
     print(f'{args.task}: {len(train_data["input"])} train / {len(test_data["input"])} test instances; '
           f'{"HINT" if hcfg else args.baseline} T5 {args.init} ({n_params / 1e6:.2f}M params) on '
           f'{jax.device_count()} {jax.default_backend()} device(s)')
 
-    t0, tokens, last = time.time(), 0, start
-    for step in range(start, args.steps):
-        batch = next(feed)
-        tokens += sum(int((v != M.PAD_ID).sum()) for v in batch.values()) * jax.process_count()
-        state, metrics = step_fn(state, to_global(batch))
-        done = step + 1
-        if done % args.log_every == 0 or done == args.steps:
-            metrics = {k: float(v) for k, v in metrics.items()}
-            dt = time.time() - t0
-            rate, tok_rate = (done - last) / dt, tokens / dt
-            for k, v in {**metrics, 'steps_per_s': rate, 'tokens_per_s': tok_rate}.items():
-                writer.add_scalar(f'train/{k}', v, done)
-            eta = (args.steps - done) / max(rate, 1e-9)
-            print(f'step {done}/{args.steps} loss {metrics["loss"]:.4f} lr {metrics["lr"]:.2e} '
-                  f'gnorm {metrics["grad_norm"]:.3f} {rate:.2f} steps/s {tok_rate:,.0f} tok/s ETA {eta / 60:.1f} min', flush=True)
-            t0, tokens, last = time.time(), 0, done
-        if done % args.save_every == 0 or done == args.steps:
-            save_checkpoint(args.out_dir, done, state['params'], state['opt'], meta, args.keep_checkpoints)
-        if args.eval_every and done % args.eval_every == 0 and done != args.steps:
-            m, _ = E.evaluate(state['params'], cfg, hcfg, test_data, tokenizer, args.eval_batch_size)
-            for k, v in m['overall'].items():
-                writer.add_scalar(f'eval/{k}', v, done)
-    writer.flush()
+    STOP.clear()
+    handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    writer = SummaryWriter(os.path.join(args.out_dir, 'tb'))
+    try:
+        t0, tokens, last, seen, pending = time.time(), 0, start, {'loss': None, 'flat': 0}, None
+        for step in range(start, args.steps):
+            batch = next(feed)
+            tokens += sum(int((v != M.PAD_ID).sum()) for v in batch.values()) * jax.process_count()
+            state, metrics = step_fn(state, to_global(batch))
+            done = step + 1
+            if pending:   # the step before is checked while this one runs: no wait for the device
+                watch(*pending, seen, last_good)
+            pending = (done, metrics)
+            log_now = done % args.log_every == 0 or done == args.steps
+            save_now = done % args.save_every == 0 or done == args.steps or STOP
+            if log_now or save_now:
+                watch(*pending, seen, last_good)
+                pending = None
+            if log_now:
+                metrics = {k: float(v) for k, v in metrics.items()}
+                dt = time.time() - t0
+                rate, tok_rate = (done - last) / dt, tokens / dt
+                for k, v in {**metrics, 'steps_per_s': rate, 'tokens_per_s': tok_rate}.items():
+                    writer.add_scalar(f'train/{k}', v, done)
+                eta = (args.steps - done) / max(rate, 1e-9)
+                print(f'step {done}/{args.steps} loss {metrics["loss"]:.4f} lr {metrics["lr"]:.2e} '
+                      f'gnorm {metrics["grad_norm"]:.3f} {rate:.2f} steps/s {tok_rate:,.0f} tok/s '
+                      f'ETA {eta / 60:.1f} min', flush=True)
+                t0, tokens, last = time.time(), 0, done
+            if save_now:
+                try:
+                    last_good = save_checkpoint(args.out_dir, done, state, meta, args.keep_checkpoints)
+                except OSError as e:
+                    raise TrainingError(f'step {done}: could not write a checkpoint to {args.out_dir} '
+                                        f'({e.strerror or e}); the last good checkpoint is '
+                                        f'{last_good or "none (none saved yet)"}') from None
+            if STOP:
+                print(f'{STOP[0]}: saved {last_good} (step {done}); continue with --resume')
+                return state, None
+            if args.eval_every and done % args.eval_every == 0 and done != args.steps:
+                m, _ = E.evaluate(state['params'], cfg, hcfg, test_data, tokenizer, args.eval_batch_size)
+                for k, v in m['overall'].items():
+                    writer.add_scalar(f'eval/{k}', v, done)
+    finally:
+        close_quietly(writer)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     metrics, preds = E.evaluate(state['params'], cfg, hcfg, test_data, tokenizer, args.eval_batch_size)
     E.write_results(args.out_dir, metrics, preds)
     print('held-out: ' + ' '.join(f'{k} {v:.2f}' for k, v in metrics['overall'].items()))
     return state, metrics
 
 
+def close_quietly(writer):
+    """Close TensorBoard's writer; on a full disk its last events are lost, not the checkpoints."""
+    try:
+        writer.close()
+    except OSError as e:
+        print(f'warning: TensorBoard events not written ({e})', file=sys.stderr)
+
+
 if __name__ == '__main__':
     import tyro
     try:
         main(tyro.cli(Args))
-    except (data.DataError, FileNotFoundError, ValueError, KeyError) as e:
+    except (ValueError, OSError, TrainingError) as e:   # bad arguments, data, checkpoints, a full disk
         sys.exit(f'error: {e}')

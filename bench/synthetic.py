@@ -59,7 +59,7 @@ def main(args: BenchArgs):
         t0 = time.time()
         state, _ = T.main(run)
         train_s = time.time() - t0
-        cfg, hcfg, params, meta = T.load_run(run.out_dir)
+        cfg, hcfg, params, meta = HN.load_run(run.out_dir)
         tokenizer = M.load_tokenizer(meta['tokenizer'])
         split = data.load_split(dataclasses.replace(run, **{k: meta['args'][k] for k in ('format', 'tokenizer')}), 'test', tokenizer)
         t0 = time.time()

@@ -278,15 +278,18 @@ def edit(clone, name, fn):
     return str(path)
 
 
-def expect_error(clone, *needles, split='train'):
+def expect_error(clone, *needles, split='train', **kw):
     with pytest.raises(data.DataError) as e:
-        load(split, task='ni', data_dir=str(clone) if clone else None)
+        load(split, task='ni', data_dir=str(clone) if clone else None, **kw)
     for s in needles:
         assert s in str(e.value), (s, str(e.value))
 
 
 def test_ni_bad_data_dir(tmp_path):
-    expect_error(None, '--data-dir', 'git clone https://github.com/allenai/natural-instructions')
+    # no --data-dir: a clone of --ni-source is tried; one that cannot be cloned says what to do instead
+    expect_error(None, 'could not clone', 'git clone --depth 1', 'pass --data-dir',
+                 ni_source=str(tmp_path / 'no-such-repo'), cache_dir=str(tmp_path / 'cache'))
+    assert not os.path.exists(tmp_path / 'cache' / 'natural-instructions.partial')
     (tmp_path / 'empty').mkdir()
     expect_error(tmp_path / 'empty', 'not a natural-instructions clone', 'train_tasks.txt', 'tasks/',
                  'git clone')

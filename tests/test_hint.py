@@ -20,7 +20,7 @@ HCFG = HN.HyperConfig(adapter_dim=8, prefix_len=4)
 
 
 def hint_params(cfg=CFG, hcfg=HCFG, seed=0):
-    return T.init_params(cfg, hcfg, jax.random.PRNGKey(seed))
+    return HN.init_params(cfg, hcfg, jax.random.PRNGKey(seed))
 
 
 def ids(rng, shape, lengths):
@@ -116,7 +116,7 @@ def test_roberta_instruction_encoder_with_projection():
     rcfg = M.RobertaConfig(vocab_size=100, hidden_size=48, num_hidden_layers=1, num_attention_heads=4,
                            intermediate_size=64, max_position_embeddings=40)
     hcfg = dataclasses.replace(HCFG, instruction_encoder='roberta', roberta=rcfg)
-    params = T.init_params(CFG, hcfg, jax.random.PRNGKey(0), encoder_params=M.init_roberta(rcfg, jax.random.PRNGKey(1)))
+    params = HN.init_params(CFG, hcfg, jax.random.PRNGKey(0), encoder_params=M.init_roberta(rcfg, jax.random.PRNGKey(1)))
     ins = jnp.array([[0, 5, 6, 7, 2, 1, 1], [0, 8, 9, 2, 1, 1, 1]])     # RoBERTa ids, padding 1
     grads = jax.grad(lambda p: T.token_losses(HN.hint_forward(p, CFG, hcfg, ins, INP[:2], M.shift_right(TGT[:2])), TGT[:2])[0])(params)
     assert params['hyper']['proj']['w'].shape == (48, CFG.d_model)
@@ -131,7 +131,7 @@ import model as M, hypernet as HN, train as T
 assert jax.device_count() == 8
 cfg = dataclasses.replace(M.PRESETS['tiny'], dropout_rate=0.0)
 hcfg = HN.HyperConfig(adapter_dim=8, prefix_len=4)
-params = T.init_params(cfg, hcfg, jax.random.PRNGKey(0))
+params = HN.init_params(cfg, hcfg, jax.random.PRNGKey(0))
 rng = np.random.default_rng(0)
 batch = {k: rng.integers(3, 259, (16, n)).astype(np.int32) for k, n in (('instruction', 12), ('input', 8), ('target', 6))}
 for k in batch:   # ragged lengths, so the token count differs per device
@@ -176,7 +176,7 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 def test_checkpoint_that_does_not_match_the_config(tmp_path):
     run_train(tmp_path, 'run', steps=1, save_every=1)
-    ckpt = T.latest_checkpoint(str(tmp_path / 'run'))
-    other = jax.eval_shape(lambda: T.init_params(CFG, dataclasses.replace(HCFG, adapter_dim=4), jax.random.PRNGKey(0)))
+    ckpt = HN.checkpoints(str(tmp_path / 'run'))[-1]
+    other = jax.eval_shape(lambda: HN.init_params(CFG, dataclasses.replace(HCFG, adapter_dim=4), jax.random.PRNGKey(0)))
     with pytest.raises(ValueError, match=r"adapter_queries.*shape"):
-        T.load_params(ckpt, other)
+        HN.read_params(ckpt, other)
