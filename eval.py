@@ -89,6 +89,22 @@ def predict_ids(params, cfg, hcfg, instruction, inputs, max_len, batch_size):
     return np.concatenate(out)
 
 
+def load_split(args, split, tokenizer, itok=None):
+    """data.load_split, with the instructions in the instruction encoder's own vocabulary when it has
+    one (a RoBERTa encoder: itok is its folder or hub name)."""
+    out = data.load_split(args, split, tokenizer)
+    if itok:
+        own = dataclasses.replace(args, tokenizer=itok)
+        out['instruction'] = data.load_split(own, split, M.load_tokenizer(itok))['instruction']
+    return out
+
+
+def instruction_tokenizer(hcfg, run_args):
+    """The instruction encoder's tokenizer (None: the T5 tokenizer) of a run's meta['args']."""
+    roberta = hcfg is not None and hcfg.instruction_encoder == 'roberta'
+    return run_args['instruction_encoder_init'] if roberta else None
+
+
 def first(split, n):
     """The first n instances of a load_split() result (all of them for n = 0)."""
     return {k: v[:n] if n and isinstance(v, (list, np.ndarray)) else v for k, v in split.items()}
@@ -145,19 +161,22 @@ class EvalArgs(data.DataArgs):
     save_task_state: str = ''       # one-off mode: also save the instruction's task state here
 
 
-def one_off(args, cfg, hcfg, params, tokenizer, lines):
-    """Predictions for raw instance inputs under one instruction (or a saved task state)."""
+def one_off(args, cfg, hcfg, params, tokenizer, lines, itok=None):
+    """Predictions for raw instance inputs under one instruction (or a saved task state). itok: the
+    instruction encoder's own tokenizer, if it has one."""
     li, lx, ly = data.lengths(args)
     full_input = args.format == 'full-input'
     instruction = data.instruction_text(args.task, args.instruction) if args.instruction else ''
-    enc = lambda text, n: np.array(data.encode(tokenizer, text, n)[0] + [0] * n, np.int32)[:n]
+
+    def enc(text, n, tok=tokenizer):
+        return np.array(data.encode(tok, text, n)[0] + [tok.pad_id] * n, np.int32)[:n]
     inputs = np.stack([enc((instruction if full_input else '') + data.instance_text(args.task, x), lx) for x in lines])
     mods = None
     if hcfg is not None:
         if args.task_state:
             mods = HN.load_task_state(args.task_state)
         else:
-            mods = _encode_task(params, jnp.asarray(enc(instruction, li)), cfg, hcfg)
+            mods = _encode_task(params, jnp.asarray(enc(instruction, li, itok or tokenizer)), cfg, hcfg)
         if args.save_task_state:
             HN.save_task_state(args.save_task_state, mods)
     out = np.asarray(M.t5_generate(params['t5'], cfg, jnp.asarray(inputs), ly, mods))
@@ -175,14 +194,15 @@ def main(args: EvalArgs):
             raise data.DataError('one-off mode: no instance inputs on stdin (one per line)')
     cfg, hcfg, params, meta = HN.load_run(args.checkpoint, args.dtype)
     tokenizer = M.load_tokenizer(meta['tokenizer'])
+    itok = instruction_tokenizer(hcfg, meta['args'])
     if one_off_mode:
         if hcfg is None and args.format != 'full-input' and args.instruction:
             print('note: an input-only baseline ignores the instruction', file=sys.stderr)
-        for pred in one_off(args, cfg, hcfg, params, tokenizer, lines):
+        itok = itok and M.load_tokenizer(itok)
+        for pred in one_off(args, cfg, hcfg, params, tokenizer, lines, itok):
             print(pred)
         return None
-    split = data.load_split(args, args.split, tokenizer)
-    split = first(split, args.eval_instances)
+    split = first(load_split(args, args.split, tokenizer, itok), args.eval_instances)
     metrics, rows = evaluate(params, cfg, hcfg, split, tokenizer, args.batch_size)
     out_dir = args.out_dir or (os.path.dirname(args.checkpoint.rstrip('/')) if HN.is_checkpoint(args.checkpoint)
                                else args.checkpoint)

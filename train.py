@@ -157,6 +157,10 @@ def run_of(ckpt):
         return None
 
 
+def step_of(ckpt):
+    return int(os.path.basename(ckpt).split('-')[1])
+
+
 def save_checkpoint(out_dir, step, state, meta, keep):
     """Write ckpt-<step>/ and drop this run's checkpoints beyond the newest `keep` (never another run's).
     Parameters that are not finite are never written."""
@@ -176,13 +180,16 @@ def save_checkpoint(out_dir, step, state, meta, keep):
             f.write(serialization.to_bytes(jax.device_get(state['opt'])))
         with open(os.path.join(tmp, 'meta.json'), 'w') as f:
             json.dump({**meta, 'step': step}, f, indent=1)
-        if os.path.exists(final):
+        if os.path.exists(final):   # a leftover of this run's attempt before a resume: replaced
+            if run_of(final) not in (meta['run'], None):
+                raise TrainingError(f'{final} belongs to another run: not replaced')
             remove_checkpoint(final)
         os.replace(tmp, final)
-    except OSError:
+    except (OSError, TrainingError):
         shutil.rmtree(tmp, ignore_errors=True)   # give back the space a partial save took
         raise
-    ours = [c for c in HN.checkpoints(out_dir) if run_of(c) == meta['run']]
+    # newer ones of this run are the leftovers of an attempt that was resumed from an older, good one
+    ours = [c for c in HN.checkpoints(out_dir) if run_of(c) == meta['run'] and step_of(c) <= step]
     for old in ours[:-keep]:
         remove_checkpoint(old)
     return final
@@ -373,7 +380,8 @@ def watch(step, metrics, seen, last_good):
         raise TrainingError(f'step {step}: the loss is {loss} (gradient norm {gnorm}); stopped without '
                             f'saving. The last good checkpoint is {last_good or "none (none saved yet)"}: '
                             'lower --lr, then continue from it with --resume')
-    seen['flat'] = seen['flat'] + 1 if gnorm == 0 and loss == seen['loss'] else 0
+    flat = gnorm == 0 and seen['loss'] is not None and math.isclose(loss, seen['loss'], rel_tol=1e-5)
+    seen['flat'] = seen['flat'] + 1 if flat else 0
     seen['loss'] = loss
     if seen['flat'] == FLAT_STEPS:
         print(f'warning: the loss has stayed at {loss:.6g} with zero gradient norm for {FLAT_STEPS} steps '
@@ -382,7 +390,6 @@ def watch(step, metrics, seen, last_good):
 
 def main(args: Args):
     import eval as E  # the evaluation harness (also its own script)
-    from tensorboardX import SummaryWriter
 
     if args.task not in TASK_DEFAULTS:
         raise data.DataError(f'unknown --task {args.task!r} (synthetic, ni or c4)')
@@ -396,14 +403,9 @@ def main(args: Args):
     data.check_writable(args.cache_dir, '--cache-dir')
     args.tokenizer = tokenizer_for(args)
     tokenizer = M.load_tokenizer(args.tokenizer)
-    train_data = data.load_split(args, 'train', tokenizer)
-    test_data = data.load_split(args, 'test', tokenizer)
-    if args.instruction_encoder == 'roberta' and args.baseline == 'none':  # instructions in RoBERTa's vocabulary
-        rargs = dataclasses.replace(args, tokenizer=args.instruction_encoder_init)
-        rtok = M.load_tokenizer(args.instruction_encoder_init)
-        for d, split in ((train_data, 'train'), (test_data, 'test')):
-            d['instruction'] = data.load_split(rargs, split, rtok)['instruction']
-    test_data = E.first(test_data, args.eval_instances)
+    itok = E.instruction_tokenizer(hyper_config(args), dataclasses.asdict(args))   # RoBERTa's, if so
+    train_data = E.load_split(args, 'train', tokenizer, itok)
+    test_data = E.first(E.load_split(args, 'test', tokenizer, itok), args.eval_instances)
 
     cfg, hcfg, params = build_model(args, tokenizer)
     n_params = sum(x.size for x in jax.tree.leaves(params))
@@ -433,6 +435,7 @@ def main(args: Args):
 
     STOP.clear()
     handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    from tensorboardX import SummaryWriter   # imported late: it imports torch, where installed (1-2 s)
     writer = SummaryWriter(os.path.join(args.out_dir, 'tb'))
     try:
         t0, tokens, last, seen, pending = time.time(), 0, start, {'loss': None, 'flat': 0}, None

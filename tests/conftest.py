@@ -10,9 +10,16 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from typing import Any, NamedTuple
 
 import pytest
+
+# One persistent XLA compilation cache for the whole test session, in this process and in the scripts
+# the tests start: most of a tiny run's time is compiling steps that other tests compiled already.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(tempfile.gettempdir(), 'hint-test-jax-cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
