@@ -332,13 +332,16 @@ def ni_texts(task: dict, path: str, instance_input: str, shots: int, limit: int,
 
 
 def build_ni(args: DataArgs, split: str, tokenizer):
-    """Rows from the first max_instances_per_task instances of each task (file order). Instances whose
-    outputs are all empty strings are skipped and counted; empty strings are dropped from references.
-    target: train = a seeded random reference (seed, instance id); test = the first reference."""
+    """Rows from the first max_instances_per_task instances of each task (file order). references: the
+    instance's whole output list, empty strings included, as Tk-Instruct evaluates (an instance whose
+    outputs are all empty is kept: it counts in the metrics' denominator, so none is skipped).
+    target: train = a seeded random output (seed, instance id), as Tk-Instruct's collator picks
+    random.choice(output); test = the first output. An empty target encodes to an all-padding row
+    (no EOS), which gives no loss tokens."""
     _, task_files = ni_task_files(args.data_dir, split)
     li, lx, _ = lengths(args)
     limit = lx if args.format == 'full-input' else li
-    rows, skipped = [], {'empty_output': 0}
+    rows = []
     for name, path in task_files:
         task = read_ni_task(path)
         for k, inst in enumerate(task['Instances'][:args.max_instances_per_task]):
@@ -350,17 +353,13 @@ def build_ni(args: DataArgs, split: str, tokenizer):
                 raise DataError(f'{where}: field \'output\' is an empty list (no reference at all)')
             if not all(isinstance(o, str) for o in outputs):
                 raise DataError(f'{where}: field \'output\' must be a list of strings')
-            refs = [o for o in outputs if o.strip()]
-            if not refs:
-                skipped['empty_output'] += 1
-                continue
             instruction, inp = ni_texts(task, path, _field(inst, 'input', where, str), args.shots, limit, tokenizer)
             if args.format == 'full-input':
                 instruction, inp = '', instruction + inp
-            target = random.Random(f'{args.seed}:{iid}').choice(refs) if split == 'train' else refs[0]
+            target = random.Random(f'{args.seed}:{iid}').choice(outputs) if split == 'train' else outputs[0]
             rows.append(dict(task=name, id=iid, instruction=instruction, input=inp, target=target,
-                             references=refs, category=task['Categories'][0]))
-    return rows, skipped
+                             references=list(outputs), category=task['Categories'][0]))
+    return rows, {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -446,6 +445,8 @@ def tokenize_rows(rows, args: DataArgs, tokenizer):
             if (ex[key], width) not in memo:
                 memo[ex[key], width] = encode(tokenizer, ex[key], width)
             seqs[key], flags[key] = memo[ex[key], width]
+            if key == 'target' and not seqs[key]:   # an empty reference: learn to stop at once
+                seqs[key] = [tokenizer.eos_id]
             if flags[key]:
                 ex[key] = tokenizer.decode(seqs[key])
         yield ex, seqs, flags

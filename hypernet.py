@@ -37,6 +37,7 @@ class HyperConfig:
     adapters: bool = True
     prefixes: bool = True
     fusion: bool = True            # decoder cross-attention also sees the encoded instruction
+    prefix_attention: str = 'joint'   # joint: one softmax with the layer's keys (paper); separate
     instruction_encoder: str = 'shared'   # shared (the T5 encoder itself) | t5 (a separate copy) | roberta
     roberta: M.RobertaConfig | None = None
 
@@ -122,9 +123,11 @@ def encode_task(params, cfg: M.T5Config, hcfg: HyperConfig, instruction_ids, rng
         pre = {'k': gen('prefix_k', P[:, :, :p]).reshape(B, -1, p, H, K),         # [B, S, p, H, K]
                'v': gen('prefix_v', P[:, :, p:]).reshape(B, -1, p, H, K)}
         pre = jax.tree.map(layer_major, pre)
-        state['encoder']['prefix'] = jax.tree.map(lambda x: x[:Le], pre)
-        state['decoder']['self_prefix'] = jax.tree.map(lambda x: x[Le::2], pre)   # slot Le + 2j
-        state['decoder']['cross_prefix'] = jax.tree.map(lambda x: x[Le + 1::2], pre)  # slot Le + 2j + 1
+        # the key names tell the T5 stacks how to attend them (model.attend)
+        how = '' if hcfg.prefix_attention == 'joint' else '_separate'
+        state['encoder']['prefix' + how] = jax.tree.map(lambda x: x[:Le], pre)
+        state['decoder']['self_prefix' + how] = jax.tree.map(lambda x: x[Le::2], pre)   # slot Le + 2j
+        state['decoder']['cross_prefix' + how] = jax.tree.map(lambda x: x[Le + 1::2], pre)  # slot Le + 2j + 1
     return state
 
 

@@ -257,11 +257,12 @@ def heads(x, cfg):  # [..., T, H*K] -> [..., T, H, K]
 
 def attend(q, k, v, bias, extra=(), prefix=None, rate=0.0, rng=None):
     """Softmax attention of q [B,T,H,K] over k/v [B,S,H,K] (+ bias [B|1,H|1,T,S]), jointly with extra
-    key/value sets (k, v, bias [M] | [B,M] | None): HINT's fused instruction memory. `prefix` (k, v) is
-    HINT's generated prefix, attended with a softmax of its own whose output is added: zero prefix
-    values then leave T5 exactly as it was (in one joint softmax, zero keys would still take attention
-    mass). An extra set or prefix may lack the batch axis ([M,H,K]): one task state shared by the whole
-    batch, never copied. No 1/sqrt(K) scaling: T5 folds it into the query init."""
+    key/value sets (k, v, bias [M] | [B,M] | None): HINT's fused instruction memory and, as in the
+    paper, its generated prefixes (unmasked, no position bias). `prefix` (k, v) is the option
+    `--prefix-attention separate`: a prefix with a softmax of its own whose output is added, so that
+    zero prefix values leave T5 exactly as it was. An extra set or prefix may lack the batch axis
+    ([M,H,K]): one task state shared by the whole batch, never copied. No 1/sqrt(K) scaling: T5 folds
+    it into the query init."""
     f32 = jnp.float32
     qk = lambda ek: jnp.einsum('bthk,mhk->bhtm' if ek.ndim == 3 else 'bthk,bmhk->bhtm', q, ek, preferred_element_type=f32)
     pv = lambda p, ev: jnp.einsum('bhtm,mhk->bthk' if ev.ndim == 3 else 'bhtm,bmhk->bthk', p, ev)
@@ -281,6 +282,12 @@ def attend(q, k, v, bias, extra=(), prefix=None, rate=0.0, rng=None):
         p = dropout(jax.nn.softmax(qk(prefix['k']), axis=-1), rate, sub(rng, 1)).astype(q.dtype)
         out = out + pv(p, prefix['v'])
     return out.reshape(*out.shape[:2], -1)  # [B, T, H*K]
+
+
+def joined(m, name):
+    """A generated prefix that shares the layer's softmax, as an extra key/value set ([] if absent)."""
+    p = m.get(name)
+    return [] if p is None else [(p['k'], p['v'], None)]
 
 
 def bmm(x, w):
@@ -334,7 +341,8 @@ def t5_encode(params, cfg, ids, mods=None, rng=None):
         a = p['self_attn']
         h = rms_norm(x, a['norm'], eps)
         q, k, v = (heads(h @ a[n].astype(dt), cfg) for n in 'qkv')
-        o = attend(q, k, v, bias, (), m.get('prefix'), rate, sub(r, 0)) @ a['o'].astype(dt)
+        o = attend(q, k, v, bias, joined(m, 'prefix'), m.get('prefix_separate'), rate, sub(r, 0))
+        o = o @ a['o'].astype(dt)
         x = x + dropout(o, rate, sub(r, 1))
         h = rms_norm(x, p['ffn']['norm'], eps)
         y = ffn(p['ffn'], h, cfg, sub(r, 2))
@@ -382,13 +390,16 @@ def t5_decode(params, cfg, tokens, kv, mods=None, rng=None, cache=None, index=0)
             k = jax.lax.dynamic_update_slice(cache_l['k'], k.astype(cache_l['k'].dtype), (0, index, 0, 0))
             v = jax.lax.dynamic_update_slice(cache_l['v'], v.astype(cache_l['v'].dtype), (0, index, 0, 0))
             cache_l = {'k': k, 'v': v}
-        o = attend(q, k, v, self_bias, (), m.get('self_prefix'), rate, sub(r, 0)) @ a['o'].astype(dt)
+        o = attend(q, k, v, self_bias, joined(m, 'self_prefix'), m.get('self_prefix_separate'), rate, sub(r, 0))
+        o = o @ a['o'].astype(dt)
         x = x + dropout(o, rate, sub(r, 1))
         c = p['cross_attn']
         h = rms_norm(x, c['norm'], eps)
         q = heads(h @ c['q'].astype(dt), cfg)
         extra = [(mem['k'], mem['v'], kv['memory']['bias'])] if mem is not None else []
-        o = attend(q, ck, cv, kv['bias'], extra, m.get('cross_prefix'), rate, sub(r, 2)) @ c['o'].astype(dt)
+        extra += joined(m, 'cross_prefix')
+        o = attend(q, ck, cv, kv['bias'], extra, m.get('cross_prefix_separate'), rate, sub(r, 2))
+        o = o @ c['o'].astype(dt)
         x = x + dropout(o, rate, sub(r, 3))
         h = rms_norm(x, p['ffn']['norm'], eps)
         y = ffn(p['ffn'], h, cfg, sub(r, 4))

@@ -41,33 +41,40 @@ class Args(data.DataArgs):
     folder or hub name (google/t5-base-lm-adapt); or a run folder of this repo (e.g. C4 pretraining)"""
     baseline: Literal['none', 'full-input', 'input-only'] = 'none'
     """none = HINT; full-input = plain T5 fed instruction + input (Tk-Instruct); input-only = no instruction"""
-    adapters: bool = True
-    prefixes: bool = True
-    fusion: bool = True
+    adapters: bool = True           # generated parallel adapters on every feed-forward block
+    prefixes: bool = True           # generated key/value prefixes in every attention block
+    fusion: bool = True             # the decoder also cross-attends to the encoded instruction
+    prefix_attention: Literal['joint', 'separate'] = 'joint'
+    """joint: generated prefixes share one softmax with the layer's keys (the paper); separate: their own
+    softmax, output added (zero prefixes then leave T5 unchanged)"""
     adapter_dim: int | None = None  # r
     prefix_len: int | None = None   # p
     instruction_encoder: Literal['shared', 't5', 'roberta'] = 'shared'
     """shared = the T5 encoder itself; t5 = a separate copy of it; roberta (needs --instruction-encoder-init)"""
     instruction_encoder_init: str = ''    # RoBERTa checkpoint folder or hub name (with its tokenizer.json)
     batch_size: int | None = None   # global, over all devices and accumulation steps
-    grad_accum: int = 1
-    steps: int | None = None
-    lr: float | None = None
-    warmup: int = 100
+    grad_accum: int = 1             # micro-batches per step (same result, less memory)
+    steps: int | None = None        # optimizer steps in all
+    lr: float | None = None         # Adafactor learning rate, constant after --warmup
+    warmup: int = 100               # steps of linear warm-up
     momentum: float | None = None   # Adafactor first moment (paper: none); 0 = none
     param_scale: bool = True
     """Adafactor's step relative to each parameter's RMS (t5x default); from-scratch runs learn faster
     without"""
-    dropout: float | None = None
+    dropout: float | None = None    # T5's dropout rate in training
     dtype: str = 'auto'             # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU
     out_dir: str | None = None      # default runs/<task>
-    log_every: int = 50
-    save_every: int = 500
+    log_every: int = 50             # steps between progress lines and TensorBoard scalars
+    save_every: int = 500           # steps between checkpoints (one is also saved at the end)
     eval_every: int = 0             # 0: evaluate only at the end
-    eval_batch_size: int = 64
+    eval_batch_size: int = 64       # instances per decoding batch
     eval_instances: int = 0         # evaluate on the first N test instances only (0: all)
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2       # the newest N checkpoints of this run are kept
     resume: bool = False            # continue from the newest checkpoint in --out-dir that loads
+    # Several processes (hosts): found by JAX itself on a Cloud TPU pod; elsewhere give all three.
+    coordinator_address: str = ''   # HOST:PORT of process 0, e.g. 10.0.0.1:1234
+    num_processes: int = 1          # processes (hosts) in the run
+    process_id: int = 0             # this process's index, 0..N-1
     overwrite: bool = False         # start over in an --out-dir that holds checkpoints: deletes them
 
 
@@ -87,6 +94,27 @@ def fill_defaults(args):
     if args.out_dir is None:
         args.out_dir = f'runs/{args.task}' + ('' if args.baseline == 'none' else f'-{args.baseline}')
     return args
+
+
+def init_distributed(args):
+    """Join the other processes of a multi-host run. Must come before any other JAX call."""
+    import importlib.util
+    if args.num_processes > 1:
+        if not args.coordinator_address or not 0 <= args.process_id < args.num_processes:
+            raise data.DataError('--num-processes N needs --coordinator-address HOST:PORT and '
+                                 f'--process-id in 0..N-1 (got {args.coordinator_address!r}, {args.process_id})')
+        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    elif importlib.util.find_spec('libtpu') is not None:   # a Cloud TPU VM: JAX finds the pod's workers
+        try:
+            jax.distributed.initialize()
+        except (ValueError, RuntimeError) as e:   # libtpu installed, but no TPU pod found
+            print(f'note: running as a single process ({type(e).__name__}: {e})', file=sys.stderr)
+
+
+def say(*args, **kw):
+    """print() on process 0 only: one copy of the progress lines in a multi-host run."""
+    if jax.process_index() == 0:
+        print(*args, **kw)
 
 
 def check_args(args):
@@ -125,7 +153,8 @@ def hyper_config(args) -> HN.HyperConfig | None:
     if args.baseline != 'none':
         return None
     return HN.HyperConfig(adapter_dim=args.adapter_dim, prefix_len=args.prefix_len, adapters=args.adapters,
-                          prefixes=args.prefixes, fusion=args.fusion, instruction_encoder=args.instruction_encoder)
+                          prefixes=args.prefixes, fusion=args.fusion, prefix_attention=args.prefix_attention,
+                          instruction_encoder=args.instruction_encoder)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,9 +190,10 @@ def step_of(ckpt):
     return int(os.path.basename(ckpt).split('-')[1])
 
 
-def save_checkpoint(out_dir, step, state, meta, keep):
+def save_checkpoint(out_dir, step, state, meta, keep, lead=True):
     """Write ckpt-<step>/ and drop this run's checkpoints beyond the newest `keep` (never another run's).
-    Parameters that are not finite are never written."""
+    Parameters that are not finite are never written. Only the lead process writes (the parameters
+    are replicated: every process holds them all)."""
     from flax import serialization
     from safetensors.numpy import save_file
     params = {k: np.asarray(v) for k, v in flatten(jax.device_get(state['params'])).items()}
@@ -171,6 +201,8 @@ def save_checkpoint(out_dir, step, state, meta, keep):
     if bad:
         raise TrainingError(f'step {step}: parameter {bad[0]} is not finite, so it was not saved')
     final = os.path.join(out_dir, f'ckpt-{step:07d}')
+    if not lead:
+        return final
     tmp = final + '.tmp'
     try:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -225,14 +257,14 @@ def restore(out_dir, template):
     return None, None, None
 
 
-def prepare_out_dir(args):
+def prepare_out_dir(args, lead=True):
     """Create --out-dir, clear what a killed run left (.tmp / .del folders, checkpoint folders without
-    their files) and refuse to mix the checkpoints of two runs."""
+    their files) and refuse to mix the checkpoints of two runs. Only the lead process deletes."""
     out = args.out_dir
     data.check_writable(out, '--out-dir')
     for leftover in sorted(glob.glob(os.path.join(glob.escape(out), 'ckpt-*'))):
         complete = all(os.path.exists(os.path.join(leftover, f)) for f in ('meta.json', 'params.safetensors'))
-        if leftover.endswith(('.tmp', '.del')) or not complete:
+        if lead and (leftover.endswith(('.tmp', '.del')) or not complete):
             print(f'removing {leftover}: left incomplete by an interrupted run', file=sys.stderr)
             shutil.rmtree(leftover)
     found = HN.checkpoints(out)
@@ -242,7 +274,7 @@ def prepare_out_dir(args):
                                  '...): add --resume to continue that run, or --overwrite to delete them '
                                  'and start over')
         print(f'--overwrite: deleting {len(found)} checkpoint(s) in {out}', file=sys.stderr)
-        for ckpt in found:
+        for ckpt in found if lead else ():
             remove_checkpoint(ckpt)
 
 
@@ -373,6 +405,14 @@ def request_stop(signum, frame):
     print(f'{STOP[0]}: finishing this step, then saving a checkpoint', file=sys.stderr, flush=True)
 
 
+def stop_agreed():
+    """Whether any process was asked to stop: all of them then save at the same step and exit."""
+    if jax.process_count() == 1:
+        return bool(STOP)
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.process_allgather(np.int32(bool(STOP))).any())
+
+
 def watch(step, metrics, seen, last_good):
     """Stop on a loss or gradient that is not finite; warn once on a loss stuck with zero gradient."""
     loss, gnorm = float(metrics['loss']), float(metrics['grad_norm'])
@@ -394,12 +434,14 @@ def main(args: Args):
     if args.task not in TASK_DEFAULTS:
         raise data.DataError(f'unknown --task {args.task!r} (synthetic, ni or c4)')
     fill_defaults(args)
+    init_distributed(args)
     check_args(args)
+    lead = jax.process_index() == 0   # the one process that writes files
     if args.dtype == 'auto':
         args.dtype = 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'
     if args.baseline == 'full-input':
         args.format = 'full-input'
-    prepare_out_dir(args)
+    prepare_out_dir(args, lead)
     data.check_writable(args.cache_dir, '--cache-dir')
     args.tokenizer = tokenizer_for(args)
     tokenizer = M.load_tokenizer(args.tokenizer)
@@ -418,25 +460,26 @@ def main(args: Args):
     if restored is not None:
         state = restored
         meta['run'] = old_meta.get('run', meta['run'])   # checkpoints of the same run replace each other
-        print(f'resumed from {last_good}')
+        say(f'resumed from {last_good}')
     elif args.resume:
-        print(f'--resume: no checkpoint in {args.out_dir}, starting from scratch')
-    with open(os.path.join(args.out_dir, 'args.json'), 'w') as f:
-        json.dump(dataclasses.asdict(args), f, indent=1)
+        say(f'--resume: no checkpoint in {args.out_dir}, starting from scratch')
+    if lead:
+        with open(os.path.join(args.out_dir, 'args.json'), 'w') as f:
+            json.dump(dataclasses.asdict(args), f, indent=1)
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
     state = jax.device_put(state, replicated)
     step_fn = make_train_step(cfg, hcfg, optimizer, schedule, mesh, args.grad_accum, args.seed)
     start = int(state['step'])
     feed = data.batches(train_data, args.batch_size, args.seed, start, jax.process_index(), jax.process_count())
     to_global = lambda b: {k: jax.make_array_from_process_local_data(sharded, v) for k, v in b.items()}
-    print(f'{args.task}: {len(train_data["input"])} train / {len(test_data["input"])} test instances; '
-          f'{"HINT" if hcfg else args.baseline} T5 {args.init} ({n_params / 1e6:.2f}M params) on '
-          f'{jax.device_count()} {jax.default_backend()} device(s)')
+    say(f'{args.task}: {len(train_data["input"])} train / {len(test_data["input"])} test instances; '
+        f'{"HINT" if hcfg else args.baseline} T5 {args.init} ({n_params / 1e6:.2f}M params) on '
+        f'{jax.device_count()} {jax.default_backend()} device(s), {jax.process_count()} process(es)')
 
     STOP.clear()
     handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     from tensorboardX import SummaryWriter   # imported late: it imports torch, where installed (1-2 s)
-    writer = SummaryWriter(os.path.join(args.out_dir, 'tb'))
+    writer = SummaryWriter(os.path.join(args.out_dir, 'tb')) if lead else None
     try:
         t0, tokens, last, seen, pending = time.time(), 0, start, {'loss': None, 'flat': 0}, None
         for step in range(start, args.steps):
@@ -448,7 +491,7 @@ def main(args: Args):
                 watch(*pending, seen, last_good)
             pending = (done, metrics)
             log_now = done % args.log_every == 0 or done == args.steps
-            save_now = done % args.save_every == 0 or done == args.steps or STOP
+            save_now = done % args.save_every == 0 or done == args.steps or stop_agreed()
             if log_now or save_now:
                 watch(*pending, seen, last_good)
                 pending = None
@@ -457,33 +500,37 @@ def main(args: Args):
                 dt = time.time() - t0
                 rate, tok_rate = (done - last) / dt, tokens / dt
                 for k, v in {**metrics, 'steps_per_s': rate, 'tokens_per_s': tok_rate}.items():
-                    writer.add_scalar(f'train/{k}', v, done)
+                    if writer:
+                        writer.add_scalar(f'train/{k}', v, done)
                 eta = (args.steps - done) / max(rate, 1e-9)
-                print(f'step {done}/{args.steps} loss {metrics["loss"]:.4f} lr {metrics["lr"]:.2e} '
-                      f'gnorm {metrics["grad_norm"]:.3f} {rate:.2f} steps/s {tok_rate:,.0f} tok/s '
-                      f'ETA {eta / 60:.1f} min', flush=True)
+                say(f'step {done}/{args.steps} loss {metrics["loss"]:.6f} lr {metrics["lr"]:.2e} '
+                    f'gnorm {metrics["grad_norm"]:.3f} {rate:.2f} steps/s {tok_rate:,.0f} tok/s '
+                    f'ETA {eta / 60:.1f} min', flush=True)
                 t0, tokens, last = time.time(), 0, done
             if save_now:
                 try:
-                    last_good = save_checkpoint(args.out_dir, done, state, meta, args.keep_checkpoints)
+                    last_good = save_checkpoint(args.out_dir, done, state, meta, args.keep_checkpoints, lead)
                 except OSError as e:
                     raise TrainingError(f'step {done}: could not write a checkpoint to {args.out_dir} '
                                         f'({e.strerror or e}); the last good checkpoint is '
                                         f'{last_good or "none (none saved yet)"}') from None
-            if STOP:
-                print(f'{STOP[0]}: saved {last_good} (step {done}); continue with --resume')
+            if save_now and stop_agreed():
+                say(f'{STOP[0] if STOP else "stop"}: saved {last_good} (step {done}); continue with --resume')
                 return state, None
             if args.eval_every and done % args.eval_every == 0 and done != args.steps:
                 m, _ = E.evaluate(state['params'], cfg, hcfg, test_data, tokenizer, args.eval_batch_size)
                 for k, v in m['overall'].items():
-                    writer.add_scalar(f'eval/{k}', v, done)
+                    if writer:
+                        writer.add_scalar(f'eval/{k}', v, done)
     finally:
-        close_quietly(writer)
+        if writer:
+            close_quietly(writer)
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     metrics, preds = E.evaluate(state['params'], cfg, hcfg, test_data, tokenizer, args.eval_batch_size)
-    E.write_results(args.out_dir, metrics, preds)
-    print('held-out: ' + ' '.join(f'{k} {v:.2f}' for k, v in metrics['overall'].items()))
+    if lead:
+        E.write_results(args.out_dir, metrics, preds)
+    say('held-out: ' + ' '.join(f'{k} {v:.2f}' for k, v in metrics['overall'].items()))
     return state, metrics
 
 

@@ -40,6 +40,10 @@ T5_SHAPES = {
 }
 
 
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: multi-process tests (a minute or more); CI runs them too')
+
+
 class Ckpt(NamedTuple):
     path: str   # checkpoint dir: config.json + model.safetensors
     model: Any  # the transformers model the checkpoint was saved from (eval mode, float32)

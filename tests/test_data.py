@@ -5,6 +5,7 @@ import gzip
 import itertools
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -56,6 +57,8 @@ def check_arrays(d, args, tokenizer):
                 assert row[n - 1] == tokenizer.eos_id and n <= width
                 assert (row[:n - 1].tolist() == tokenizer.encode(ex[key])
                         or (n == width and tokenizer.decode(row) == ex[key])), (key, ex[key])
+            elif key == 'target':   # an empty reference: EOS alone (the model learns to stop at once)
+                assert row[:n].tolist() == [tokenizer.eos_id]
             else:
                 assert n == 0
 
@@ -198,7 +201,7 @@ def test_ni_formats_agree_and_arrays(spiece):
             kw = dict(task='ni', data_dir=SNI, shots=2, instruction_len=limit, input_len=limit, split=split)
             hint = load(tokenizer=spiece, **kw)
             full = load(tokenizer=spiece, format='full-input', **kw)
-            assert len(hint['examples']) == n and hint['skipped'] == {'empty_output': 0}
+            assert len(hint['examples']) == n and hint['skipped'] == {}
             check_arrays(hint, data.DataArgs(task='ni', instruction_len=limit, input_len=limit), spiece)
             same = 0
             for h, f, row in zip(hint['examples'], full['examples'], full['input']):
@@ -340,15 +343,31 @@ def test_ni_instance_without_outputs_is_an_error(clone):
     expect_error(clone, path, iid, 'empty list')
 
 
-def test_ni_empty_outputs_are_skipped_and_reported(clone, capsys):
+def test_ni_empty_outputs_are_kept_as_references(clone, capsys):
+    """As Tk-Instruct: references are the whole output list ('' included) and no instance is skipped;
+    the train target is a seeded choice among all outputs, the test target the first; '' -> EOS alone."""
     def blank(t):
         t['Instances'][0]['output'] = ['', ' ']
         t['Instances'][1]['output'] = ['', 'yes']
     edit(clone, 'task1564_triviaqa_answer_generation', blank)
-    d = load('train', task='ni', data_dir=str(clone))
-    assert d['skipped'] == {'empty_output': 1} and len(d['examples']) == 413 - 1
-    assert first(d, 'task1564_triviaqa_answer_generation')['references'] == ['yes']
-    assert "skipped {'empty_output': 1}" in capsys.readouterr().err
+    edit(clone, 'task1409_dart_text_generation', lambda t: t['Instances'][0].update(output=['', 'x']))
+    picked = set()
+    for seed in (0, 1, 2, 3):
+        d = load('train', task='ni', data_dir=str(clone), seed=seed)
+        assert d['skipped'] == {} and len(d['examples']) == 413
+        ex = [(n, e) for n, e in enumerate(d['examples']) if e['task'] == 'task1564_triviaqa_answer_generation']
+        assert [e['references'] for _, e in ex[:2]] == [['', ' '], ['', 'yes']]
+        for n, e in ex[:2]:
+            assert e['target'] == random.Random(f'{seed}:{e["id"]}').choice(e['references'])
+            if e['target'] == '':   # '' -> EOS alone, as Tk-Instruct's tokenizer gives
+                assert d['target'][n].tolist() == [1] + [0] * (d['target'].shape[1] - 1)
+            picked.add(e['target'])
+    assert picked == {'', ' ', 'yes'}   # the empty output is a possible train target too
+    assert "skipped {}" in capsys.readouterr().err
+    test = load('test', task='ni', data_dir=str(clone))
+    n, ex = next((n, e) for n, e in enumerate(test['examples']) if e['task'] == 'task1409_dart_text_generation')
+    assert len(test['examples']) == 248 and ex['references'] == ['', 'x'] and ex['target'] == ''
+    assert test['target'][n].tolist() == [1] + [0] * (test['target'].shape[1] - 1)
 
 
 def test_ni_cli(tmp_path, spiece):

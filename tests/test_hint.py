@@ -36,21 +36,49 @@ INP = ids(2, (3, 8), [8, 5, 3])
 TGT = ids(3, (3, 6), [6, 4, 2])
 
 
-def test_zero_modules_without_fusion_is_plain_t5():
-    params = hint_params(hcfg=dataclasses.replace(HCFG, fusion=False))
-    state = jax.tree.map(jnp.zeros_like, HN.encode_task(params, CFG, dataclasses.replace(HCFG, fusion=False), INS))
-    assert state['memory'] is None and state['encoder']['adapter'] is not None and state['decoder']['cross_prefix'] is not None
+def test_zero_modules_without_prefixes_and_fusion_is_plain_t5():
+    """HINT.md: with adapters zero, prefixes off and fusion off, the model is exactly the plain T5."""
+    hcfg = dataclasses.replace(HCFG, fusion=False, prefixes=False)
+    params = hint_params(hcfg=hcfg)
+    state = jax.tree.map(jnp.zeros_like, HN.encode_task(params, CFG, hcfg, INS))
+    assert state['memory'] is None and state['encoder']['adapter'] is not None and 'prefix' not in state['encoder']
     plain = M.t5_forward(params['t5'], CFG, INP, M.shift_right(TGT))
     hint = M.t5_forward(params['t5'], CFG, INP, M.shift_right(TGT), mods=state)
     assert float(jnp.abs(plain - hint).max()) <= 1e-6
     # and the real (non-zero) modules do change the output
-    real = HN.hint_forward(params, CFG, dataclasses.replace(HCFG, fusion=False), INS, INP, M.shift_right(TGT))
+    real = HN.hint_forward(params, CFG, hcfg, INS, INP, M.shift_right(TGT))
     assert float(jnp.abs(plain - real).max()) > 1e-3
+
+
+@pytest.mark.parametrize('how', ['joint', 'separate'])
+def test_zero_prefixes_take_attention_mass_only_in_the_joint_softmax(how):
+    """The paper's prefixes share ONE softmax with the layer's keys: even zero ones change the output.
+    `--prefix-attention separate` (own softmax, output added) leaves T5 unchanged when they are zero."""
+    hcfg = dataclasses.replace(HCFG, fusion=False, prefix_attention=how)
+    params = hint_params(hcfg=hcfg)
+    state = jax.tree.map(jnp.zeros_like, HN.encode_task(params, CFG, hcfg, INS))
+    key = 'cross_prefix' if how == 'joint' else 'cross_prefix_separate'
+    assert state['decoder'][key]['k'].shape == (CFG.num_decoder_layers, 3, HCFG.prefix_len, CFG.num_heads, CFG.d_kv)
+    plain = M.t5_forward(params['t5'], CFG, INP, M.shift_right(TGT))
+    hint = M.t5_forward(params['t5'], CFG, INP, M.shift_right(TGT), mods=state)
+    diff = float(jnp.abs(plain - hint).max())
+    assert diff > 1e-3 if how == 'joint' else diff <= 1e-6
+    # joint by hand, one encoder layer: zero prefix keys get score 0, so softmax weight exp(0) each
+    q = jax.random.normal(jax.random.PRNGKey(0), (1, 2, 2, 4))
+    k, v = (jax.random.normal(jax.random.PRNGKey(i), (1, 3, 2, 4)) for i in (1, 2))
+    prefix = (jnp.zeros((5, 2, 4)), jnp.ones((5, 2, 4)), None)
+    got = M.attend(q, k, v, jnp.zeros((1, 1, 1, 3)), [prefix]).reshape(1, 2, 2, 4)
+    scores = jnp.einsum('bthk,bshk->bhts', q, k)
+    w = jnp.exp(scores) / (jnp.exp(scores).sum(-1, keepdims=True) + 5)   # 5 prefix positions, exp(0) = 1
+    want = jnp.einsum('bhts,bshk->bthk', w, v) + 5 / (jnp.exp(scores).sum(-1) + 5).transpose(0, 2, 1)[..., None]
+    assert float(jnp.abs(got - want).max()) <= 1e-5
 
 
 @pytest.mark.parametrize('encoder', ['shared', 't5'])
 def test_every_hypernetwork_parameter_gets_a_gradient(encoder):
+    """Under the joint prefix softmax (the default), every tensor and every query row."""
     hcfg = dataclasses.replace(HCFG, instruction_encoder=encoder)
+    assert hcfg.prefix_attention == 'joint'
     params = hint_params(hcfg=hcfg)
 
     def loss(p):
@@ -61,7 +89,7 @@ def test_every_hypernetwork_parameter_gets_a_gradient(encoder):
     for path, g in jax.tree_util.tree_leaves_with_path(grads['hyper']):
         g = np.asarray(g)
         # every tensor, and every slot row of the query tables, must receive a gradient
-        rows = g.reshape(g.shape[0], -1) if path[0].key.endswith('_queries') else g.reshape(1, -1)
+        rows = g.reshape(-1, g.shape[-1]) if path[0].key.endswith('_queries') else g.reshape(1, -1)
         assert (np.abs(rows).max(axis=1) > 0).all(), f'zero gradient in hyper{jax.tree_util.keystr(path)}'
 
 

@@ -28,28 +28,61 @@ def ni_args(tmp_path, out, **kw):
     return T.Args(**{**base, **kw})
 
 
-def official_metrics(rows):
-    """An independent re-computation with rouge_score, as natural-instructions' compute_metrics.py does."""
+def official_metrics(rows, without_task1415=False):
+    """An independent re-computation with rouge_score, as Tk-Instruct's released compute_metrics.py does:
+    references are the whole output list ('' included), max over them, x100 / N, rounded to 4 decimals;
+    its reported numbers leave task1415's rows out."""
     import string
     from rouge_score import rouge_scorer
     scorer = rouge_scorer.RougeScorer(['rougeL'], use_stemmer=True)
     norm = lambda s: ' '.join(''.join(c for c in s.lower() if c not in string.punctuation).split())
+    if without_task1415:
+        rows = [r for r in rows if not r['task'].startswith('task1415_')]
     em = [max(norm(r['prediction']) == norm(g) for g in r['references']) for r in rows]
-    rl = [max(scorer.score(g, r['prediction'])['rougeL'].fmeasure for g in r['references']) for r in rows]
-    return round(100 * sum(em) / len(rows), 4), round(100 * sum(rl) / len(rows), 4)
+    rl = [max(scorer.score(target=g, prediction=r['prediction'])['rougeL'].fmeasure for g in r['references'])
+          for r in rows]
+    return round(100.0 * sum(em) / len(rows), 4), round(100.0 * sum(rl) / len(rows), 4)
+
+
+T1415 = 'task1415_youtube_caption_corrections_grammar_correction'
 
 
 def test_metrics_match_rouge_score_on_fixed_predictions():
-    rows = [dict(task='t1', category='A', prediction='The cat sat.', references=['the  cat sat', 'a dog']),
-            dict(task='t1', category='A', prediction='running dogs', references=['the dog runs', 'dogs ran']),
-            dict(task='t2', category='B', prediction='', references=['yes']),
-            dict(task='t2', category='B', prediction='Yes!', references=['no', 'YES'])]
+    row = lambda task, category, prediction, references: dict(task=task, category=category,
+                                                              prediction=prediction, references=references)
+    rows = [row('t1', 'A', 'The cat sat.', ['the  cat sat', 'a dog']),       # EM 1, RL 1
+            row('t1', 'A', 'running dogs', ['the dog runs', 'dogs ran']),    # EM 0, RL 1/2 (stems: dog)
+            row('t2', 'B', '', ['yes']),                                      # EM 0, RL 0
+            row('t2', 'B', 'Yes!', ['no', 'YES']),                            # EM 1, RL 1
+            row('t3', 'C', '', ['', 'maybe']),                                # '' matches '': EM 1, RL 0
+            row('t3', 'C', '...', ['', '']),                                  # all-empty references: EM 1, RL 0
+            row('t3', 'C', 'nothing', ['']),                                  # EM 0, RL 0
+            row('te', 'Textual Entailment', 'yes', ['yes']),                  # EM 1, RL 1
+            row('te', 'Textual Entailment', 'no answer', ['no']),             # EM 0, RL 2/3
+            row('tg', 'Title Generation', 'the cat', ['the cat sat']),        # EM 0, RL 0.8
+            row('gec', 'Grammar Error Correction', 'She runs', ['She runs.']),  # EM 1, RL 1
+            row(T1415, 'Grammar Error Correction', 'the cat', ['the cat sat'])]  # EM 0, RL 0.8
     m = E.compute_metrics(rows)
+    assert m['count'] == 12
+    assert m['overall'] == {'exact_match': 50.0, 'rougeL': 56.3889}             # 6/12; 6.7667/12
+    assert m['overall_without_task1415'] == {'exact_match': 54.5455, 'rougeL': 54.2424}   # 6/11; 5.9667/11
     assert (m['overall']['exact_match'], m['overall']['rougeL']) == official_metrics(rows)
-    assert m['overall']['exact_match'] == 50.0            # rows 1 and 4 after normalisation
-    assert m['per_task']['t2']['exact_match'] == 50.0 and m['per_category']['A']['exact_match'] == 50.0
-    assert m['per_task']['t1']['rougeL'] == official_metrics(rows[:2])[1]
-    assert 0 < m['per_task']['t1']['rougeL'] < 100        # stemming: "running dogs" ~ "dogs ran"
+    assert tuple(m['overall_without_task1415'].values()) == official_metrics(rows, without_task1415=True)
+    assert m['per_task']['t1'] == {'exact_match': 50.0, 'rougeL': 75.0}
+    assert m['per_task']['t3'] == {'exact_match': 66.6667, 'rougeL': 0.0}
+    assert m['per_task'][T1415] == {'exact_match': 0.0, 'rougeL': 80.0}
+    assert m['per_category']['B']['exact_match'] == 50.0 and m['per_category']['A']['exact_match'] == 50.0
+    assert m['per_category']['Grammar Error Correction'] == {'exact_match': 50.0, 'rougeL': 90.0}  # all rows
+    assert m['per_category']['Textual Entailment'] == {'exact_match': 50.0, 'rougeL': 83.3333}
+    # each test category's headline metric, without task1415 as in the released script; A, B, C have none
+    assert m['headline_per_category'] == {
+        'Grammar Error Correction': {'metric': 'rougeL', 'value': 100.0},
+        'Textual Entailment': {'metric': 'exact_match', 'value': 50.0},
+        'Title Generation': {'metric': 'rougeL', 'value': 80.0}}
+    only_1415 = E.compute_metrics(rows[-1:])
+    assert only_1415['overall_without_task1415'] == {} and only_1415['headline_per_category'] == {}
+    with pytest.raises(ValueError, match='no references'):
+        E.compute_metrics([row('t', 'A', 'x', [])])
 
 
 @needs_shared
@@ -67,6 +100,10 @@ def test_ni_trains_and_evaluates_end_to_end(tmp_path, shots):
     assert (saved['overall']['exact_match'], saved['overall']['rougeL']) == official_metrics(rows)
     categories = {json.load(open(os.path.join(SNI, 'tasks', t + '.json')))['Categories'][0] for t in test_tasks}
     assert set(saved['per_category']) == categories
+    assert saved['overall_without_task1415'] == saved['overall']   # the sample has no task1415
+    assert set(saved['headline_per_category']) == categories        # all six are test categories
+    for c, h in saved['headline_per_category'].items():
+        assert h == {'metric': E.HEADLINE_METRIC[c], 'value': saved['per_category'][c][E.HEADLINE_METRIC[c]]}
 
     # eval.py on the run gives the same predictions (data flags default to the run's own)
     out = tmp_path / 'again'
