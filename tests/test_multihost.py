@@ -87,4 +87,5 @@ def test_a_dead_process_ends_the_other(tmp_path):
         procs[0].kill()
     waited = time.time() - t0
     err = procs[0].stderr.read()
+    print(f'process 0 exited {waited:.0f} s after process 1 was killed: {err.strip().splitlines()[-1:]}')
     assert procs[0].returncode not in (0, None) and waited < 120, (waited, err[-2000:])
