@@ -336,8 +336,8 @@ def build_ni(args: DataArgs, split: str, tokenizer):
     instance's whole output list, empty strings included, as Tk-Instruct evaluates (an instance whose
     outputs are all empty is kept: it counts in the metrics' denominator, so none is skipped).
     target: train = a seeded random output (seed, instance id), as Tk-Instruct's collator picks
-    random.choice(output); test = the first output. An empty target encodes to an all-padding row
-    (no EOS), which gives no loss tokens."""
+    random.choice(output); test = the first output. An empty target becomes EOS alone (tokenize_rows),
+    so the model learns to stop at once, as with Tk-Instruct's tokenizer."""
     _, task_files = ni_task_files(args.data_dir, split)
     li, lx, _ = lengths(args)
     limit = lx if args.format == 'full-input' else li

@@ -273,12 +273,12 @@ def main(args: EvalArgs):
             raise data.DataError('one-off mode: no instance inputs on stdin (one per line)')
     cfg, hcfg, params, meta = HN.load_run(args.checkpoint, args.dtype)
     tokenizer = M.load_tokenizer(meta['tokenizer'])
-    itok = instruction_tokenizer(hcfg, meta['args'])
+    itok = instruction_tokenizer(hcfg, meta['args'])   # a name (RoBERTa's) or None
     if one_off_mode:
         if hcfg is None and args.format != 'full-input' and args.instruction:
             print('note: an input-only baseline ignores the instruction', file=sys.stderr)
-        itok = itok and M.load_tokenizer(itok)
-        for pred in one_off(args, cfg, hcfg, params, tokenizer, lines, itok):
+        own = M.load_tokenizer(itok) if itok else None
+        for pred in one_off(args, cfg, hcfg, params, tokenizer, lines, own):
             print(pred)
         return None
     split = first(load_split(args, args.split, tokenizer, itok), args.eval_instances)

@@ -198,6 +198,11 @@ def is_checkpoint(path):
         re.fullmatch(r'ckpt-\d+', os.path.basename(os.path.normpath(path))) is not None
 
 
+def newest_first(path):
+    """[path] for one checkpoint folder; a run folder's checkpoints, newest first."""
+    return [path] if is_checkpoint(path) else checkpoints(path)[::-1]
+
+
 def read_meta(ckpt):
     path = os.path.join(ckpt, 'meta.json')
     try:
@@ -250,8 +255,7 @@ def read_params(ckpt, expected):
 def load_run(path, dtype='float32'):
     """(cfg, hcfg, params, meta) of one checkpoint folder, or of a run folder's newest checkpoint that
     loads (a damaged one is skipped with a warning). meta['path'] is the checkpoint read."""
-    direct = is_checkpoint(path)
-    found = [path] if direct else checkpoints(path)[::-1]
+    direct, found = is_checkpoint(path), newest_first(path)
     if not os.path.isdir(path) or not found:
         raise CheckpointError(f'{path}: no checkpoint (expected a run folder with ckpt-<step>/ inside, '
                               'as train.py writes it)')

@@ -119,8 +119,6 @@ def say(*args, **kw):
 
 def check_args(args):
     """Arguments a run cannot work with, reported in a second: before data, models or compilation."""
-    if args.task not in TASK_DEFAULTS:
-        raise data.DataError(f'unknown --task {args.task!r} (synthetic, ni or c4)')
     if args.baseline not in ('none', 'full-input', 'input-only'):
         raise data.DataError(f'--baseline must be none, full-input or input-only, got {args.baseline!r}')
     data.check_args(args)
@@ -292,8 +290,7 @@ def tokenizer_for(args) -> str:
                              'spiece.model)')
     if not is_run(args.init):
         return args.init
-    found = [args.init] if HN.is_checkpoint(args.init) else HN.checkpoints(args.init)[::-1]
-    for ckpt in found:
+    for ckpt in HN.newest_first(args.init):
         try:
             return HN.read_meta(ckpt)['tokenizer']
         except HN.CheckpointError as e:
@@ -491,7 +488,8 @@ def main(args: Args):
                 watch(*pending, seen, last_good)
             pending = (done, metrics)
             log_now = done % args.log_every == 0 or done == args.steps
-            save_now = done % args.save_every == 0 or done == args.steps or stop_agreed()
+            stopping = stop_agreed()   # one answer per step, the same on every process
+            save_now = done % args.save_every == 0 or done == args.steps or stopping
             if log_now or save_now:
                 watch(*pending, seen, last_good)
                 pending = None
@@ -499,8 +497,8 @@ def main(args: Args):
                 metrics = {k: float(v) for k, v in metrics.items()}
                 dt = time.time() - t0
                 rate, tok_rate = (done - last) / dt, tokens / dt
-                for k, v in {**metrics, 'steps_per_s': rate, 'tokens_per_s': tok_rate}.items():
-                    if writer:
+                if writer:
+                    for k, v in {**metrics, 'steps_per_s': rate, 'tokens_per_s': tok_rate}.items():
                         writer.add_scalar(f'train/{k}', v, done)
                 eta = (args.steps - done) / max(rate, 1e-9)
                 say(f'step {done}/{args.steps} loss {metrics["loss"]:.6f} lr {metrics["lr"]:.2e} '
@@ -514,13 +512,13 @@ def main(args: Args):
                     raise TrainingError(f'step {done}: could not write a checkpoint to {args.out_dir} '
                                         f'({e.strerror or e}); the last good checkpoint is '
                                         f'{last_good or "none (none saved yet)"}') from None
-            if save_now and stop_agreed():
+            if stopping:
                 say(f'{STOP[0] if STOP else "stop"}: saved {last_good} (step {done}); continue with --resume')
                 return state, None
             if args.eval_every and done % args.eval_every == 0 and done != args.steps:
                 m, _ = E.evaluate(state['params'], cfg, hcfg, test_data, tokenizer, args.eval_batch_size)
-                for k, v in m['overall'].items():
-                    if writer:
+                if writer:
+                    for k, v in m['overall'].items():
                         writer.add_scalar(f'eval/{k}', v, done)
     finally:
         if writer:

@@ -97,8 +97,12 @@ def test_another_runs_checkpoints_are_never_mixed_or_deleted(tmp_path, trained):
     names = [os.path.basename(c) for c in HN.checkpoints(str(out))]
     assert names == ['ckpt-0000003', 'ckpt-0000006', 'ckpt-0000008', 'ckpt-0000009', 'ckpt-0000012']
     assert open(out / 'ckpt-0000006' / 'meta.json').read() == before[str(out / 'ckpt-0000006')]
-    ok(run('train.py', *TINY, '--steps', '1', '--overwrite', '--out-dir', out))
+    # --overwrite starts over; here with the README's Tk-Instruct baseline (plain T5, full input)
+    ok(run('train.py', *TINY, '--steps', '1', '--overwrite', '--baseline', 'full-input', '--out-dir', out))
     assert [os.path.basename(c) for c in HN.checkpoints(str(out))] == ['ckpt-0000001']
+    meta = HN.read_meta(HN.checkpoints(str(out))[0])
+    assert meta['hyper_config'] is None and meta['args']['format'] == 'full-input'
+    assert json.load(open(out / 'metrics.json'))['count'] == 2
 
 
 def test_kill_leftovers_are_cleared_and_damaged_checkpoints_skipped(tmp_path, trained):
