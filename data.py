@@ -20,6 +20,7 @@ import json
 import os
 import random
 import shutil
+import socket
 import string
 import subprocess
 import sys
@@ -49,6 +50,10 @@ class DataArgs:
     c4_documents: int = 20000        # at most this many C4 documents are read (and cached)
     seed: int = 0                    # train split only: the test split never depends on it
     cache_dir: str = '.cache/data'   # tokenized splits, reused while arguments and source files are unchanged
+    group_by_length: bool = False    # train batches of similar lengths (runs of 50 batches sorted by length)
+
+
+FIELDS = ('instruction', 'input', 'target')   # the arrays of every split and batch
 
 
 def tokenizer_name(args: DataArgs) -> str:
@@ -85,7 +90,16 @@ def check_args(args: DataArgs):
 
 
 def check_writable(path: str, flag: str):
-    """Create the folder `path` and check that files can be written there."""
+    """Create the folder `path` and check that files can be written there (also gs://...)."""
+    if '://' in path:   # a missing bucket or no permission shows now, not at the first checkpoint
+        from etils import epath
+        probe = epath.Path(path) / f'.write-test-{socket.gethostname()}-{os.getpid()}'
+        try:
+            probe.write_text('ok')
+            probe.unlink(missing_ok=True)
+        except Exception as e:   # gcsfs's and google-api-core's errors are not all OSErrors
+            raise DataError(f'{flag} {path}: cannot write there ({type(e).__name__}: {e})') from None
+        return
     if os.path.exists(path) and not os.path.isdir(path):
         raise DataError(f'{flag} {path}: exists and is not a folder')
     probe = os.path.join(path, f'.write-test-{os.getpid()}')
@@ -437,7 +451,7 @@ def build_c4(args: DataArgs, split: str, tokenizer):
 def tokenize_rows(rows, args: DataArgs, tokenizer):
     """Texts -> ids. Example texts stay the original text unless cut; a cut text becomes the decoded ids
     (for SentencePiece that normalizes whitespace, e.g. newlines become spaces)."""
-    widths = dict(zip(('instruction', 'input', 'target'), lengths(args)))
+    widths = dict(zip(FIELDS, lengths(args)))
     memo = {}   # the instruction text repeats for every instance of a task: encode it once
     for ex in rows:
         seqs, flags = {}, {}
@@ -453,7 +467,7 @@ def tokenize_rows(rows, args: DataArgs, tokenizer):
 
 
 def pack(rows, args: DataArgs, skipped: dict, pad_id: int = 0) -> dict:
-    widths = dict(zip(('instruction', 'input', 'target'), lengths(args)))
+    widths = dict(zip(FIELDS, lengths(args)))
     data = {k: np.full([len(rows), w], pad_id, np.int32) for k, w in widths.items()}   # RoBERTa pads with 1
     truncated = dict.fromkeys(widths, 0)
     for n, (_, seqs, flags) in enumerate(rows):
@@ -498,7 +512,7 @@ def save_cache(path: str, data: dict):
 
 def load_cache(path: str) -> dict:
     with np.load(path) as z:
-        data = {k: z[k].astype(np.int32) for k in ('instruction', 'input', 'target')}
+        data = {k: z[k].astype(np.int32) for k in FIELDS}
         data.update(json.loads(z['meta'].tobytes().decode('utf-8')))
     return data
 
@@ -529,6 +543,7 @@ def load_split(args: DataArgs, split: str, tokenizer) -> dict:
             where = ', '.join(source_files(args, split)[:1]) or args.task
             raise DataError(f'{where}: no {split} instances (skipped: {skipped})')
         save_cache(path, data)
+    data['lengths'] = np.stack([row_lengths(data[k], tokenizer.pad_id) for k in FIELDS], 1)   # [N, 3]
     print(f'data: {args.task}/{split} ({args.format}, {args.shots} shots): {len(data["examples"])} instances from '
           f'{len({e["task"] for e in data["examples"]})} tasks; skipped {data["skipped"]}; '
           f'truncated {data["truncated"]}; {how}', file=sys.stderr)
@@ -537,21 +552,43 @@ def load_split(args: DataArgs, split: str, tokenizer) -> dict:
 
 # ----------------------------------------------------------------------------------------------
 # Batches: the global batch of step s is a pure function of (seed, s), so resuming and multi-host agree.
+# Each is cut to the bucket of its longest row: right padding is masked, so cutting it changes no result.
+
+
+def row_lengths(x, pad_id: int = 0):
+    """[N]: the index of each row's last non-padding token + 1 (0 for an all-padding row) of x [N, L]."""
+    return np.max((x != pad_id) * np.arange(1, x.shape[1] + 1), axis=1)
+
+
+def bucket(n: int, cap: int) -> int:
+    """The width for rows of at most n tokens: a power of two >= 16 (few shapes to compile), at most cap."""
+    return min(cap, max(16, 1 << max(n - 1, 0).bit_length()))
 
 
 def batches(data: dict, batch_size: int, seed: int, start_step: int = 0, process_index: int = 0,
-            process_count: int = 1):
-    """Yields {'instruction', 'input', 'target'} with batch_size // process_count rows each (this host's
-    contiguous share of the global batch). Epoch e is np.random.default_rng([seed, e]).permutation(N)."""
+            process_count: int = 1, group_by_length: bool = False):
+    """Yields {'instruction', 'input', 'target'}: this host's share (batch_size // process_count rows) of the
+    global batch, cut to the bucket of the GLOBAL batch's longest row (the same shapes on every host). Epoch e
+    is default_rng([seed, e]).permutation(N); group_by_length sorts runs of 50 batches in it, longest first."""
     n = len(data['input'])
     if n == 0 or batch_size % process_count:
         raise ValueError(f'need data and batch_size ({batch_size}) divisible by process_count ({process_count})')
     share = batch_size // process_count
-    perm = functools.lru_cache(maxsize=4)(lambda e: np.random.default_rng([seed, e]).permutation(n))
+    lens = data['lengths'] if 'lengths' in data else np.stack([row_lengths(data[k]) for k in FIELDS], 1)
+
+    @functools.lru_cache(maxsize=4)
+    def order(e):
+        perm = np.random.default_rng([seed, e]).permutation(n)
+        if group_by_length:   # sort by (run, -tokens); lexsort is stable
+            perm = perm[np.lexsort((-lens[perm].sum(1), np.arange(n) // (50 * batch_size)))]
+        return perm
+
     for step in itertools.count(start_step):
-        pos = step * batch_size + process_index * share + np.arange(share)   # positions in the endless stream
-        idx = np.concatenate([perm(e)[pos[pos // n == e] % n] for e in np.unique(pos // n)])
-        yield {k: data[k][idx] for k in ('instruction', 'input', 'target')}
+        pos = step * batch_size + np.arange(batch_size)   # the global batch's positions in the endless stream
+        idx = np.concatenate([order(e)[pos[pos // n == e] % n] for e in np.unique(pos // n)])
+        widths = [bucket(int(m), data[k].shape[1]) for k, m in zip(FIELDS, lens[idx].max(0))]
+        mine = idx[process_index * share:(process_index + 1) * share]
+        yield {k: data[k][mine, :w] for k, w in zip(FIELDS, widths)}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 import data
 import hypernet as HN
@@ -133,18 +134,28 @@ _encode_task = jax.jit(lambda params, ins, cfg, hcfg: HN.select_task(HN.encode_t
                        static_argnums=(2, 3))
 
 
-def predict_ids(params, cfg, hcfg, instruction, inputs, max_len, batch_size):
-    """Greedy token ids [N, max_len] for inputs [N, Lx] of ONE task (instruction [Li])."""
-    mods = _encode_task(params, jnp.asarray(instruction), cfg, hcfg) if hcfg is not None else None
-    n = len(inputs)
-    bs = min(batch_size, 1 << max(n - 1, 0).bit_length())   # few distinct shapes -> few compilations
-    out = []
-    for i in range(0, n, bs):
-        chunk = inputs[i:i + bs]
-        padded = np.zeros((bs, inputs.shape[1]), np.int32)
-        padded[:len(chunk)] = chunk
-        out.append(np.asarray(M.t5_generate(params['t5'], cfg, jnp.asarray(padded), max_len, mods))[:len(chunk)])
-    return np.concatenate(out)
+def task_state(params, cfg, hcfg, instruction):
+    """The task state of instruction [Li] (None for a baseline), the instruction cut to its length
+    (rounded up to a data.bucket): right padding changes no result, it only costs time."""
+    if hcfg is None:
+        return None
+    pad = hcfg.roberta.pad_token_id if hcfg.instruction_encoder == 'roberta' else M.PAD_ID
+    width = data.bucket(int(data.row_lengths(instruction[None], pad)[0]), len(instruction))
+    return _encode_task(params, jnp.asarray(instruction[:width]), cfg, hcfg)
+
+
+def predict_ids(params, cfg, mods, inputs, max_len, batch_size):
+    """Greedy token ids [N, max_len] for inputs [N, Lx] of ONE task (mods: its task_state), sorted by
+    length and run in chunks cut to their longest row (rounded up to a data.bucket: few shapes to compile)."""
+    lengths = data.row_lengths(inputs)
+    order, out = np.argsort(lengths, kind='stable'), np.zeros((len(inputs), max_len), np.int32)
+    for i in range(0, len(inputs), batch_size):
+        rows = order[i:i + batch_size]
+        width = data.bucket(int(lengths[rows].max()), inputs.shape[1])
+        # rows padded to a power of two with copies of its own rows, which stop decoding when those do
+        x = inputs[np.resize(rows, min(batch_size, 1 << (len(rows) - 1).bit_length())), :width]   # [b, width]
+        out[rows] = np.asarray(M.t5_generate(params['t5'], cfg, jnp.asarray(x), max_len, mods))[:len(rows)]
+    return out
 
 
 def load_split(args, split, tokenizer, itok=None):
@@ -153,7 +164,8 @@ def load_split(args, split, tokenizer, itok=None):
     out = data.load_split(args, split, tokenizer)
     if itok:
         own = dataclasses.replace(args, tokenizer=itok)
-        out['instruction'] = data.load_split(own, split, M.load_tokenizer(itok))['instruction']
+        theirs = data.load_split(own, split, M.load_tokenizer(itok))
+        out['instruction'], out['lengths'][:, 0] = theirs['instruction'], theirs['lengths'][:, 0]
     return out
 
 
@@ -175,12 +187,14 @@ def predict(params, cfg, hcfg, split, tokenizer, batch_size=64):
     for i, row in enumerate(split['instruction']):
         groups[row.tobytes()].append(i)
     mine = list(groups.values())[jax.process_index()::jax.process_count()]
-    if jax.process_count() > 1:   # this host's own copy of the (replicated) parameters
-        params = jax.device_get(params)
+    if jax.process_count() > 1:   # this host's own copy of the parameters (gathered, where sharded)
+        from jax.experimental import multihost_utils
+        params = multihost_utils.process_allgather(params, tiled=True)
     preds = [None] * len(split['input'])
     max_len, t0 = split['target'].shape[1], time.time()
     for g, idx in enumerate(mine, 1):
-        ids = predict_ids(params, cfg, hcfg, split['instruction'][idx[0]], split['input'][idx], max_len, batch_size)
+        mods = task_state(params, cfg, hcfg, split['instruction'][idx[0]])
+        ids = predict_ids(params, cfg, mods, split['input'][idx], max_len, batch_size)
         for i, row in zip(idx, ids):
             preds[i] = tokenizer.decode(row)
         if (g % 20 == 0 or g == len(mine)) and jax.process_index() == 0:
@@ -215,12 +229,11 @@ def evaluate(params, cfg, hcfg, split, tokenizer, batch_size=64):
 
 
 def write_results(out_dir, metrics, rows):
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
-        json.dump(metrics, f, indent=1)
-    with open(os.path.join(out_dir, 'predictions.jsonl'), 'w') as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + '\n')
+    """metrics.json and predictions.jsonl in out_dir (a folder or gs://...)."""
+    out = epath.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / 'metrics.json').write_text(json.dumps(metrics, indent=1))
+    (out / 'predictions.jsonl').write_text(''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in rows))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,11 +268,10 @@ def one_off(args, cfg, hcfg, params, tokenizer, lines, itok=None):
         if args.task_state:
             mods = HN.load_task_state(args.task_state)
         else:
-            mods = _encode_task(params, jnp.asarray(enc(instruction, li, itok or tokenizer)), cfg, hcfg)
+            mods = task_state(params, cfg, hcfg, enc(instruction, li, itok or tokenizer))
         if args.save_task_state:
             HN.save_task_state(args.save_task_state, mods)
-    out = np.asarray(M.t5_generate(params['t5'], cfg, jnp.asarray(inputs), ly, mods))
-    return [tokenizer.decode(row) for row in out]
+    return [tokenizer.decode(row) for row in predict_ids(params, cfg, mods, inputs, ly, args.batch_size)]
 
 
 def main(args: EvalArgs):
@@ -283,7 +295,7 @@ def main(args: EvalArgs):
         return None
     split = first(load_split(args, args.split, tokenizer, itok), args.eval_instances)
     metrics, rows = evaluate(params, cfg, hcfg, split, tokenizer, args.batch_size)
-    out_dir = args.out_dir or (os.path.dirname(args.checkpoint.rstrip('/')) if HN.is_checkpoint(args.checkpoint)
+    out_dir = args.out_dir or (str(epath.Path(args.checkpoint).parent) if HN.is_checkpoint(args.checkpoint)
                                else args.checkpoint)
     write_results(out_dir, metrics, rows)
     print(json.dumps(metrics['overall']), f'({metrics["count"]} instances; {out_dir}/metrics.json)')
@@ -299,12 +311,11 @@ def cli(argv=None):
         ckpt = next((a.split('=', 1)[1] for a in argv if a.startswith('--checkpoint=')), None)
     default = EvalArgs()
     if ckpt:
-        run = ckpt if os.path.exists(os.path.join(ckpt, 'args.json')) else os.path.dirname(ckpt.rstrip('/'))
-        saved_path = os.path.join(run, 'args.json')
-        if os.path.exists(saved_path):
+        run = epath.Path(ckpt).parent if HN.is_checkpoint(ckpt) else epath.Path(ckpt)
+        saved_path = run / 'args.json'
+        if saved_path.exists():
             try:
-                with open(saved_path, encoding='utf-8') as f:
-                    saved = json.load(f)
+                saved = json.loads(saved_path.read_text())
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise data.DataError(f'{saved_path}: not valid JSON ({e})') from None
             names = {f.name for f in dataclasses.fields(data.DataArgs)} - {'cache_dir'}

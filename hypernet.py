@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
 import json
+import logging
 import os
 import re
 import sys
@@ -26,6 +26,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 import model as M
 
@@ -167,8 +168,16 @@ def load_task_state(path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Runs on disk: <run>/ckpt-<step>/{params.safetensors, opt_state.msgpack, meta.json}. train.py writes
-# them (to <name>.tmp first, then renamed); train.py --init/--resume and eval.py read them back here.
+# Runs on disk: <run>/ckpt-<step>/{params/, opt/, meta/metadata}, written by orbax-checkpoint (train.py):
+# every process writes its own shards, to a temporary name first (on gs://: commit_success.txt last),
+# so a folder with commit_success.txt is complete. A folder or gs://bucket/path (etils.epath).
+# train.py --init/--resume and eval.py read them back here, onto any number of devices.
+
+
+# orbax (and asyncio under it) log each failure with a traceback from their own threads, then raise it;
+# the callers here turn what is raised into one error line that names the checkpoint: logs silenced.
+for name in ('absl', 'asyncio'):
+    logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 class CheckpointError(ValueError):
@@ -188,26 +197,28 @@ def init_params(cfg, hcfg, rng, t5_params=None, encoder_params=None, skeleton=Fa
 
 
 def checkpoints(run_dir):
-    """The run's complete checkpoint folders, oldest first (not the .tmp / .del leftovers of a kill)."""
-    found = glob.glob(os.path.join(glob.escape(run_dir), 'ckpt-*'))
-    return sorted(p for p in found if re.fullmatch(r'ckpt-\d+', os.path.basename(p)))
+    """The run's complete checkpoint folders, oldest first (not what a killed save left behind)."""
+    found = epath.Path(run_dir).glob('ckpt-*')
+    return sorted(str(p) for p in found if re.fullmatch(r'ckpt-\d+', p.name) and is_complete(p))
+
+
+def is_complete(ckpt):
+    return (epath.Path(ckpt) / 'commit_success.txt').exists()
 
 
 def is_checkpoint(path):
-    return os.path.isfile(os.path.join(path, 'meta.json')) or \
-        re.fullmatch(r'ckpt-\d+', os.path.basename(os.path.normpath(path))) is not None
+    return re.fullmatch(r'ckpt-\d+', epath.Path(path).name) is not None
 
 
 def newest_first(path):
     """[path] for one checkpoint folder; a run folder's checkpoints, newest first."""
-    return [path] if is_checkpoint(path) else checkpoints(path)[::-1]
+    return [str(path)] if is_checkpoint(path) else checkpoints(path)[::-1]
 
 
 def read_meta(ckpt):
-    path = os.path.join(ckpt, 'meta.json')
+    path = epath.Path(ckpt) / 'meta' / 'metadata'
     try:
-        with open(path, encoding='utf-8') as f:
-            meta = json.load(f)
+        meta = json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f'{path}: missing (an incomplete checkpoint)') from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -219,7 +230,7 @@ def read_meta(ckpt):
 
 
 def configs(meta, dtype='float32'):
-    """(T5Config, HyperConfig or None) stored in a checkpoint's meta.json."""
+    """(T5Config, HyperConfig or None) stored in a checkpoint's meta."""
     cfg = M.T5Config(**{**meta['t5_config'], 'dtype': dtype})
     if meta['hyper_config'] is None:
         return cfg, None
@@ -228,45 +239,73 @@ def configs(meta, dtype='float32'):
     return cfg, HyperConfig(**h)
 
 
-def read_params(ckpt, expected):
-    """The checkpoint's parameters, checked against the shapes of `expected` (a pytree of arrays)."""
+def check_shapes(where, saved, expected):
+    """Name the first parameter that is missing, extra or of another shape than the config's."""
     from flax import traverse_util
-    from safetensors.numpy import load_file
-    path = os.path.join(ckpt, 'params.safetensors')
-    if not os.path.isfile(path):
-        raise CheckpointError(f'{path}: missing (an incomplete checkpoint)')
-    try:
-        flat = load_file(path)
-    except Exception as e:   # safetensors raises its own error type for a truncated or damaged file
-        raise CheckpointError(f'{path}: cannot be read, the file is damaged ({e})') from None
-    want = traverse_util.flatten_dict(expected, sep='/')
-    for k, v in want.items():
-        if k not in flat:
-            raise CheckpointError(f'{path}: parameter {k!r} is missing (checkpoint does not match the config)')
-        if flat[k].shape != tuple(v.shape):
-            raise CheckpointError(f'{path}: parameter {k!r} has shape {flat[k].shape}, the config '
-                                  f'expects {tuple(v.shape)}')
-    extra = sorted(set(flat) - set(want))
-    if extra:
-        raise CheckpointError(f'{path}: unexpected parameter {extra[0]!r} (checkpoint does not match the config)')
-    return traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()}, sep='/')
+    have, want = (traverse_util.flatten_dict(tree, sep='/') for tree in (saved, expected))
+    for k in sorted(set(have) | set(want)):
+        got, need = (tuple(tree[k].shape) if k in tree else None for tree in (have, want))
+        if got != need:
+            what = 'is missing' if got is None else 'is unexpected' if need is None else \
+                f'has shape {got}, the config expects {need}'
+            raise CheckpointError(f'{where}: parameter {k!r} {what} (checkpoint does not match the config)')
 
 
-def load_run(path, dtype='float32'):
+def read_items(ckpt, targets):
+    """{name: pytree} for the checkpoint items named in targets ({'params': ..., 'opt': ...}), placed
+    as each target's arrays say (jax.ShapeDtypeStruct or arrays, with a sharding): the devices and
+    mesh may differ from the run that saved it (elastic restore)."""
+    import orbax.checkpoint as ocp
+    ckpt, out = str(ckpt), {}
+    for name, target in targets.items():
+        where = f'{ckpt}/{name}'
+        if not (epath.Path(where) / '_METADATA').exists():
+            raise CheckpointError(f'{where}: missing (an incomplete checkpoint)')
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        try:
+            reader = ocp.StandardCheckpointHandler()   # each item is a pytree checkpoint of its own
+            if name == 'params':
+                check_shapes(where, reader.metadata(epath.Path(where)).tree, abstract)
+            out[name] = reader.restore(epath.Path(where), args=ocp.args.StandardRestore(abstract))
+        except CheckpointError:
+            raise
+        except Exception as e:   # tensorstore's and orbax's own errors for a damaged or foreign item
+            raise CheckpointError(f'{where}: cannot be read, damaged or of another config '
+                                  f'({type(e).__name__}: {str(e)[:200]})') from None
+    return out
+
+
+def quiet_abandoned_io(kind, error=None, traceback=None, default=sys.excepthook):
+    """The other reads or writes of a failed restore or save end after orbax closed their event loop,
+    and tensorstore reports each (sys.excepthook or sys.unraisablehook): the failure itself is already
+    reported."""
+    if not isinstance(kind, type):   # unraisablehook's argument
+        kind, error, traceback = kind.exc_type, kind.exc_value, kind.exc_traceback
+    if not (kind is RuntimeError and 'Event loop is closed' in str(error)):
+        default(kind, error, traceback)
+
+
+sys.excepthook = sys.unraisablehook = quiet_abandoned_io
+
+
+def load_run(path, dtype='float32', sharding=None):
     """(cfg, hcfg, params, meta) of one checkpoint folder, or of a run folder's newest checkpoint that
-    loads (a damaged one is skipped with a warning). meta['path'] is the checkpoint read."""
+    loads (a damaged one is skipped with a warning), on `sharding` (default: the first device).
+    meta['path'] is the checkpoint read."""
     direct, found = is_checkpoint(path), newest_first(path)
-    if not os.path.isdir(path) or not found:
+    if not epath.Path(path).is_dir() or not found:
         raise CheckpointError(f'{path}: no checkpoint (expected a run folder with ckpt-<step>/ inside, '
                               'as train.py writes it)')
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
     for ckpt in found:
         try:
             meta = read_meta(ckpt)
             cfg, hcfg = configs(meta, dtype)
             skeleton = functools.partial(init_params, cfg, hcfg, skeleton=True)
-            expected = jax.eval_shape(skeleton, jax.random.PRNGKey(0))
-            return cfg, hcfg, read_params(ckpt, expected), {**meta, 'path': ckpt}
-        except (CheckpointError, OSError, TypeError) as e:   # TypeError: meta.json of another version
+            shapes = jax.eval_shape(skeleton, jax.random.PRNGKey(0))
+            target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
+            return cfg, hcfg, read_items(ckpt, {'params': target})['params'], {**meta, 'path': ckpt}
+        except (CheckpointError, OSError, TypeError) as e:   # TypeError: a meta of another version
             if direct:
                 raise CheckpointError(f'{ckpt}: {e}' if ckpt not in str(e) else str(e)) from None
             print(f'warning: skipping {ckpt}: {e}', file=sys.stderr)

@@ -24,6 +24,11 @@ PAD_ID, EOS_ID = 0, 1  # shared by T5's SentencePiece vocabulary and the byte to
 # Tokenizers: encode(text) -> ids without EOS, decode(ids) -> text (stops at EOS).
 
 
+def until_eos(ids, eos_id) -> list[int]:
+    ids = [int(i) for i in ids]
+    return ids[:ids.index(eos_id)] if eos_id in ids else ids
+
+
 class ByteTokenizer:
     """ByT5's ids: pad 0, eos 1, unk 2, byte b -> b + 3. Needs no file at all."""
     name = 'byte'
@@ -32,15 +37,8 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return [b + 3 for b in text.encode('utf-8')]
 
-    def decode(self, ids) -> str:
-        out = bytearray()
-        for i in ids:
-            i = int(i)
-            if i == self.eos_id:
-                break
-            if 3 <= i < 259:  # ids past the byte range (vocab padding) are dropped
-                out.append(i - 3)
-        return out.decode('utf-8', errors='ignore')
+    def decode(self, ids) -> str:   # ids past the byte range (vocab padding) are dropped
+        return bytes(i - 3 for i in until_eos(ids, self.eos_id) if 3 <= i < 259).decode('utf-8', 'ignore')
 
 
 class SentencePieceTokenizer:
@@ -57,9 +55,7 @@ class SentencePieceTokenizer:
         return self.sp.encode(text)
 
     def decode(self, ids) -> str:
-        ids = [int(i) for i in ids]
-        if self.eos_id in ids:
-            ids = ids[:ids.index(self.eos_id)]
+        ids = until_eos(ids, self.eos_id)
         return self.sp.decode([i for i in ids if i != self.pad_id and i < self.vocab_size])
 
 
@@ -80,10 +76,7 @@ class HFTokenizer:
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids) -> str:
-        ids = [int(i) for i in ids]
-        if self.eos_id in ids:
-            ids = ids[:ids.index(self.eos_id)]
-        return self.tok.decode(ids, skip_special_tokens=True)
+        return self.tok.decode(until_eos(ids, self.eos_id), skip_special_tokens=True)
 
 
 def resolve_dir(name_or_dir: str) -> str:
@@ -140,6 +133,7 @@ class T5Config:
     tie_word_embeddings: bool = False  # v1.0 ties (and scales the decoder output by d^-0.5)
     dtype: str = 'float32'         # compute dtype (bfloat16 on accelerators); logits stay float32
     param_dtype: str = 'float32'
+    remat: bool = False            # recompute each layer's activations in the backward pass (less memory)
 
     @staticmethod
     def from_hf(c: dict, **overrides) -> 'T5Config':
@@ -265,7 +259,8 @@ def attend(q, k, v, bias, extra=(), prefix=None, rate=0.0, rng=None):
     it into the query init."""
     f32 = jnp.float32
     qk = lambda ek: jnp.einsum('bthk,mhk->bhtm' if ek.ndim == 3 else 'bthk,bmhk->bhtm', q, ek, preferred_element_type=f32)
-    pv = lambda p, ev: jnp.einsum('bhtm,mhk->bthk' if ev.ndim == 3 else 'bhtm,bmhk->bthk', p, ev)
+    # generated (float32) values in the compute dtype, so that a bfloat16 layer's output stays bfloat16
+    pv = lambda p, ev: jnp.einsum('bhtm,mhk->bthk' if ev.ndim == 3 else 'bhtm,bmhk->bthk', p, ev.astype(p.dtype))
     scores = [jnp.einsum('bthk,bshk->bhts', q, k, preferred_element_type=f32) + bias]
     for ek, _, ebias in extra:
         s = qk(ek)
@@ -350,6 +345,7 @@ def t5_encode(params, cfg, ids, mods=None, rng=None):
             y = y + adapter(m['adapter'], h)
         return x + dropout(y, rate, sub(r, 3)), None
 
+    layer = jax.checkpoint(layer) if cfg.remat else layer
     x, _ = jax.lax.scan(layer, x, (params['encoder']['layers'], layer_mods, rngs(sub(rng, 1), cfg.num_layers)))
     return dropout(rms_norm(x, params['encoder']['final_norm'], eps), rate, sub(rng, 2))
 
@@ -369,8 +365,8 @@ def cross_kv(params, cfg, enc, enc_mask, mods=None):
 
 def t5_decode(params, cfg, tokens, kv, mods=None, rng=None, cache=None, index=0):
     """Decoder on tokens [B, T] -> logits float32 [B, T, V]. With `cache` ({'k','v': [Ld,B,Tmax,H,K]})
-    the tokens sit at positions index.. and their keys/values are written into the cache
-    (incremental decoding); returns (logits, new cache)."""
+    the tokens sit at positions index.. (incremental decoding); returns (logits, their keys/values
+    [Ld,B,T,H,K]), which the caller writes into its cache once (a copy out of every layer costs more)."""
     dt, eps = jnp.dtype(cfg.dtype), cfg.layer_norm_epsilon
     rate = cfg.dropout_rate if rng is not None else 0.0
     T = tokens.shape[1]
@@ -387,9 +383,9 @@ def t5_decode(params, cfg, tokens, kv, mods=None, rng=None, cache=None, index=0)
         h = rms_norm(x, a['norm'], eps)
         q, k, v = (heads(h @ a[n].astype(dt), cfg) for n in 'qkv')
         if cache_l is not None:
-            k = jax.lax.dynamic_update_slice(cache_l['k'], k.astype(cache_l['k'].dtype), (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache_l['v'], v.astype(cache_l['v'].dtype), (0, index, 0, 0))
-            cache_l = {'k': k, 'v': v}
+            k_all = jax.lax.dynamic_update_slice(cache_l['k'], k.astype(cache_l['k'].dtype), (0, index, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(cache_l['v'], v.astype(cache_l['v'].dtype), (0, index, 0, 0))
+            cache_l, k, v = {'k': k, 'v': v}, k_all, v_all   # only this step's keys/values leave the layer
         o = attend(q, k, v, self_bias, joined(m, 'self_prefix'), m.get('self_prefix_separate'), rate, sub(r, 0))
         o = o @ a['o'].astype(dt)
         x = x + dropout(o, rate, sub(r, 1))
@@ -409,7 +405,7 @@ def t5_decode(params, cfg, tokens, kv, mods=None, rng=None, cache=None, index=0)
 
     mem = None if kv['memory'] is None else {'k': kv['memory']['k'], 'v': kv['memory']['v']}
     xs = (params['decoder']['layers'], layer_mods, kv['k'], kv['v'], mem, cache, rngs(sub(rng, 1), cfg.num_decoder_layers))
-    x, cache = jax.lax.scan(layer, x, xs)
+    x, cache = jax.lax.scan(jax.checkpoint(layer) if cfg.remat else layer, x, xs)
     x = dropout(rms_norm(x, params['decoder']['final_norm'], eps), rate, sub(rng, 2))
     if cfg.tie_word_embeddings:  # v1.0: tied embedding, output rescaled by d^-0.5
         logits = (x * cfg.d_model ** -0.5) @ params['embed'].astype(dt).T
@@ -431,15 +427,6 @@ def t5_forward(params, cfg, encoder_ids, decoder_input_ids, mods=None, rng=None)
     return t5_decode(params, cfg, decoder_input_ids, kv, mods, sub(rng, 1))
 
 
-def t5_loss(params, cfg, encoder_ids, labels, mods=None):
-    """Mean token cross-entropy over labels != 0 (the parity tests' loss)."""
-    logits = t5_forward(params, cfg, encoder_ids, shift_right(labels), mods)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
-    mask = labels != PAD_ID
-    return jnp.sum(nll * mask) / jnp.maximum(mask.sum(), 1)
-
-
 @functools.partial(jax.jit, static_argnames=('cfg', 'max_len'))
 def t5_generate(params, cfg, encoder_ids, max_len=64, mods=None):
     """Greedy decoding with a key/value cache: int32 [B, max_len] without the start token, 0 after
@@ -453,7 +440,8 @@ def t5_generate(params, cfg, encoder_ids, max_len=64, mods=None):
 
     def body(state):
         i, prev, done, out, cache = state
-        logits, cache = t5_decode(params, cfg, prev[:, None], kv, mods, cache=cache, index=i)
+        logits, new = t5_decode(params, cfg, prev[:, None], kv, mods, cache=cache, index=i)
+        cache = {n: jax.lax.dynamic_update_slice(cache[n], new[n], (0, 0, i, 0, 0)) for n in 'kv'}
         nxt = jnp.where(done, PAD_ID, jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32))
         out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
         return i + 1, nxt, done | (nxt == EOS_ID), out, cache
@@ -537,12 +525,12 @@ def read_hf_weights(d: str) -> dict:
     """model.safetensors (single or sharded via its index), flax_model.msgpack, or pytorch_model.bin."""
     path = lambda f: os.path.join(d, f)
     if os.path.exists(path('model.safetensors.index.json')):
-        from safetensors.numpy import load_file
-        shards = sorted(set(json.load(open(path('model.safetensors.index.json')))['weight_map'].values()))
-        return {k: v for s in shards for k, v in load_file(path(s)).items()}
+        weight_map = json.load(open(path('model.safetensors.index.json')))['weight_map']
+        return LazyWeights({name: path(f) for name, f in weight_map.items()})
     if os.path.exists(path('model.safetensors')):
-        from safetensors.numpy import load_file
-        return load_file(path('model.safetensors'))
+        from safetensors import safe_open
+        with safe_open(path('model.safetensors'), 'np') as f:
+            return LazyWeights({name: path('model.safetensors') for name in f.keys()})
     if os.path.exists(path('flax_model.msgpack')):
         from flax import serialization, traverse_util
         tree = serialization.msgpack_restore(open(path('flax_model.msgpack'), 'rb').read())
@@ -565,6 +553,15 @@ def read_hf_weights(d: str) -> dict:
                             '(sharded), flax_model.msgpack, pytorch_model.bin (needs torch)')
 
 
+class LazyWeights(dict):
+    """{name: file} of safetensors weights, each read from its file only when looked up: an XL or XXL
+    checkpoint is never all in host memory at once."""
+    def __getitem__(self, name):
+        from safetensors import safe_open
+        with safe_open(super().__getitem__(name), 'np') as f:
+            return f.get_tensor(name)
+
+
 def read_hf_checkpoint(name_or_dir: str, kind: str):
     """(directory, config.json as a dict, flat weights) of a hub name or a local directory."""
     d = resolve_dir(name_or_dir)
@@ -578,23 +575,26 @@ def read_hf_checkpoint(name_or_dir: str, kind: str):
     return d, config, read_hf_weights(d)
 
 
-def assign(expected, sources: dict, flat: dict, where: str):
+def assign(expected, sources: dict, flat: dict, where: str, place=None):
     """Fill the pytree `expected` (shape structs) from `sources` {our path: [(hf name, transpose)]};
-    stacked layers come from several names. Fails on the first missing name or shape mismatch."""
+    stacked layers come from several names. Fails on the first missing name or shape mismatch.
+    place(shape struct) -> sharding puts each array straight onto its devices (e.g. FSDP shards)."""
     out = {}
     for path, names in sources.items():
         parts = []
         for name, transpose in names:
             if name not in flat:
                 raise KeyError(f'{where}: weight {name!r} is missing from the checkpoint')
-            parts.append(flat[name].T if transpose else flat[name])
+            weight = flat[name]
+            parts.append(weight.T if transpose else weight)
         arr = np.stack(parts) if len(names) > 1 or path_is_stacked(path) else parts[0]
         want = get_path(expected, path).shape
         if arr.shape != tuple(want):
             bad = names[0][0]
             raise ValueError(f'{where}: checkpoint weight {bad!r} has shape {tuple(flat[bad].shape)} but the config '
                              f'expects {tuple(want)}{" per layer" if path_is_stacked(path) else ""} for {"/".join(path)}')
-        set_path(out, path, jnp.asarray(arr, get_path(expected, path).dtype))
+        arr = np.asarray(arr, get_path(expected, path).dtype)
+        set_path(out, path, jax.device_put(arr, place(get_path(expected, path))) if place else jnp.asarray(arr))
     return out
 
 
@@ -635,16 +635,16 @@ def t5_sources(cfg: T5Config) -> dict:
     return src
 
 
-def load_t5(name_or_dir: str, **overrides):
+def load_t5(name_or_dir: str, place=None, **overrides):
     """(T5Config, params) from a hub name or a local transformers-style directory. `overrides` set
-    T5Config fields such as dtype or dropout_rate."""
+    T5Config fields such as dtype or dropout_rate; `place` as in assign()."""
     d, config, flat = read_hf_checkpoint(name_or_dir, 'T5')
     try:
         cfg = T5Config.from_hf(config, **overrides)
     except KeyError as e:
         raise ValueError(f'{os.path.join(d, "config.json")}: missing field {e} (not a T5 config?)') from None
     expected = jax.eval_shape(lambda: init_t5(cfg, jax.random.PRNGKey(0)))
-    return cfg, assign(expected, t5_sources(cfg), flat, d)
+    return cfg, assign(expected, t5_sources(cfg), flat, d, place)
 
 
 def roberta_sources(cfg: RobertaConfig, prefix: str) -> dict:

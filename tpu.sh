@@ -2,7 +2,7 @@
 # tpu.sh: run this repo on every worker (host) of a Cloud TPU VM pod, through gcloud.
 #
 #   bash tpu.sh create [EXTRA GCLOUD FLAGS]   create the TPU VM (e.g. --spot)
-#   bash tpu.sh setup                 sync, then pip install jax[tpu] and requirements.txt
+#   bash tpu.sh setup                 sync, then pip install jax[tpu], requirements.txt, gcsfs
 #   bash tpu.sh sync                  put exactly the local code on every worker
 #   bash tpu.sh run -- CMD...         start CMD on all workers at once, in the background
 #   bash tpu.sh logs [WORKER]         follow the log of worker 0 (or WORKER)
@@ -125,7 +125,7 @@ cmd_sync() {
 }
 
 SETUP_SCRIPT='cd "$R" && python3 -m pip install -U "jax[tpu]" &&
-  python3 -m pip install -r requirements.txt'
+  python3 -m pip install -r requirements.txt gcsfs'   # gcsfs: --out-dir gs://...
 
 cmd_setup() {  # setup = sync + pip installs; running it again is harmless
   cmd_sync

@@ -11,11 +11,10 @@ with an evaluation on the test split (metrics.json, predictions.jsonl).
 from __future__ import annotations
 
 import dataclasses
-import glob
+import functools
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -26,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import data
@@ -54,6 +54,10 @@ class Args(data.DataArgs):
     instruction_encoder_init: str = ''    # RoBERTa checkpoint folder or hub name (with its tokenizer.json)
     batch_size: int | None = None   # global, over all devices and accumulation steps
     grad_accum: int = 1             # micro-batches per step (same result, less memory)
+    fsdp: int = 1
+    """shard every parameter and its optimizer state over N devices (FSDP; the batch still splits over
+    all devices): per-device parameter memory / N"""
+    remat: bool = False             # recompute each layer's activations in the backward pass (less memory)
     steps: int | None = None        # optimizer steps in all
     lr: float | None = None         # Adafactor learning rate, constant after --warmup
     warmup: int = 100               # steps of linear warm-up
@@ -119,16 +123,16 @@ def say(*args, **kw):
 
 def check_args(args):
     """Arguments a run cannot work with, reported in a second: before data, models or compilation."""
-    if args.baseline not in ('none', 'full-input', 'input-only'):
-        raise data.DataError(f'--baseline must be none, full-input or input-only, got {args.baseline!r}')
     data.check_args(args)
     for name in ('batch_size', 'grad_accum', 'steps', 'log_every', 'save_every', 'keep_checkpoints',
-                 'eval_batch_size', 'adapter_dim', 'prefix_len'):
+                 'eval_batch_size', 'adapter_dim', 'prefix_len', 'fsdp'):
         if getattr(args, name) < 1:
             raise data.DataError(f'--{name.replace("_", "-")} must be at least 1, got {getattr(args, name)}')
     if not (args.lr > 0 and math.isfinite(args.lr)) or not 0 <= args.dropout < 1 or args.eval_every < 0:
         raise data.DataError(f'need --lr > 0, 0 <= --dropout < 1 and --eval-every >= 0 (got {args.lr}, '
                              f'{args.dropout}, {args.eval_every})')
+    if jax.device_count() % args.fsdp:
+        raise data.DataError(f'--fsdp {args.fsdp} must divide the number of devices ({jax.device_count()})')
     per_step = jax.device_count() * args.grad_accum
     if args.batch_size % per_step:
         raise data.DataError(f'--batch-size {args.batch_size} must divide by devices ({jax.device_count()}) '
@@ -156,25 +160,20 @@ def hyper_config(args) -> HN.HyperConfig | None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: ckpt-<step>/{params.safetensors, opt_state.msgpack, meta.json}, written to a temporary
-# folder first and renamed into place, so a kill never leaves a half-written checkpoint behind.
-# hypernet.py reads them back (for --init, --resume and eval.py).
+# Checkpoints: ckpt-<step>/ written by orbax-checkpoint, every process its own shards, to a temporary
+# folder first (locally renamed into place; on gs:// commit_success.txt comes last), so a kill never
+# leaves a checkpoint that --resume would pick. hypernet.py reads them back (--init, --resume, eval.py).
 
 
 class TrainingError(RuntimeError):
     """A run that has to stop (divergence, a checkpoint that cannot be written): says what to do next."""
 
 
-def flatten(tree):
-    from flax import traverse_util
-    return traverse_util.flatten_dict(tree, sep='/')
-
-
 def remove_checkpoint(path):
-    """Renamed first, then deleted: a kill midway leaves a .del folder (cleared at the next start),
-    never a checkpoint folder with half its files."""
-    os.replace(path, path + '.del')
-    shutil.rmtree(path + '.del')
+    """commit_success.txt goes first: a kill midway leaves an incomplete folder (cleared at the next
+    start), never one that looks complete with half its files."""
+    (epath.Path(path) / 'commit_success.txt').unlink(missing_ok=True)
+    epath.Path(path).rmtree()
 
 
 def run_of(ckpt):
@@ -185,68 +184,51 @@ def run_of(ckpt):
 
 
 def step_of(ckpt):
-    return int(os.path.basename(ckpt).split('-')[1])
+    return int(epath.Path(ckpt).name.split('-')[1])
+
+
+@jax.jit
+def finite_leaves(tree):
+    return jax.tree.map(lambda x: jnp.isfinite(x).all(), tree)
 
 
 def save_checkpoint(out_dir, step, state, meta, keep, lead=True):
-    """Write ckpt-<step>/ and drop this run's checkpoints beyond the newest `keep` (never another run's).
-    Parameters that are not finite are never written. Only the lead process writes (the parameters
-    are replicated: every process holds them all)."""
-    from flax import serialization
-    from safetensors.numpy import save_file
-    params = {k: np.asarray(v) for k, v in flatten(jax.device_get(state['params'])).items()}
-    bad = [k for k, v in params.items() if not np.isfinite(v).all()]
+    """Write ckpt-<step>/ (all processes, each its own shards) and drop this run's checkpoints beyond
+    the newest `keep` (never another run's). Parameters that are not finite are never written."""
+    import orbax.checkpoint as ocp
+    from flax import traverse_util
+    finite = traverse_util.flatten_dict(jax.device_get(finite_leaves(state['params'])), sep='/')
+    bad = [k for k, ok in finite.items() if not ok]
     if bad:
         raise TrainingError(f'step {step}: parameter {bad[0]} is not finite, so it was not saved')
-    final = os.path.join(out_dir, f'ckpt-{step:07d}')
-    if not lead:
-        return final
-    tmp = final + '.tmp'
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        save_file(params, os.path.join(tmp, 'params.safetensors'))
-        with open(os.path.join(tmp, 'opt_state.msgpack'), 'wb') as f:
-            f.write(serialization.to_bytes(jax.device_get(state['opt'])))
-        with open(os.path.join(tmp, 'meta.json'), 'w') as f:
-            json.dump({**meta, 'step': step}, f, indent=1)
-        if os.path.exists(final):   # a leftover of this run's attempt before a resume: replaced
-            if run_of(final) not in (meta['run'], None):
-                raise TrainingError(f'{final} belongs to another run: not replaced')
-            remove_checkpoint(final)
-        os.replace(tmp, final)
-    except (OSError, TrainingError):
-        shutil.rmtree(tmp, ignore_errors=True)   # give back the space a partial save took
+    final = epath.Path(out_dir) / f'ckpt-{step:07d}'
+    if final.exists() and run_of(final) not in (meta['run'], None):
+        raise TrainingError(f'{final} belongs to another run: not replaced')
+    items = ocp.args.Composite(params=ocp.args.StandardSave(state['params']),
+                               opt=ocp.args.StandardSave(state['opt']), meta=ocp.args.JsonSave({**meta, 'step': step}))
+    try:   # an older attempt of this run at this step (before a resume) is replaced: force
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as writer:
+            writer.save(final, args=items, force=True)
+    except Exception:
+        for partial in final.parent.glob(f'{final.name}.*') if lead else ():   # give back the space
+            partial.rmtree()
         raise
     # newer ones of this run are the leftovers of an attempt that was resumed from an older, good one
     ours = [c for c in HN.checkpoints(out_dir) if run_of(c) == meta['run'] and step_of(c) <= step]
-    for old in ours[:-keep]:
+    for old in ours[:-keep] if lead else ():
         remove_checkpoint(old)
-    return final
-
-
-def read_opt_state(ckpt, template):
-    from flax import serialization
-    path = os.path.join(ckpt, 'opt_state.msgpack')
-    try:
-        with open(path, 'rb') as f:
-            return serialization.from_bytes(template, f.read())
-    except FileNotFoundError:
-        raise HN.CheckpointError(f'{path}: missing (an incomplete checkpoint)') from None
-    except Exception as e:   # msgpack's own errors for a truncated or damaged file
-        raise HN.CheckpointError(f'{path}: cannot be read, the file is damaged ({type(e).__name__}: {e})') from None
+    return str(final)
 
 
 def restore(out_dir, template):
-    """(checkpoint, meta, state) of the newest checkpoint in out_dir that loads; damaged ones are
-    skipped with a warning. (None, None, None) when there is none at all."""
+    """(checkpoint, meta, state) of the newest checkpoint in out_dir that loads, placed like the
+    template's arrays; damaged ones are skipped with a warning. (None, None, None) when there is none."""
     found = HN.checkpoints(out_dir)
     for ckpt in reversed(found):
         try:
             meta = HN.read_meta(ckpt)
-            state = {'params': HN.read_params(ckpt, template['params']),
-                     'opt': read_opt_state(ckpt, template['opt']), 'step': jnp.int32(meta['step'])}
-            return ckpt, meta, state
+            state = HN.read_items(ckpt, {'params': template['params'], 'opt': template['opt']})
+            return ckpt, meta, {**state, 'step': jnp.int32(meta['step'])}
         except HN.CheckpointError as e:
             print(f'warning: --resume skips {ckpt}: {e}', file=sys.stderr)
     if found:
@@ -256,19 +238,18 @@ def restore(out_dir, template):
 
 
 def prepare_out_dir(args, lead=True):
-    """Create --out-dir, clear what a killed run left (.tmp / .del folders, checkpoint folders without
-    their files) and refuse to mix the checkpoints of two runs. Only the lead process deletes."""
+    """Create --out-dir, clear what a killed run left (incomplete ckpt-* folders) and refuse to mix the
+    checkpoints of two runs. Only the lead process deletes."""
     out = args.out_dir
     data.check_writable(out, '--out-dir')
-    for leftover in sorted(glob.glob(os.path.join(glob.escape(out), 'ckpt-*'))):
-        complete = all(os.path.exists(os.path.join(leftover, f)) for f in ('meta.json', 'params.safetensors'))
-        if lead and (leftover.endswith(('.tmp', '.del')) or not complete):
-            print(f'removing {leftover}: left incomplete by an interrupted run', file=sys.stderr)
-            shutil.rmtree(leftover)
     found = HN.checkpoints(out)
+    for leftover in sorted(epath.Path(out).glob('ckpt-*')):
+        if lead and str(leftover) not in found:
+            print(f'removing {leftover}: left incomplete by an interrupted run', file=sys.stderr)
+            leftover.rmtree()
     if found and not args.resume:
         if not args.overwrite:
-            raise data.DataError(f'--out-dir {out} already holds checkpoints ({os.path.basename(found[-1])}, '
+            raise data.DataError(f'--out-dir {out} already holds checkpoints ({epath.Path(found[-1]).name}, '
                                  '...): add --resume to continue that run, or --overwrite to delete them '
                                  'and start over')
         print(f'--overwrite: deleting {len(found)} checkpoint(s) in {out}', file=sys.stderr)
@@ -278,7 +259,7 @@ def prepare_out_dir(args, lead=True):
 
 def is_run(path):
     """A run folder (or one checkpoint folder) of this repo, as opposed to a transformers checkpoint."""
-    return os.path.isdir(path) and (HN.is_checkpoint(path) or bool(HN.checkpoints(path)))
+    return epath.Path(path).is_dir() and (HN.is_checkpoint(path) or bool(HN.checkpoints(path)))
 
 
 def tokenizer_for(args) -> str:
@@ -298,11 +279,12 @@ def tokenizer_for(args) -> str:
     raise HN.CheckpointError(f'--init {args.init}: no checkpoint in it has a readable meta.json')
 
 
-def build_model(args, tokenizer):
-    """(cfg, hcfg, params) from --init: a preset, a transformers checkpoint, or a HINT run folder."""
+def build_model(args, tokenizer, place=None):
+    """(cfg, hcfg, params) from --init: a preset, a transformers checkpoint (its weights put straight
+    onto their devices by place(shape) -> sharding, one at a time), or a HINT run folder."""
     rng = jax.random.PRNGKey(args.seed)
     hcfg = hyper_config(args)
-    overrides = {'dropout_rate': args.dropout, 'dtype': args.dtype}
+    overrides = {'dropout_rate': args.dropout, 'dtype': args.dtype, 'remat': args.remat}
     if args.init in PRESETS:
         vocab = -(-tokenizer.vocab_size // 128) * 128   # padded like T5's 32128
         cfg = dataclasses.replace(PRESETS[args.init], vocab_size=vocab, **overrides)
@@ -319,7 +301,7 @@ def build_model(args, tokenizer):
                                  f'one asked for {hcfg}')
         return cfg, old_hcfg, old
     else:
-        cfg, t5 = M.load_t5(args.init, **overrides)
+        cfg, t5 = M.load_t5(args.init, place, **overrides)
     enc = None
     if hcfg is not None and hcfg.instruction_encoder == 'roberta':
         rcfg, enc = M.load_roberta(args.instruction_encoder_init, dtype=args.dtype)
@@ -345,8 +327,24 @@ def make_optimizer(args):
                            multiply_by_parameter_scale=args.param_scale), schedule
 
 
+def fsdp_sharding(mesh, x):
+    """Where an array of the train state lives: split over 'fsdp' along its largest dimension that
+    divides evenly (FSDP), else replicated (scalars; everything under --fsdp 1)."""
+    n, spec = mesh.shape['fsdp'], [None] * x.ndim
+    fits = [d for d in range(x.ndim) if x.shape[d] % n == 0]
+    if n > 1 and fits:
+        spec[max(fits, key=x.shape.__getitem__)] = 'fsdp'
+    return NamedSharding(mesh, P(*spec))
+
+
 def make_grad_fn(cfg, hcfg, mesh, accum):
-    """(params, batch, rng) -> (loss, ce, grads) on a batch sharded over the mesh's 'data' axis."""
+    """(params, batch, rng) -> (loss, ce, grads). shard_map splits the batch over the mesh's 'data'
+    axis by hand; inside each part XLA shards it, and the parameters, over 'fsdp' (FSDP: a layer's
+    weights are gathered where they are used; the gradients come out sharded like the parameters)."""
+    split = mesh.shape['data'] > 1   # XLA cannot partition a psum over a 'data' axis of size 1 (all FSDP)
+
+    def data_sum(x):
+        return jax.lax.psum(x, 'data') if split else x
 
     def loss_fn(params, micro, rng, total_tokens):
         logits = HN.hint_forward(params, cfg, hcfg, micro['instruction'], micro['input'],
@@ -354,13 +352,15 @@ def make_grad_fn(cfg, hcfg, mesh, accum):
         ce, z = token_losses(logits, micro['target'])
         # psum makes the loss the same on every device; its gradient w.r.t. replicated (P()) params then
         # comes out already summed over devices (shard_map's check_vma), so there is no extra pmean.
-        ce = jax.lax.psum(ce, 'data') / total_tokens
-        return ce + jax.lax.psum(z, 'data') / total_tokens, ce
+        ce = data_sum(ce) / total_tokens
+        return ce + data_sum(z) / total_tokens, ce
 
     def per_device(params, batch, rng):
         rng = jax.random.fold_in(rng, jax.lax.axis_index('data'))  # different dropout on each device
-        total = jnp.maximum(jax.lax.psum(jnp.sum(batch['target'] != M.PAD_ID), 'data'), 1).astype(jnp.float32)
-        micro = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)  # [A, b, ...]
+        total = jnp.maximum(data_sum(jnp.sum(batch['target'] != M.PAD_ID)), 1).astype(jnp.float32)
+        # micro-batch i = rows i, i + A, ...: each one spread over all the 'fsdp' devices
+        micro = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)  # [A, b, ...]
+        micro = jax.lax.with_sharding_constraint(micro, P(None, 'fsdp'))
 
         def add(acc, i_mb):
             i, mb = i_mb
@@ -370,13 +370,13 @@ def make_grad_fn(cfg, hcfg, mesh, accum):
         zero = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
         return jax.lax.scan(add, zero, (jnp.arange(accum), micro))[0]
 
-    return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P('data'), P()), out_specs=(P(), P(), P()))
+    return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P('data'), P()), out_specs=(P(), P(), P()),
+                         axis_names={'data'}, check_vma=split)   # 'fsdp' is left to XLA
 
 
 def make_train_step(cfg, hcfg, optimizer, schedule, mesh, accum, seed):
     grad_fn = make_grad_fn(cfg, hcfg, mesh, accum)
 
-    @jax.jit
     def step(state, batch):
         rng = jax.random.fold_in(jax.random.PRNGKey(seed), state['step'])  # a pure function of the step: resumable
         loss, ce, grads = grad_fn(state['params'], batch, rng)
@@ -385,7 +385,7 @@ def make_train_step(cfg, hcfg, optimizer, schedule, mesh, accum, seed):
         metrics = {'loss': loss, 'ce': ce, 'grad_norm': optax.tree.norm(grads), 'lr': schedule(state['step'])}
         return {'params': params, 'opt': opt_state, 'step': state['step'] + 1}, metrics
 
-    return step
+    return jax.jit(step, donate_argnums=0)   # the old state's buffers are reused: nothing reads it after
 
 
 # ----------------------------------------------------------------------------------------------
@@ -428,8 +428,6 @@ def watch(step, metrics, seen, last_good):
 def main(args: Args):
     import eval as E  # the evaluation harness (also its own script)
 
-    if args.task not in TASK_DEFAULTS:
-        raise data.DataError(f'unknown --task {args.task!r} (synthetic, ni or c4)')
     fill_defaults(args)
     init_distributed(args)
     check_args(args)
@@ -446,11 +444,14 @@ def main(args: Args):
     train_data = E.load_split(args, 'train', tokenizer, itok)
     test_data = E.first(E.load_split(args, 'test', tokenizer, itok), args.eval_instances)
 
-    cfg, hcfg, params = build_model(args, tokenizer)
+    mesh = jax.make_mesh((jax.device_count() // args.fsdp, args.fsdp), ('data', 'fsdp'),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    place = functools.partial(fsdp_sharding, mesh)
+    cfg, hcfg, params = build_model(args, tokenizer, place)
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    mesh = jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
     optimizer, schedule = make_optimizer(args)
     state = {'params': params, 'opt': optimizer.init(params), 'step': jnp.int32(0)}
+    state = jax.device_put(state, jax.tree.map(place, state))   # the template a checkpoint is read onto
     meta = {'t5_config': dataclasses.asdict(cfg), 'hyper_config': dataclasses.asdict(hcfg) if hcfg else None,
             'tokenizer': args.tokenizer, 'args': dataclasses.asdict(args), 'run': uuid.uuid4().hex}
     last_good, old_meta, restored = restore(args.out_dir, state) if args.resume else (None, None, None)
@@ -461,13 +462,13 @@ def main(args: Args):
     elif args.resume:
         say(f'--resume: no checkpoint in {args.out_dir}, starting from scratch')
     if lead:
-        with open(os.path.join(args.out_dir, 'args.json'), 'w') as f:
-            json.dump(dataclasses.asdict(args), f, indent=1)
-    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-    state = jax.device_put(state, replicated)
+        (epath.Path(args.out_dir) / 'args.json').write_text(json.dumps(dataclasses.asdict(args), indent=1))
+    state = jax.device_put(state, jax.tree.map(place, state))
+    sharded = NamedSharding(mesh, P(('data', 'fsdp')))   # batches: rows over all devices
     step_fn = make_train_step(cfg, hcfg, optimizer, schedule, mesh, args.grad_accum, args.seed)
     start = int(state['step'])
-    feed = data.batches(train_data, args.batch_size, args.seed, start, jax.process_index(), jax.process_count())
+    feed = data.batches(train_data, args.batch_size, args.seed, start, jax.process_index(), jax.process_count(),
+                        args.group_by_length)
     to_global = lambda b: {k: jax.make_array_from_process_local_data(sharded, v) for k, v in b.items()}
     say(f'{args.task}: {len(train_data["input"])} train / {len(test_data["input"])} test instances; '
         f'{"HINT" if hcfg else args.baseline} T5 {args.init} ({n_params / 1e6:.2f}M params) on '
@@ -476,11 +477,12 @@ def main(args: Args):
     STOP.clear()
     handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     from tensorboardX import SummaryWriter   # imported late: it imports torch, where installed (1-2 s)
-    writer = SummaryWriter(os.path.join(args.out_dir, 'tb')) if lead else None
+    writer = SummaryWriter(f'{args.out_dir}/tb') if lead else None
     try:
-        t0, tokens, last, seen, pending = time.time(), 0, start, {'loss': None, 'flat': 0}, None
+        t0, tokens, last, seen, pending, shapes = time.time(), 0, start, {'loss': None, 'flat': 0}, None, set()
         for step in range(start, args.steps):
-            batch = next(feed)
+            batch = next(feed)   # cut to a bucket length: each new shape compiles the step once
+            shapes.add(tuple(v.shape for v in batch.values()))
             tokens += sum(int((v != M.PAD_ID).sum()) for v in batch.values()) * jax.process_count()
             state, metrics = step_fn(state, to_global(batch))
             done = step + 1
@@ -503,14 +505,14 @@ def main(args: Args):
                 eta = (args.steps - done) / max(rate, 1e-9)
                 say(f'step {done}/{args.steps} loss {metrics["loss"]:.6f} lr {metrics["lr"]:.2e} '
                     f'gnorm {metrics["grad_norm"]:.3f} {rate:.2f} steps/s {tok_rate:,.0f} tok/s '
-                    f'ETA {eta / 60:.1f} min', flush=True)
+                    f'ETA {eta / 60:.1f} min, {len(shapes)} batch shapes', flush=True)
                 t0, tokens, last = time.time(), 0, done
             if save_now:
                 try:
                     last_good = save_checkpoint(args.out_dir, done, state, meta, args.keep_checkpoints, lead)
-                except OSError as e:
+                except (OSError, ValueError) as e:   # tensorstore reports a full disk as a ValueError
                     raise TrainingError(f'step {done}: could not write a checkpoint to {args.out_dir} '
-                                        f'({e.strerror or e}); the last good checkpoint is '
+                                        f'({getattr(e, "strerror", None) or e}); the last good checkpoint is '
                                         f'{last_good or "none (none saved yet)"}') from None
             if stopping:
                 say(f'{STOP[0] if STOP else "stop"}: saved {last_good} (step {done}); continue with --resume')
@@ -536,7 +538,7 @@ def close_quietly(writer):
     """Close TensorBoard's writer; on a full disk its last events are lost, not the checkpoints."""
     try:
         writer.close()
-    except OSError as e:
+    except Exception as e:   # OSError locally; google.api_core's errors on gs://
         print(f'warning: TensorBoard events not written ({e})', file=sys.stderr)
 
 

@@ -167,7 +167,7 @@ for k in batch:   # ragged lengths, so the token count differs per device
         batch[k][b, rng.integers(2, batch[k].shape[1]):] = 0
 out = []
 for n, accum in ((1, 1), (8, 1), (8, 2)):
-    mesh = jax.make_mesh((n,), ('data',), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:n])
+    mesh = jax.make_mesh((n, 1), ('data', 'fsdp'), axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=jax.devices()[:n])
     fn = jax.jit(T.make_grad_fn(cfg, hcfg, mesh, accum))
     out.append(fn(params, batch, jax.random.PRNGKey(0)))
 for loss, ce, grads in out[1:]:
@@ -207,4 +207,16 @@ def test_checkpoint_that_does_not_match_the_config(tmp_path):
     ckpt = HN.checkpoints(str(tmp_path / 'run'))[-1]
     other = jax.eval_shape(lambda: HN.init_params(CFG, dataclasses.replace(HCFG, adapter_dim=4), jax.random.PRNGKey(0)))
     with pytest.raises(ValueError, match=r"adapter_queries.*shape"):
-        HN.read_params(ckpt, other)
+        HN.read_items(ckpt, {'params': other})
+
+
+def test_hint_trains_in_bfloat16():
+    """As on accelerators: the generated (float32) prefixes must not turn a bfloat16 layer float32."""
+    cfg = dataclasses.replace(CFG, dtype='bfloat16')
+    params = HN.init_params(cfg, HCFG, jax.random.PRNGKey(0))
+    ids = jnp.ones((2, 5), jnp.int32)
+
+    def loss(p):
+        return HN.hint_forward(p, cfg, HCFG, ids, ids, ids).sum()
+    grads = jax.eval_shape(jax.grad(loss), params)   # fails to trace if the layer scan's carry changes dtype
+    assert jax.tree.structure(grads) == jax.tree.structure(params)

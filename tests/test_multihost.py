@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.slow   # several processes, each compiling: deselect wi
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ['--init', 'tiny', '--batch-size', '16', '--adapter-dim', '4', '--prefix-len', '2', '--eval-instances', '24',
-        '--log-every', '1', '--save-every', '100']
+        '--log-every', '1', '--save-every', '2', '--keep-checkpoints', '2']
 
 
 def env(devices):
@@ -36,8 +37,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start(out, cache, steps, process_id=None, port=None):
-    argv = [sys.executable, 'train.py', *ARGS, '--steps', str(steps), '--out-dir', str(out), '--cache-dir', str(cache)]
+def start(out, cache, steps, process_id=None, port=None, *extra):
+    argv = [sys.executable, 'train.py', *ARGS, '--steps', str(steps), '--out-dir', str(out), '--cache-dir', str(cache),
+            *extra]
     if process_id is None:
         return subprocess.Popen(argv, cwd=ROOT, env=env(8), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     argv += ['--coordinator-address', f'127.0.0.1:{port}', '--num-processes', '2', '--process-id', str(process_id)]
@@ -48,11 +50,20 @@ def losses(stdout):
     return [float(x) for x in re.findall(r'^step \d+/\d+ loss ([0-9.]+)', stdout, re.M)]
 
 
-def test_two_processes_match_one_process(tmp_path):
+@pytest.fixture(scope='module')
+def dp_run(tmp_path_factory):
+    """(run folder, stdout) of 4 steps on 1 process x 8 devices, plain data parallelism."""
+    out = tmp_path_factory.mktemp('dp') / 'one'
+    one = start(out, out.parent / 'cache', 4)
+    stdout, err = one.communicate(timeout=600)
+    assert one.returncode == 0, err[-3000:]
+    return out, stdout
+
+
+def test_two_processes_match_one_process(tmp_path, dp_run):
     cache = tmp_path / 'cache'
-    one = start(tmp_path / 'one', cache, 4)
-    out1, err1 = one.communicate(timeout=600)
-    assert one.returncode == 0, err1[-3000:]
+    shutil.copytree(dp_run[0], tmp_path / 'one')
+    out1 = dp_run[1]
     port = free_port()
     procs = [start(tmp_path / 'two', cache, 4, i, port) for i in (0, 1)]
     outs = [p.communicate(timeout=600) for p in procs]
@@ -64,13 +75,51 @@ def test_two_processes_match_one_process(tmp_path):
     print('1 process x 8 devices:', single, '\n2 processes x 4 devices:', multi)
     assert len(single) == len(multi) == 4
     assert max(abs(a - b) for a, b in zip(single, multi)) <= 1e-5
-    a, b = HN.load_run(str(tmp_path / 'one'))[2], HN.load_run(str(tmp_path / 'two'))[2]
-    assert max(float(np.abs(np.asarray(x) - np.asarray(y)).max())
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))) <= 1e-5
+    a, b = HN.load_run(str(tmp_path / 'one'))[2], HN.load_run(str(tmp_path / 'two'))[2]   # onto 1 device
+    assert max_diff(a, b) <= 1e-5
     # evaluation split over the processes and gathered: the same predictions and metrics
     rows = [open(tmp_path / d / 'predictions.jsonl').read() for d in ('one', 'two')]
     assert rows[0] == rows[1] and len(rows[0].splitlines()) == 24
     assert json.load(open(tmp_path / 'one' / 'metrics.json')) == json.load(open(tmp_path / 'two' / 'metrics.json'))
+    # the two runs' checkpoints: written by 1 process and by 2 (each its own shards), read back onto 4
+    # devices in one process, equal to the 1-device reads above
+    for run, params in (('one', a), ('two', b)):
+        assert max_diff(params, restored_on_4_devices(tmp_path / run, cache)) == 0
+    # 2N steps == N steps + kill + --resume + N steps, on 8 devices
+    shutil.copytree(tmp_path / 'one', tmp_path / 'cut')
+    shutil.rmtree(tmp_path / 'cut' / 'ckpt-0000004')   # killed after step 2's checkpoint
+    os.remove(tmp_path / 'cut' / 'metrics.json')
+    resumed = start(tmp_path / 'cut', cache, 4, None, None, '--resume')
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0 and 'resumed from' in out and 'ckpt-0000002' in out, err[-3000:]
+    assert losses(out) == single[2:]
+    assert max_diff(a, HN.load_run(str(tmp_path / 'cut'))[2]) <= 1e-6
+    assert json.load(open(tmp_path / 'cut' / 'metrics.json')) == json.load(open(tmp_path / 'one' / 'metrics.json'))
+
+
+def max_diff(a, b):
+    return max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def restored_on_4_devices(run, cache):
+    """The run's newest parameters and optimizer state as train.py --resume restores them on a 4-device
+    mesh (sharded as that mesh says), gathered into an .npz."""
+    script = f"""
+import numpy as np, jax, train as T
+args = T.fill_defaults(T.Args(init='tiny', adapter_dim=4, prefix_len=2, cache_dir={str(cache)!r}))
+cfg, hcfg, params = T.build_model(args, T.M.load_tokenizer('byte'))
+optimizer, _ = T.make_optimizer(args)
+mesh = jax.make_mesh((4,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+state = jax.device_put({{'params': params, 'opt': optimizer.init(params)}}, jax.NamedSharding(mesh, jax.P()))
+ckpt, meta, state = T.restore({str(run)!r}, state)
+assert len(state['params']['t5']['embed'].sharding.device_set) == 4
+leaves = jax.tree.leaves(state['params'])
+np.savez({str(run / 'p4.npz')!r}, *[np.asarray(x) for x in leaves])
+"""
+    r = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env(4), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with np.load(run / 'p4.npz') as z:
+        return [z[f'arr_{i}'] for i in range(len(z.files))]
 
 
 def test_a_dead_process_ends_the_other(tmp_path):
@@ -89,3 +138,56 @@ def test_a_dead_process_ends_the_other(tmp_path):
     err = procs[0].stderr.read()
     print(f'process 0 exited {waited:.0f} s after process 1 was killed: {err.strip().splitlines()[-1:]}')
     assert procs[0].returncode not in (0, None) and waited < 120, (waited, err[-2000:])
+
+
+def test_fsdp_matches_data_parallelism_resumes_and_restores_elsewhere(tmp_path, dp_run):
+    """--fsdp 8 on 8 devices: every parameter and its Adafactor state split 8 ways, the same losses and
+    parameters as plain data parallelism; resumable; its checkpoint read under --fsdp 4 and on 1 device."""
+    cache = tmp_path / 'cache'
+    run = start(tmp_path / 'fsdp', cache, 4, None, None, '--fsdp', '8')
+    out, err = run.communicate(timeout=600)
+    assert run.returncode == 0, err[-3000:]
+    print('data parallel:', losses(dp_run[1]), '\n--fsdp 8:', losses(out))
+    assert max(abs(a - b) for a, b in zip(losses(dp_run[1]), losses(out))) <= 1e-5 and len(losses(out)) == 4
+    dp, fsdp = HN.load_run(str(dp_run[0]))[2], HN.load_run(str(tmp_path / 'fsdp'))[2]   # onto 1 device
+    assert max_diff(dp, fsdp) <= 1e-5
+    # the checkpoint under --fsdp 4 (a 2 x 4 mesh) and under --fsdp 8: identical; bytes per device
+    shares = {}
+    for n in (4, 8):
+        params, shares[n] = restored_under_fsdp(tmp_path / 'fsdp', cache, n)
+        assert max_diff(fsdp, params) == 0
+    print('per-device share of parameter + optimizer bytes:', shares)
+    assert shares[8] <= 1 / 8 + 0.02 and shares[4] <= 1 / 4 + 0.02
+    # 2N steps == N + kill + --resume + N, under --fsdp 8 (resumed with --remat: the same math)
+    shutil.copytree(tmp_path / 'fsdp', tmp_path / 'cut')
+    shutil.rmtree(tmp_path / 'cut' / 'ckpt-0000004')
+    resumed = start(tmp_path / 'cut', cache, 4, None, None, '--fsdp', '8', '--resume', '--remat')
+    out2, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0 and 'resumed from' in out2, err[-3000:]
+    assert losses(out2) == losses(out)[2:]
+    assert max_diff(fsdp, HN.load_run(str(tmp_path / 'cut'))[2]) <= 1e-6
+
+
+def restored_under_fsdp(run, cache, n):
+    """(parameters, the largest per-device share of parameter + optimizer bytes) of the run's newest
+    checkpoint as train.py --resume --fsdp n reads it on 8 devices."""
+    script = f"""
+import functools, json, numpy as np, jax, train as T
+args = T.fill_defaults(T.Args(init='tiny', adapter_dim=4, prefix_len=2, cache_dir={str(cache)!r}))
+cfg, hcfg, params = T.build_model(args, T.M.load_tokenizer('byte'))
+optimizer, _ = T.make_optimizer(args)
+mesh = jax.make_mesh((8 // {n}, {n}), ('data', 'fsdp'), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+state = {{'params': params, 'opt': optimizer.init(params)}}
+state = jax.device_put(state, jax.tree.map(functools.partial(T.fsdp_sharding, mesh), state))
+ckpt, meta, state = T.restore({str(run)!r}, state)
+leaves = jax.tree.leaves([state['params'], state['opt']])
+total = sum(x.nbytes for x in leaves)
+per_device = max(sum(s.data.nbytes for x in leaves for s in x.addressable_shards if s.device == d)
+                 for d in jax.devices())
+np.savez({str(run / f'p{n}.npz')!r}, *[np.asarray(x) for x in jax.tree.leaves(state['params'])])
+print(json.dumps(per_device / total))
+"""
+    r = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env(8), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with np.load(run / f'p{n}.npz') as z:
+        return [z[f'arr_{i}'] for i in range(len(z.files))], json.loads(r.stdout.strip().splitlines()[-1])

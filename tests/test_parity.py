@@ -24,7 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from model import (load_roberta, load_t5, load_tokenizer, roberta_forward, t5_encode,  # noqa: E402
-                   t5_forward, t5_generate, t5_loss)
+                   shift_right, t5_forward, t5_generate)
 
 TOL = 1e-4
 GEN_LEN = 32
@@ -145,8 +145,11 @@ def test_t5_logits(t5, name):
 
 @pytest.mark.parametrize('name', T5_MODELS)
 def test_t5_loss(t5, name):
+    """The trainer's loss (train.token_losses: cross-entropy summed over non-padding targets), per token."""
+    from train import token_losses
     r = t5(name)
-    ours = float(t5_loss(r['params'], r['cfg'], j(ENC_IDS), j(LABELS)))
+    ce, _ = token_losses(t5_forward(r['params'], r['cfg'], j(ENC_IDS), shift_right(j(LABELS))), j(LABELS))
+    ours = float(ce / (LABELS != 0).sum())
     d = abs(ours - r['loss'])
     record(f'{name}: loss |ours - HF| (ours {ours:.6f}, HF {r["loss"]:.6f})', d)
     assert d <= TOL
@@ -279,6 +282,18 @@ def test_t5_checkpoint_formats(t5, name, tmp_path):
         _, params = load_t5(str(d))
         assert_same_params(params, ref)
         record(f'{name}: {what} == safetensors params', 'exact')
+    # as train.py --fsdp loads it: each weight read from its shard file when needed, put onto its devices
+    from model import LazyWeights, read_hf_weights
+    assert isinstance(read_hf_weights(str(tmp_path / 'sharded')), LazyWeights)
+    placed = []
+
+    def place(shape):
+        placed.append(shape.shape)
+        return jax.sharding.SingleDeviceSharding(jax.devices()[-1])
+    _, params = load_t5(str(tmp_path / 'sharded'), place)
+    assert_same_params(params, ref)
+    assert len(placed) == len(jax.tree.leaves(params))
+    assert all(x.sharding.device_set == {jax.devices()[-1]} for x in jax.tree.leaves(params))
 
 
 # d_ff 2048 -> 1536 hits the FFN's wi; num_heads 8 -> 4 hits q/k/v/o (512 vs 256 wide) or the relative

@@ -69,8 +69,8 @@ def test_flat_loss_with_zero_gradient_warns(tmp_path, monkeypatch, capsys):
     import train as T
     build = T.build_model
 
-    def zero_model(args, tokenizer):   # all-zero weights: a constant loss and an exactly zero gradient
-        cfg, hcfg, params = build(args, tokenizer)
+    def zero_model(args, tokenizer, place=None):   # all-zero weights: a constant loss and an exactly zero gradient
+        cfg, hcfg, params = build(args, tokenizer, place)
         return cfg, hcfg, jax.tree.map(np.zeros_like, params)
     monkeypatch.setattr(T, 'build_model', zero_model)
     monkeypatch.setattr(T, 'FLAT_STEPS', 3)
@@ -82,21 +82,21 @@ def test_flat_loss_with_zero_gradient_warns(tmp_path, monkeypatch, capsys):
 def test_another_runs_checkpoints_are_never_mixed_or_deleted(tmp_path, trained):
     out = tmp_path / 'run'
     shutil.copytree(trained, out)
-    before = {c: open(os.path.join(c, 'meta.json')).read() for c in HN.checkpoints(str(out))}
+    before = {c: HN.read_meta(c) for c in HN.checkpoints(str(out))}
     fails_cleanly(run('train.py', *TINY, '--steps', '2', '--out-dir', out), '--resume', '--overwrite')
-    assert {c: open(os.path.join(c, 'meta.json')).read() for c in HN.checkpoints(str(out))} == before
+    assert {c: HN.read_meta(c) for c in HN.checkpoints(str(out))} == before
     fails_cleanly(run('train.py', *TINY, '--resume', '--overwrite', '--out-dir', out), 'pick one')
     # a second run writing into the same folder (as if started by hand) keeps the other run's checkpoints
     import train as T
-    meta = json.load(open(os.path.join(HN.checkpoints(str(out))[-1], 'meta.json')))
-    state = {'params': params_of(out), 'opt': {}, 'step': 0}
+    meta = HN.read_meta(HN.checkpoints(str(out))[-1])
+    state = {'params': params_of(out), 'opt': {'count': np.zeros((), np.int32)}, 'step': 0}
     for step in (5, 7, 8):
         T.save_checkpoint(str(out), step, state, {**meta, 'run': 'other'}, keep=1)
     with pytest.raises(T.TrainingError, match='belongs to another run'):
         T.save_checkpoint(str(out), 6, state, {**meta, 'run': 'other'}, keep=1)
     names = [os.path.basename(c) for c in HN.checkpoints(str(out))]
     assert names == ['ckpt-0000003', 'ckpt-0000006', 'ckpt-0000008', 'ckpt-0000009', 'ckpt-0000012']
-    assert open(out / 'ckpt-0000006' / 'meta.json').read() == before[str(out / 'ckpt-0000006')]
+    assert HN.read_meta(out / 'ckpt-0000006') == before[str(out / 'ckpt-0000006')]
     # --overwrite starts over; here with the README's Tk-Instruct baseline (plain T5, full input)
     ok(run('train.py', *TINY, '--steps', '1', '--overwrite', '--baseline', 'full-input', '--out-dir', out))
     assert [os.path.basename(c) for c in HN.checkpoints(str(out))] == ['ckpt-0000001']
@@ -109,26 +109,26 @@ def test_kill_leftovers_are_cleared_and_damaged_checkpoints_skipped(tmp_path, tr
     out = tmp_path / 'run'
     shutil.copytree(trained, out)
     ckpt = {i: out / f'ckpt-{i:07d}' for i in (3, 6, 9, 12)}
-    # what a kill -9 can leave: a half-written save, a half-deleted old checkpoint, its renamed remains
-    shutil.copytree(ckpt[12], out / 'ckpt-0000015.tmp')
-    os.makedirs(out / 'ckpt-0000000')
-    shutil.copy(ckpt[3] / 'meta.json', out / 'ckpt-0000000')
-    shutil.copytree(ckpt[3], out / 'ckpt-0000001.del')
+    # what a kill -9 can leave: orbax's temporary folder of a save; a half-deleted old checkpoint
+    shutil.copytree(ckpt[12], out / 'ckpt-0000015.orbax-checkpoint-tmp-1')
+    shutil.copytree(ckpt[3], out / 'ckpt-0000000')
+    os.remove(out / 'ckpt-0000000' / 'commit_success.txt')   # removed first, so never picked
     # and the three newest checkpoints damaged: each given directly is named in an error
-    damage = {12: 'params.safetensors', 9: 'opt_state.msgpack', 6: 'meta.json'}
+    damage = {12: 'params/manifest.ocdbt', 9: 'opt/manifest.ocdbt', 6: 'meta/metadata'}
     for i, name in damage.items():
         with open(ckpt[i] / name, 'r+b') as f:
-            f.truncate(100)
-    for i in (12, 6):   # eval.py reads parameters and meta.json (the optimizer state is train.py's)
-        fails_cleanly(run('eval.py', '--checkpoint', ckpt[i]), f'ckpt-{i:07d}/{damage[i]}')
+            f.truncate(10)
+    item = {i: f'ckpt-{i:07d}/{name.split("/")[0]}' for i, name in damage.items()}   # ckpt-0000012/params
+    for i in (12, 6):   # eval.py reads parameters and meta (the optimizer state is train.py's)
+        fails_cleanly(run('eval.py', '--checkpoint', ckpt[i]), item[i])
     # a run folder falls back to the newest checkpoint that loads, with a warning for each skipped one
     r = ok(run('eval.py', '--checkpoint', out, '--eval-instances', '2', '--out-dir', tmp_path / 'eval'))
-    assert 'skipping' in r.stderr and 'ckpt-0000012/params.safetensors' in r.stderr
+    assert 'skipping' in r.stderr and item[12] in r.stderr
     r = ok(run('train.py', *TRAINED, '--resume', '--out-dir', out))
     assert 'resumed from' in r.stdout and 'ckpt-0000003' in r.stdout
-    for i, name in damage.items():
-        assert f'ckpt-{i:07d}/{name}' in r.stderr
-    for leftover in ('ckpt-0000015.tmp', 'ckpt-0000000', 'ckpt-0000001.del'):
+    for i in damage:
+        assert item[i] in r.stderr
+    for leftover in ('ckpt-0000015.orbax-checkpoint-tmp-1', 'ckpt-0000000'):
         assert not os.path.exists(out / leftover) and leftover in r.stderr
     assert max_diff(params_of(trained), params_of(out)) <= 1e-6   # the same run, from step 3
 
@@ -229,5 +229,5 @@ def test_full_disk_during_a_checkpoint(tmp_path):
     assert r.stderr.count('\n') <= 6, r.stderr   # no traceback from TensorBoard's writer at exit either
     saved = tmp_path / 'saved'
     assert [os.path.basename(c) for c in HN.checkpoints(str(saved))] == ['ckpt-0000002']
-    assert not os.path.exists(saved / 'ckpt-0000004.tmp')
+    assert sorted(os.listdir(saved)) == ['args.json', 'ckpt-0000002', 'tb']   # nothing of the failed save
     HN.load_run(str(saved / 'ckpt-0000002'))

@@ -265,7 +265,7 @@ def test_setup_is_sync_then_pip(fake, repo):
     assert [c[3] for c in r.calls] == ['scp', 'ssh', 'ssh']
     pip = ssh_command(r.calls[2])
     assert '--worker=all' in r.calls[2]
-    assert pip.index('pip install -U "jax[tpu]"') < pip.index('pip install -r requirements.txt')
+    assert pip.index('pip install -U "jax[tpu]"') < pip.index('pip install -r requirements.txt gcsfs')
     assert 'cd "$R"' in pip and 'R=~/hint;' in pip
     assert 'R=/data/my\\ repo;' in ssh_command(fake('setup', script=str(repo / 'tpu.sh'),
                                                     REPO_DIR='/data/my repo').calls[2])

@@ -1,0 +1,119 @@
+"""Padding waste: batches and evaluation cut to bucket lengths give the same results as full padding."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import data
+import eval as E
+import hypernet as HN
+import model as M
+import train as T
+
+CFG = dataclasses.replace(M.PRESETS['tiny'], dropout_rate=0.0)
+HCFG = HN.HyperConfig(adapter_dim=8, prefix_len=4)
+WIDTHS = {'instruction': 96, 'input': 64, 'target': 40}
+
+
+def ragged(n, widths=WIDTHS, seed=0, short=None):
+    """A split-like dict: random ids [n, width] ending in EOS, then padding; lengths below `short` (if
+    given) so that batches can be cut."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for k, w in widths.items():
+        x = rng.integers(3, CFG.vocab_size, (n, w)).astype(np.int32)
+        for row, length in zip(x, rng.integers(1, (short or w) + 1, n)):
+            row[length - 1], row[length:] = M.EOS_ID, M.PAD_ID
+        out[k] = x
+    return out
+
+
+def test_row_lengths_and_buckets():
+    t5 = np.array([[7, 8, M.EOS_ID, 0, 0], [0, 0, 0, 0, 0], [4, 4, 4, 4, M.EOS_ID]])
+    assert data.row_lengths(t5).tolist() == [3, 0, 5]   # EOS (id 1) counts: only the pad id ends a row
+    roberta = np.array([[0, 9, 2, 1, 1], [0, 2, 1, 1, 1]])   # <s> 0 ... </s> 2, then RoBERTa's pad 1
+    assert data.row_lengths(roberta, pad_id=1).tolist() == [3, 2]
+    assert [data.bucket(n, 1024) for n in (0, 1, 16, 17, 100, 513, 1024)] == [16, 16, 16, 32, 128, 1024, 1024]
+    assert data.bucket(40, 32) == 32 and data.bucket(0, 1) == 1   # never above the width, never below 1
+
+
+@pytest.mark.parametrize('hcfg', [HCFG, None], ids=['hint', 'full-input'])
+def test_bucketed_batch_gives_the_loss_and_gradients_of_the_padded_one(hcfg):
+    """train.make_grad_fn on a batch cut by data.batches vs the same rows padded to the full widths."""
+    params = HN.init_params(CFG, hcfg, jax.random.PRNGKey(0))
+    cut = next(data.batches(ragged(32, short=20), 8, seed=0))
+    assert all(cut[k].shape[1] <= 32 < WIDTHS[k] for k in WIDTHS)   # rows of at most 20 tokens: cut
+    padded = {k: np.pad(v, ((0, 0), (0, WIDTHS[k] - v.shape[1]))) for k, v in cut.items()}
+    auto = (jax.sharding.AxisType.Auto,) * 2
+    mesh = jax.make_mesh((1, 1), ('data', 'fsdp'), axis_types=auto, devices=jax.devices()[:1])   # as train.main
+    fn = jax.jit(T.make_grad_fn(CFG, hcfg, mesh, 1))
+    (loss_c, ce_c, g_c), (loss_p, ce_p, g_p) = (fn(params, b, jax.random.PRNGKey(0)) for b in (cut, padded))
+    assert abs(float(loss_c) - float(loss_p)) <= 1e-5 and abs(float(ce_c) - float(ce_p)) <= 1e-5
+    diff = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(g_c), jax.tree.leaves(g_p)))
+    assert diff <= 1e-5, diff
+
+
+@pytest.mark.parametrize('hcfg', [HCFG, None], ids=['hint', 'input-only'])
+def test_bucketed_predictions_equal_unbucketed(hcfg):
+    """eval.task_state + predict_ids (sorted, chunked, cut) give the tokens of one padded t5_generate call."""
+    params = HN.init_params(CFG, hcfg, jax.random.PRNGKey(1))
+    split = ragged(7, seed=1, short=24)
+    instruction, inputs, max_len = split['instruction'][0], split['input'], 10
+    mods = None if hcfg is None else E._encode_task(params, jnp.asarray(instruction), CFG, hcfg)
+    want = np.asarray(M.t5_generate(params['t5'], CFG, jnp.asarray(inputs), max_len, mods))
+    cut = E.task_state(params, CFG, hcfg, instruction)
+    assert hcfg is None or cut['memory']['E'].shape[0] <= 32 < len(instruction)   # the instruction was cut
+    got = E.predict_ids(params, CFG, cut, inputs, max_len, batch_size=4)   # chunks of 4 and 3
+    np.testing.assert_array_equal(got, want)
+
+
+def take(gen, k):
+    return [next(gen) for _ in range(k)]
+
+
+def indices(batches, d):
+    """The rows of d (as indices) that the batches hold, in order: a KeyError if a row lost a token."""
+    where = {tuple(d[k][i].tobytes() for k in data.FIELDS): i for i in range(len(d['input']))}
+    found = []
+    for b in batches:
+        full = [np.pad(b[k], ((0, 0), (0, d[k].shape[1] - b[k].shape[1]))) for k in data.FIELDS]   # [B, L]
+        found += [where[tuple(x[r].tobytes() for x in full)] for r in range(len(full[0]))]
+    return found
+
+
+def test_group_by_length_is_a_pure_function_of_seed_and_step():
+    d = ragged(300, seed=2)
+    grouped = take(data.batches(d, 4, seed=5, group_by_length=True), 100)   # 400 rows: an epoch and a third
+    resumed = take(data.batches(d, 4, seed=5, start_step=60, group_by_length=True), 40)
+    shares = [take(data.batches(d, 4, seed=5, start_step=60, process_index=i, process_count=2,
+                                group_by_length=True), 40) for i in range(2)]
+    for s, whole in enumerate(resumed):
+        for k in data.FIELDS:
+            np.testing.assert_array_equal(grouped[60 + s][k], whole[k])   # restarted at step 60: the same
+            np.testing.assert_array_equal(np.concatenate([shares[0][s][k], shares[1][s][k]]), whole[k])
+    # an epoch is still every row once, in runs of 50 batches (200 rows) that go from long rows to short ones
+    order = indices(grouped[:75], d)
+    assert sorted(order) == list(range(300))
+    total = sum(data.row_lengths(d[k]) for k in data.FIELDS)   # [N]
+    runs = [np.diff(total[order[i:i + 200]]) <= 0 for i in (0, 200, 100)]   # the third straddles both runs
+    assert runs[0].all() and runs[1].all() and not runs[2].all()
+    plain = take(data.batches(d, 4, seed=5), 50)
+    assert not (np.diff(total[indices(plain, d)]) <= 0).all()   # off: the plain permutation
+    width = sum(b[k].shape[1] for b in grouped[:50] for k in data.FIELDS)
+    assert width < sum(b[k].shape[1] for b in plain for k in data.FIELDS)   # less padding in all
+
+
+def test_batch_shapes_are_few_and_never_cut_a_token():
+    widths = {'instruction': 1024, 'input': 1024, 'target': 256}
+    d = ragged(500, widths=widths, seed=3)
+    batches = take(data.batches(d, 2, seed=0), 300)
+    assert len(indices(batches, d)) == 600   # every row found again at full width: only padding was cut
+    buckets = {k: {data.bucket(n, w) for n in range(w + 1)} for k, w in widths.items()}
+    assert [len(b) for b in buckets.values()] == [7, 7, 5]   # 16, 32, ... 1024 and 16 ... 256
+    for b in batches:
+        for k, v in b.items():   # the bucket of the longest row
+            assert v.shape[1] == data.bucket(int(data.row_lengths(v).max()), widths[k])
+            assert v.shape[1] in buckets[k]
+    assert len({tuple(v.shape[1] for v in b.values()) for b in batches}) <= 7 * 7 * 5
