@@ -199,11 +199,7 @@ def init_params(cfg, hcfg, rng, t5_params=None, encoder_params=None, skeleton=Fa
 def checkpoints(run_dir):
     """The run's complete checkpoint folders, oldest first (not what a killed save left behind)."""
     found = epath.Path(run_dir).glob('ckpt-*')
-    return sorted(str(p) for p in found if re.fullmatch(r'ckpt-\d+', p.name) and is_complete(p))
-
-
-def is_complete(ckpt):
-    return (epath.Path(ckpt) / 'commit_success.txt').exists()
+    return sorted(str(p) for p in found if re.fullmatch(r'ckpt-\d+', p.name) and (p / 'commit_success.txt').exists())
 
 
 def is_checkpoint(path):
