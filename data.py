@@ -1,4 +1,4 @@
-"""Data for HINT: a synthetic instruction suite, Super-NaturalInstructions (SNI) and C4, tokenized and cached.
+"""Data for HINT: a synthetic instruction suite, Super-NaturalInstructions (SNI), C4 and P3, tokenized, cached.
 
 Every task yields the same thing (see HINT.md sections 5-6): an `instruction` for the hypernetwork, an `input`
 for the encoder and a `target` for the decoder, as 0-padded int32 arrays with EOS (1) closing each non-empty
@@ -10,6 +10,8 @@ the encoder and leaves a [N, 1] all-padding instruction. `batches` then serves a
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import functools
 import glob
@@ -35,22 +37,28 @@ class DataError(ValueError):
 
 @dataclasses.dataclass
 class DataArgs:
-    task: Literal['synthetic', 'ni', 'c4'] = 'synthetic'
+    task: Literal['synthetic', 'ni', 'c4', 'p3'] = 'synthetic'   # built-in suite, SNI, C4 pretraining, T0's P3
     data_dir: str | None = None
     """ni: a natural-instructions clone (None: cloned once from --ni-source into --cache-dir);
-    c4: a folder of c4-*.json.gz shards (None: streamed from the hub)"""
+    c4: a folder of c4-*.json.gz shards (None: streamed from the hub);
+    p3: a copy of bigscience/P3 (data/<configuration>/<split>-*.parquet; None: its needed files from the hub)"""
     ni_source: str = 'https://github.com/allenai/natural-instructions'   # git URL for --task ni
-    shots: int = 0                   # 0|1|2 positive examples in the instruction
-    format: Literal['hint', 'full-input'] = 'hint'
+    shots: int = 0                   # 0|1|2 positive examples in the instruction (p3: 0-5 demonstrations)
+    format: Literal['hint', 'full-input'] = 'hint'   # hint: instruction apart; full-input: all in the encoder
     max_instances_per_task: int = 100    # the first ones of each task, in file order
     instruction_len: int | None = None   # in tokens; None: task default (see `lengths`)
     input_len: int | None = None         # in tokens; the limit of the whole text in full-input
     target_len: int | None = None        # in tokens
     tokenizer: str = ''              # '' = 'byte' for synthetic, google/t5-base-lm-adapt for ni/c4
-    c4_documents: int = 20000        # at most this many C4 documents are read (and cached)
+    c4_documents: int = 0
+    """0: the C4 train split is streamed (its position saved with each checkpoint); N: its first N documents
+    are read into memory (tests, small runs). The test split holds the first N (0: 1,000) documents"""
     seed: int = 0                    # train split only: the test split never depends on it
     cache_dir: str = '.cache/data'   # tokenized splits, reused while arguments and source files are unchanged
     group_by_length: bool = False    # train batches of similar lengths (runs of 50 batches sorted by length)
+    p3_datasets: tuple[str, ...] = ()
+    """p3: only these datasets (names in data.P3_TRAIN, P3_HELD_OUT); a split none of them is in: all of T0's"""
+    p3_examples_per_dataset: int = 500000   # p3 train: at most this many per dataset, shared by its templates
 
 
 FIELDS = ('instruction', 'input', 'target')   # the arrays of every split and batch
@@ -65,28 +73,31 @@ def lengths(args: DataArgs) -> tuple[int, int, int]:
 
     Defaults: synthetic (bytes) 64 + 72*shots / 32 / 32, which nothing exceeds by construction (phrasing + blank
     line + EOS <= 52 bytes, a demo <= 68, "Input: <8 items>\nOutput:" + EOS = 31, target <= 24);
-    ni 1024 / 1024 / 256 (paper); c4 512 / 512 / 512.
-    In full-input the instruction is [N, 1] padding and the input default is: ni 1024 (the paper's Tk-Instruct
+    ni 1024 / 1024 / 256 (paper); c4 512 / 512 / 512; p3 512 / 1024 / 256 (paper).
+    In full-input the instruction is [N, 1] padding and the input default is: ni and p3 1024 (the paper's
     limit), otherwise instruction + input (so the synthetic baseline sees exactly the same text, untruncated)."""
     li, lx, ly = {'synthetic': (64 + 72 * args.shots, 32, 32), 'ni': (1024, 1024, 256),
-                  'c4': (512, 512, 512)}[args.task]
+                  'c4': (512, 512, 512), 'p3': (512, 1024, 256)}[args.task]
     li, ly = args.instruction_len or li, args.target_len or ly
     if args.format == 'full-input':
-        return 1, args.input_len or (1024 if args.task == 'ni' else li + lx), ly
+        return 1, args.input_len or (1024 if args.task in ('ni', 'p3') else li + lx), ly
     return li, args.input_len or lx, ly
 
 
 def check_args(args: DataArgs):
     """The data flags, checked before anything is read or downloaded."""
-    if args.task not in ('synthetic', 'ni', 'c4') or args.format not in ('hint', 'full-input'):
+    if args.task not in ('synthetic', 'ni', 'c4', 'p3') or args.format not in ('hint', 'full-input'):
         raise DataError(f'unknown --task {args.task!r} or --format {args.format!r}')
-    if args.shots not in (0, 1, 2):
-        raise DataError(f'--shots must be 0, 1 or 2, got {args.shots}')
+    allowed = '0 to 5' if args.task == 'p3' else '0, 1 or 2'
+    if not 0 <= args.shots <= (5 if args.task == 'p3' else 2):
+        raise DataError(f'--shots must be {allowed} for --task {args.task}, got {args.shots}')
+    if args.p3_examples_per_dataset < 1:
+        raise DataError('--p3-examples-per-dataset must be at least 1')
     for name in ('instruction_len', 'input_len', 'target_len'):
         if getattr(args, name) is not None and getattr(args, name) < 2:
             raise DataError(f'--{name.replace("_", "-")} must be at least 2 (one token and EOS)')
-    if args.max_instances_per_task < 1 or args.c4_documents < 1:
-        raise DataError('--max-instances-per-task and --c4-documents must be at least 1')
+    if args.max_instances_per_task < 1 or args.c4_documents < 0:
+        raise DataError('--max-instances-per-task must be at least 1 and --c4-documents at least 0')
 
 
 def check_writable(path: str, flag: str):
@@ -421,27 +432,225 @@ def c4_cut(ids: list[int], seed: int, index: int):
     return ids[:a], ids[a:b], ids[b:]
 
 
+def c4_segments(args: DataArgs, ids: list[int], seed: int, index: int, eos_id: int):
+    """({field: ids}, {field: was cut}): the three segments of a document (len >= 3), each closed by EOS."""
+    s1, s2, s3 = c4_cut(ids, seed, index)
+    if args.format == 'full-input':
+        s1, s2 = [], s1 + s2
+    seqs, flags = {}, {}
+    for key, seg, width in zip(FIELDS, (s1, s2, s3), lengths(args)):
+        seqs[key], flags[key] = seg[:width - 1] + [eos_id] if seg else [], len(seg) > width - 1
+    return seqs, flags
+
+
 def build_c4(args: DataArgs, split: str, tokenizer):
     """Returns token-id rows directly (no re-tokenizing of text); example texts are previews: the decoded
-    first 64 tokens of each (truncated) segment."""
-    li, lx, ly = lengths(args)
+    first 64 tokens of each (truncated) segment. At most --c4-documents documents (0: 1,000)."""
     seed = args.seed if split == 'train' else 0
     rows, skipped = [], {'too_short': 0}
-    for i, text in enumerate(itertools.islice(read_c4(args, split), args.c4_documents)):
+    for i, text in enumerate(itertools.islice(read_c4(args, split), args.c4_documents or 1000)):
         ids = tokenizer.encode(text)
         if len(ids) < 3:
             skipped['too_short'] += 1
             continue
-        s1, s2, s3 = c4_cut(ids, seed, i)
-        if args.format == 'full-input':
-            s1, s2 = [], s1 + s2
-        cut = lambda s, n: s[:n - 1] + [tokenizer.eos_id] if s else []
-        seqs = {'instruction': cut(s1, li), 'input': cut(s2, lx), 'target': cut(s3, ly)}
-        flags = {'instruction': len(s1) > li - 1, 'input': len(s2) > lx - 1, 'target': len(s3) > ly - 1}
+        seqs, flags = c4_segments(args, ids, seed, i, tokenizer.eos_id)
         pv = {k: tokenizer.decode(v[:64]) for k, v in seqs.items()}
         rows.append((dict(task='c4', id=f'c4-{split}-{i}', **pv, references=[pv['target']], category='c4'),
                      seqs, flags))
     return rows, skipped
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. P3 (T0's prompted datasets), laid out as the hub repository bigscience/P3:
+# data/<configuration>/<split>-00000-of-0000N.parquet, one configuration per (dataset, prompt template), named
+# <dataset>[_<subset>]_<template>, columns inputs_pretokenized, targets_pretokenized (+ answer_choices).
+
+# T0's 38 training datasets, named as P3 prefixes its configurations (CommonsenseQA is cos_e v1.11).
+P3_TRAIN = ('adversarial_qa_dbert', 'adversarial_qa_dbidaf', 'adversarial_qa_droberta', 'ag_news',
+            'amazon_polarity', 'app_reviews', 'cnn_dailymail_3.0.0', 'common_gen', 'cos_e_v1.11', 'cosmos_qa',
+            'dbpedia_14', 'dream', 'duorc_ParaphraseRC', 'duorc_SelfRC', 'gigaword', 'glue_mrpc', 'glue_qqp',
+            'imdb', 'kilt_tasks_hotpotqa', 'multi_news', 'paws_labeled_final', 'qasc', 'quail', 'quarel', 'quartz',
+            'quoref', 'ropes', 'rotten_tomatoes', 'samsum', 'sciq', 'social_i_qa', 'trec', 'wiki_bio',
+            'wiki_hop_original', 'wiki_qa', 'wiqa', 'xsum', 'yelp_review_full')
+# T0's held-out datasets: name -> (prefix, suffix) of their configurations; ANLI has one per round.
+P3_HELD_OUT = {'anli_r1': ('anli_', '_r1'), 'anli_r2': ('anli_', '_r2'), 'anli_r3': ('anli_', '_r3'),
+               'super_glue_cb': ('super_glue_cb_', ''), 'super_glue_rte': ('super_glue_rte_', ''),
+               'super_glue_copa': ('super_glue_copa_', ''), 'hellaswag': ('hellaswag_', ''),
+               'story_cloze_2016': ('story_cloze_2016_', ''),
+               'winogrande_winogrande_xl': ('winogrande_winogrande_xl_', ''),
+               'super_glue_wsc.fixed': ('super_glue_wsc.fixed_', ''), 'super_glue_wic': ('super_glue_wic_', '')}
+P3_EVAL_SPLITS = ('validation', 'dev_r1', 'dev_r2', 'dev_r3')   # the held-out split: the first one present
+P3_TRAIN_SPLITS = ('train', 'train_r1', 'train_r2', 'train_r3')   # (ANLI's may be named by round)
+P3_HELP = ("expected bigscience/P3's layout, DIR[/data]/<configuration>/<split>-00000-of-00001.parquet: on a "
+           'machine with network run `huggingface-cli download bigscience/P3 --repo-type dataset '
+           '--local-dir DIR` and pass --data-dir DIR')
+STORY_CLOZE_HELP = (
+    '{root}: no story_cloze_2016_* configuration. StoryCloze is not distributed freely: request the StoryCloze '
+    '2016 CSV files (cloze_test_val__spring2016 and cloze_test_test__spring2016) with the form at '
+    'https://cs.rochester.edu/nlp/rocstories/, build P3\'s story_cloze_2016 configurations from them '
+    '(promptsource) and put them at {root}/story_cloze_2016_<template>/validation-00000-of-00001.parquet; or '
+    'evaluate without StoryCloze: --p3-datasets {others}')
+
+
+def p3_table(args: DataArgs, split: str) -> dict:
+    """{dataset: (prefix, suffix)}: T0's training or held-out datasets, only those in --p3-datasets if any is."""
+    unknown = [d for d in args.p3_datasets if d not in P3_TRAIN and d not in P3_HELD_OUT]
+    if unknown:
+        raise DataError(f'--p3-datasets: unknown {unknown}; known: {", ".join(P3_TRAIN + tuple(P3_HELD_OUT))}')
+    table = {d: (d + '_', '') for d in P3_TRAIN} if split == 'train' else P3_HELD_OUT
+    named = {d: v for d, v in table.items() if d in args.p3_datasets}
+    return named or table
+
+
+def p3_split_files(folder: str, names) -> list[str]:
+    """The parquet files of the first split in `names` that a configuration's folder has ([] if none)."""
+    for name in names:
+        files = sorted(glob.glob(os.path.join(folder, f'{name}-*.parquet')))
+        if files:
+            return files
+    return []
+
+
+def p3_configs(args: DataArgs, split: str) -> list[tuple[str, str, list[str], list[str]]]:
+    """[(dataset, configuration, files of the split, train files)] of the selected datasets, sorted. A
+    configuration belongs to the dataset with the longest matching prefix; _score_eval ones are not used."""
+    root = os.path.join(args.data_dir, 'data')   # the configurations' folders, under data/ or at the top
+    root = root if os.path.isdir(root) else args.data_dir
+    if not os.path.isdir(root):
+        raise DataError(f'--data-dir {args.data_dir}: not a folder; {P3_HELP}')
+    table, found = p3_table(args, split), []
+    for config in sorted(os.listdir(root)):
+        matches = [(len(p), d) for d, (p, s) in table.items() if config.startswith(p) and config.endswith(s)]
+        if not matches or config.endswith('_score_eval'):
+            continue
+        folder, names = os.path.join(root, config), P3_TRAIN_SPLITS if split == 'train' else P3_EVAL_SPLITS
+        files = p3_split_files(folder, names)
+        if not files:
+            raise DataError(f'{folder}: configuration {config} has no {" or ".join(names)}-*.parquet files')
+        found.append((max(matches)[1], config, files, p3_split_files(folder, P3_TRAIN_SPLITS)))
+    missing = [d for d in table if d not in {f[0] for f in found}]
+    if 'story_cloze_2016' in missing:
+        others = ' '.join(d for d in table if d != 'story_cloze_2016')
+        raise DataError(STORY_CLOZE_HELP.format(root=root, others=others))
+    if missing:
+        raise DataError(f'{root}: no configuration of dataset {missing[0]} (folders {"*".join(table[missing[0]])}'
+                        f'); {P3_HELP}')
+    return found
+
+
+def fetch_p3(args: DataArgs) -> str:
+    """Only the files the selected datasets need (training: train splits; held-out: evaluation splits, and
+    train splits for demonstrations), downloaded once into the Hugging Face cache; returns the local copy."""
+    patterns = []
+    for split in ('train', 'test'):
+        names = P3_TRAIN_SPLITS if split == 'train' else P3_EVAL_SPLITS + P3_TRAIN_SPLITS * (args.shots > 0)
+        patterns += [f'{top}{p}*{s}/{n}-*.parquet' for p, s in p3_table(args, split).values() for n in names
+                     for top in ('data/', '')]
+    print('data: no --data-dir; fetching the files needed from bigscience/P3 (once)', file=sys.stderr)
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(repo_id='bigscience/P3', repo_type='dataset', allow_patterns=patterns)
+    except Exception as e:   # no network, hub errors: one line saying what to do
+        raise DataError(f'could not download bigscience/P3 ({type(e).__name__}: {e}); {P3_HELP}') from None
+
+
+def read_p3(files: list[str], columns: list[str], limit: int | None = None) -> dict:
+    """{column: values} of the first `limit` rows (None: all) of a configuration's parquet files."""
+    import pyarrow.parquet as pq
+    out = {c: [] for c in columns}
+    for path in files:
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as e:   # pyarrow's ArrowInvalid for a file that is not parquet
+            raise DataError(f'{path}: cannot read it as parquet ({e})') from None
+        missing = [c for c in columns if c not in pf.schema_arrow.names]
+        if missing:
+            raise DataError(f'{path}: missing field {missing[0]!r} (columns: {pf.schema_arrow.names})')
+        for batch in pf.iter_batches(batch_size=4096, columns=columns):
+            for c in columns:
+                out[c] += batch.column(c).to_pylist()
+            if limit is not None and len(out[columns[0]]) >= limit:
+                return {c: v[:limit] for c, v in out.items()}
+    return out
+
+
+def p3_demos(pool: dict, i: int, own: bool, k: int, seed: str, room: int, tokenizer, ntok: dict) -> str:
+    """Up to k demonstrations "<prompted input>\\n<target>\\n\\n" of pool rows drawn with `seed` (not row i
+    when the pool is the row's own split), added while their tokens fit `room`."""
+    inputs, targets = pool['inputs_pretokenized'], pool['targets_pretokenized']
+    picks = random.Random(seed).sample(range(len(inputs)), min(k + 1, len(inputs)))
+    demos = ''
+    for j in [j for j in picks if not (own and j == i)][:k]:
+        demo = f'{inputs[j]}\n{targets[j]}\n\n'
+        if demo not in ntok:   # a row is the demonstration of many others: counted once
+            ntok[demo] = len(tokenizer.encode(demo))
+        if ntok[demo] > room:
+            break
+        demos, room = demos + demo, room - ntok[demo]
+    return demos
+
+
+def build_p3(args: DataArgs, split: str, tokenizer):
+    """P3's prompted input goes to the hypernetwork AND to the encoder (the prompt wraps the instance).
+    train: each configuration's first p3_examples_per_dataset // (its dataset's number of templates) rows
+    (T0's mixture: at most 500,000 examples per dataset, shared by its templates). test: the held-out
+    evaluation split, whole, with 'choices' (answer_choices) and 'answer' (the target's index among them).
+    --shots k (p3_demos) go before the prompted input: in the instruction (format hint) or in the encoder's
+    input (full-input, instruction empty)."""
+    import pyarrow.parquet as pq
+    configs = p3_configs(args, split)
+    templates = collections.Counter(dataset for dataset, *_ in configs)
+    li, lx, _ = lengths(args)
+    limit = lx if args.format == 'full-input' else li
+    seed = args.seed if split == 'train' else 0
+    rows, skipped, ntok = [], {'templates_without_answer_choices': []}, {}
+    for dataset, config, files, train_files in configs:
+        columns = ['inputs_pretokenized', 'targets_pretokenized']
+        if split == 'test' and 'answer_choices' not in pq.read_schema(files[0]).names:
+            skipped['templates_without_answer_choices'].append(config)   # a generation template: not ranked
+            continue
+        cap = args.p3_examples_per_dataset // templates[dataset] if split == 'train' else None
+        table = read_p3(files, columns + ['answer_choices'] * (split == 'test'), cap)
+        # demonstrations: from the configuration's train split (training: its kept rows), else its own split
+        own = split == 'train' or not train_files
+        pool = table if own or not args.shots else read_p3(train_files, columns, args.p3_examples_per_dataset)
+        for i, (prompt, target) in enumerate(zip(table['inputs_pretokenized'], table['targets_pretokenized'])):
+            where = f'{files[0]}: configuration {config} row {i}'
+            if not (isinstance(prompt, str) and isinstance(target, str)):
+                raise DataError(f'{where}: fields {columns} must be strings, got {prompt!r}, {target!r}')
+            demos = ''
+            if args.shots:   # the room the prompted input and EOS leave
+                room = limit - 1 - len(tokenizer.encode(prompt))
+                demos = p3_demos(pool, i, own, args.shots, f'{seed}:{config}:{i}', room, tokenizer, ntok)
+            row = dict(task=config, id=f'{config}-{i}', instruction=demos + prompt, input=prompt, target=target,
+                       references=[target], category=dataset)
+            if args.format == 'full-input':
+                row['instruction'], row['input'] = '', demos + prompt
+            if split == 'test':
+                choices = table['answer_choices'][i]
+                if not choices or not all(isinstance(c, str) for c in choices):
+                    raise DataError(f'{where}: field \'answer_choices\' must be a non-empty list of strings, '
+                                    f'got {choices!r}')
+                stripped = [c.strip() for c in choices]
+                if target.strip() not in stripped:
+                    raise DataError(f'{where}: field \'targets_pretokenized\' {target!r} is not one of '
+                                    f'\'answer_choices\' {choices}')
+                row.update(choices=list(choices), answer=stripped.index(target.strip()))
+                row['target'] = row['references'][0] = choices[row['answer']]
+            rows.append(row)
+    return rows, skipped
+
+
+def p3_choice_arrays(examples: list[dict], tokenizer, width: int) -> dict:
+    """'choices' [N, C, Lc] int32: every example's answer choices (C the most any has; absent ones all padding;
+    Lc the bucket of the longest, at most `width`), and 'answer' [N] int32, the correct one's index."""
+    ids = [[encode(tokenizer, c, width)[0] or [tokenizer.eos_id] for c in ex['choices']] for ex in examples]
+    longest = max(len(x) for row in ids for x in row)
+    out = np.zeros([len(ids), max(len(row) for row in ids), bucket(longest, width)], np.int32)
+    for n, row in enumerate(ids):
+        for c, x in enumerate(row):
+            out[n, c, :len(x)] = x
+    return {'choices': out, 'answer': np.array([ex['answer'] for ex in examples], np.int32)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -481,6 +690,8 @@ def source_files(args: DataArgs, split: str) -> list[str]:
     if args.task == 'ni':
         split_file, tasks = ni_task_files(args.data_dir, split)
         return [split_file] + [p for _, p in tasks]
+    if args.task == 'p3':   # held-out demonstrations come from the train files
+        return [f for _, _, files, train in p3_configs(args, split) for f in files + train * (split == 'test')]
     return c4_files(args, split) if args.task == 'c4' else []
 
 
@@ -497,6 +708,8 @@ def cache_path(args: DataArgs, split: str, tokenizer, files: list[str]) -> str:
         key['max_instances_per_task'] = args.max_instances_per_task
     if args.task == 'c4':
         key.update(c4_documents=args.c4_documents, source=args.data_dir and os.path.abspath(args.data_dir))
+    if args.task == 'p3':
+        key['p3_examples_per_dataset'] = args.p3_examples_per_dataset
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     return os.path.join(args.cache_dir, f'{args.task}-{split}-{digest}.npz')
 
@@ -505,14 +718,15 @@ def save_cache(path: str, data: dict):
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     meta = json.dumps({k: data[k] for k in ('examples', 'skipped', 'truncated')}, ensure_ascii=False)
     tmp = f'{path}.{os.getpid()}.tmp.npz'   # write then rename: concurrent processes never see half a file
+    choices = {k: data[k] for k in ('choices', 'answer') if k in data}   # p3's test split
     np.savez_compressed(tmp, instruction=data['instruction'], input=data['input'], target=data['target'],
-                        meta=np.frombuffer(meta.encode('utf-8'), np.uint8))
+                        meta=np.frombuffer(meta.encode('utf-8'), np.uint8), **choices)
     os.replace(tmp, path)
 
 
 def load_cache(path: str) -> dict:
     with np.load(path) as z:
-        data = {k: z[k].astype(np.int32) for k in FIELDS}
+        data = {k: z[k].astype(np.int32) for k in FIELDS + ('choices', 'answer') if k in z.files}
         data.update(json.loads(z['meta'].tobytes().decode('utf-8')))
     return data
 
@@ -523,8 +737,8 @@ def load_split(args: DataArgs, split: str, tokenizer) -> dict:
     if split not in ('train', 'test'):
         raise DataError(f'split must be train or test, got {split!r}')
     check_args(args)
-    if args.task == 'ni' and not args.data_dir:
-        args.data_dir = fetch_ni(args)
+    if args.task in ('ni', 'p3') and not args.data_dir:
+        args.data_dir = fetch_ni(args) if args.task == 'ni' else fetch_p3(args)
     path = cache_path(args, split, tokenizer, source_files(args, split))
     if os.path.exists(path):
         data, how = load_cache(path), f'cached {path}'
@@ -532,7 +746,8 @@ def load_split(args: DataArgs, split: str, tokenizer) -> dict:
         if args.task == 'c4':
             rows, skipped = build_c4(args, split, tokenizer)
         else:
-            build = build_synthetic if args.task == 'synthetic' else functools.partial(build_ni, tokenizer=tokenizer)
+            build = {'synthetic': build_synthetic, 'ni': functools.partial(build_ni, tokenizer=tokenizer),
+                     'p3': functools.partial(build_p3, tokenizer=tokenizer)}[args.task]
             texts, skipped = build(args, split)
             if args.format == 'full-input' and args.task == 'synthetic':
                 for ex in texts:
@@ -542,6 +757,8 @@ def load_split(args: DataArgs, split: str, tokenizer) -> dict:
         if not data['examples']:
             where = ', '.join(source_files(args, split)[:1]) or args.task
             raise DataError(f'{where}: no {split} instances (skipped: {skipped})')
+        if args.task == 'p3' and split == 'test':   # rank classification's answer choices
+            data.update(p3_choice_arrays(data['examples'], tokenizer, lengths(args)[2]))
         save_cache(path, data)
     data['lengths'] = np.stack([row_lengths(data[k], tokenizer.pad_id) for k in FIELDS], 1)   # [N, 3]
     print(f'data: {args.task}/{split} ({args.format}, {args.shots} shots): {len(data["examples"])} instances from '
@@ -591,6 +808,74 @@ def batches(data: dict, batch_size: int, seed: int, start_step: int = 0, process
         yield {k: data[k][mine, :w] for k, w in zip(FIELDS, widths)}
 
 
+def c4_stream(args: DataArgs, tokenizer, batch_size: int, process_index: int = 0, process_count: int = 1,
+              state: dict | None = None):
+    """Yields (batch, state) without end: this host's share (batch_size // process_count rows) of the C4 train
+    documents, tokenized and cut as they are read (never all in memory), padded to the fixed widths of
+    `lengths`: every host has the same shapes without asking the others (and in a batch of 1024 documents cut
+    at random points some segment nearly always reaches its cap, so buckets would save little). `state` resumes
+    right after that batch's last document. Each host reads its own shards (split_dataset_by_node) in file
+    order, unshuffled: C4's documents are already in random order, and a shuffle buffer's content would not
+    survive a resume. Document n (counted over passes) of host h is cut with seed (seed, n * hosts + h)."""
+    import datasets
+    from datasets.distributed import split_dataset_by_node
+    files = c4_files(args, 'train')
+    where = files[0] + ', ...' if files else 'allenai/c4 (en) on the Hugging Face hub'
+    try:
+        if files:
+            ds = datasets.load_dataset('json', data_files=files, split='train', streaming=True)
+        else:
+            ds = datasets.load_dataset('allenai/c4', 'en', split='train', streaming=True)
+    except Exception as e:   # no network, no such dataset: one line, not a traceback
+        raise DataError(f'could not stream {where} ({type(e).__name__}: {e}); pass --data-dir with '
+                        'c4-*.json.gz shards') from None
+    ds = split_dataset_by_node(ds, rank=process_index, world_size=process_count)
+    n, empty = 0, 0
+    if state:   # the epoch first: load_state_dict only applies to an iteration of the same epoch
+        ds.set_epoch(state['dataset']['epoch'])
+        ds.load_state_dict(state['dataset'])
+        n = state['documents']
+    share, widths, row = batch_size // process_count, lengths(args), 0
+    while True:
+        used = False   # whether this pass gave any document
+        try:
+            for doc in ds:
+                ids, n = tokenizer.encode(doc['text']), n + 1
+                if len(ids) < 3:   # too short for three segments, as build_c4 skips it
+                    continue
+                seqs, _ = c4_segments(args, ids, args.seed, (n - 1) * process_count + process_index,
+                                      tokenizer.eos_id)
+                if row == 0:
+                    batch = [np.full([share, w], tokenizer.pad_id, np.int32) for w in widths]
+                for arr, v in zip(batch, seqs.values()):
+                    arr[row, :len(v)] = v
+                row, used = (row + 1) % share, True
+                if row == 0:
+                    yield dict(zip(FIELDS, batch)), {'dataset': ds.state_dict(), 'documents': n}
+        except Exception as e:   # a damaged shard
+            raise DataError(f'reading {where}: {type(e).__name__}: {e}') from None
+        empty = 0 if used else empty + 1
+        if empty == 2:
+            raise DataError(f'{where}: no document of 3 tokens or more for host {process_index}')
+        ds.set_epoch(ds.epoch + 1)   # the next pass, from the start of this host's shards
+
+
+def prefetch(iterator, size: int = 2):
+    """Yields what `iterator` yields, made by a background thread at most `size` items ahead, so the next
+    batch is read and tokenized while the device runs. The iterator's exception is raised here."""
+    pool, end = concurrent.futures.ThreadPoolExecutor(1), object()   # one thread: items stay in order
+    ahead = collections.deque(pool.submit(next, iterator, end) for _ in range(size))
+    try:
+        while True:
+            item = ahead.popleft().result()
+            if item is end:
+                return
+            ahead.append(pool.submit(next, iterator, end))
+            yield item
+    finally:   # the consumer is done: items asked for and not started are dropped
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 # ----------------------------------------------------------------------------------------------
 
 
@@ -603,8 +888,8 @@ class ShowArgs(DataArgs):
 def main(args: ShowArgs):
     from model import load_tokenizer
     check_args(args)
-    if args.task == 'ni' and not args.data_dir:
-        args.data_dir = fetch_ni(args)
+    if args.task in ('ni', 'p3') and not args.data_dir:
+        args.data_dir = fetch_ni(args) if args.task == 'ni' else fetch_p3(args)
     source_files(args, args.split)   # bad --data-dir is reported before a (possibly slow) tokenizer download
     data = load_split(args, args.split, load_tokenizer(tokenizer_name(args)))
     for ex in data['examples'][:args.show]:

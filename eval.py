@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import os
 import string
@@ -220,8 +221,89 @@ def gather(preds):
     return merged
 
 
+# ----------------------------------------------------------------------------------------------
+# Rank classification (P3 / T0's held-out evaluation): every answer choice is scored by the summed
+# log-likelihood of its tokens (EOS included); the prediction is the best one (ties: the first).
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def choice_scores(params, cfg, hcfg, instruction, inputs, choices):
+    """[B, C] summed log-probabilities of choices [B, C, Lc] (0-padded; an all-padding choice is absent:
+    -inf). Each instance's task state (instruction [B, Li]) and encoder output (inputs [B, Lx]) are computed
+    once and shared by its C choices."""
+    B, C, Lc = choices.shape
+    mods = None if hcfg is None else HN.encode_task(params, cfg, hcfg, instruction)
+    enc = M.t5_encode(params['t5'], cfg, inputs, mods)
+    kv = M.cross_kv(params['t5'], cfg, enc, inputs != M.PAD_ID, mods)
+    # every input's keys/values C times in a row: keys and values [Ld, B, S, H, K] on axis 1, biases on axis 0
+    kv = jax.tree.map(lambda x: jnp.repeat(x, C, axis=1 if x.ndim == 5 else 0), kv)
+    rows = None if mods is None else HN.select_task(mods, jnp.repeat(jnp.arange(B), C))   # state of row b*C+c
+    flat = choices.reshape(B * C, Lc)
+    logits = M.t5_decode(params['t5'], cfg, M.shift_right(flat), kv, rows)                 # [B*C, Lc, V]
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), flat[..., None], -1)[..., 0]
+    total = jnp.sum(logp * (flat != M.PAD_ID), -1).reshape(B, C)
+    return jnp.where(jnp.any(choices != M.PAD_ID, -1), total, -jnp.inf)
+
+
+def rank_classify(params, cfg, hcfg, split, batch_size=64):
+    """Choice scores [N, C] (float32) for a load_split() result with 'choices', in chunks of about
+    batch_size decoder rows sorted by input length, each cut to its used widths (rounded up to a data.bucket).
+    In a multi-host run each process scores every process_count-th chunk and the scores are gathered."""
+    choices, n, width, lens = split['choices'], len(split['input']), data.bucket, split['lengths']   # [N, 3]
+    clen = data.row_lengths(choices.reshape(-1, choices.shape[2])).reshape(n, -1).max(1)       # [N]
+    per = max(1, batch_size // choices.shape[1])   # instances per chunk
+    order = np.argsort(lens[:, 1], kind='stable')
+    chunks = [order[i:i + per] for i in range(0, n, per)][jax.process_index()::jax.process_count()]
+    if jax.process_count() > 1:   # this host's own copy of the parameters (gathered, where sharded)
+        from jax.experimental import multihost_utils
+        params = multihost_utils.process_allgather(params, tiled=True)
+    scores = [None] * n
+    for idx in chunks:
+        # rows padded to a power of two with copies of its own rows: few shapes to compile
+        take = np.resize(idx, 1 << (len(idx) - 1).bit_length())
+        wi = width(int(lens[idx, 0].max()), split['instruction'].shape[1])
+        wx = width(int(lens[idx, 1].max()), split['input'].shape[1])
+        wc = width(int(clen[idx].max()), choices.shape[2])
+        out = choice_scores(params, cfg, hcfg, jnp.asarray(split['instruction'][take, :wi]),
+                            jnp.asarray(split['input'][take, :wx]), jnp.asarray(choices[take, :, :wc]))
+        for i, row in zip(idx, np.asarray(out)[:len(idx)].tolist()):
+            scores[i] = row
+    return np.array(gather(scores), np.float32)
+
+
+def p3_metrics(rows: list[dict]) -> dict:
+    """rows: {task (template), category (dataset), correct} -> accuracy x100 per template; per dataset the
+    median and the mean over its templates; overall the average over datasets of the medians (as T0 and HINT
+    report) and of the means."""
+    per_template = collections.defaultdict(list)
+    dataset_of = {}
+    for r in rows:
+        per_template[r['task']].append(float(r['correct']))
+        dataset_of[r['task']] = r['category']
+    accuracy = {t: 100.0 * float(np.mean(v)) for t, v in sorted(per_template.items())}
+    per_dataset = {}
+    for d in sorted(set(dataset_of.values())):
+        accs = [a for t, a in accuracy.items() if dataset_of[t] == d]
+        per_dataset[d] = {'median': np.median(accs), 'mean': np.mean(accs), 'templates': len(accs)}
+    overall = {f'accuracy_{k}': round(float(np.mean([v[k] for v in per_dataset.values()])), 4)
+               for k in ('median', 'mean')}
+    for v in per_dataset.values():   # rounded for the report only, after averaging
+        v['median'], v['mean'] = round(float(v['median']), 4), round(float(v['mean']), 4)
+    return {'overall': overall, 'count': len(rows), 'per_dataset': per_dataset,
+            'per_template': {t: round(a, 4) for t, a in accuracy.items()}}
+
+
 def evaluate(params, cfg, hcfg, split, tokenizer, batch_size=64):
-    """(metrics, prediction rows) for a load_split() result."""
+    """(metrics, prediction rows) for a load_split() result: rank classification where it has 'choices'
+    (p3), else greedy decoding."""
+    if 'choices' in split:
+        scores = rank_classify(params, cfg, hcfg, split, batch_size)
+        best = np.argmax(scores, 1)   # the first of equal maxima
+        rows = [{'id': ex['id'], 'task': ex['task'], 'category': ex['category'], 'prediction': ex['choices'][b],
+                 'references': ex['references'], 'correct': bool(b == a),
+                 'scores': s[:len(ex['choices'])].tolist()}
+                for ex, b, a, s in zip(split['examples'], best, split['answer'], scores)]
+        return p3_metrics(rows), rows
     preds = predict(params, cfg, hcfg, split, tokenizer, batch_size)
     rows = [{'id': ex['id'], 'task': ex['task'], 'category': ex.get('category', ''), 'prediction': p,
              'references': ex['references']} for ex, p in zip(split['examples'], preds)]
@@ -251,6 +333,9 @@ class EvalArgs(data.DataArgs):
                                     # inputs from stdin, one per line
     task_state: str = ''            # one-off mode: a saved task state (.safetensors) instead of --instruction
     save_task_state: str = ''       # one-off mode: also save the instruction's task state here
+    merge_into: str = ''
+    """with --instruction, for a LoRA-only run (--lora-rank R, no adapters, prefixes or fusion): write
+    that task's LoRA merged into plain T5 weights here, as a transformers folder, and exit"""
 
 
 def one_off(args, cfg, hcfg, params, tokenizer, lines, itok=None):
@@ -274,8 +359,33 @@ def one_off(args, cfg, hcfg, params, tokenizer, lines, itok=None):
     return [tokenizer.decode(row) for row in predict_ids(params, cfg, mods, inputs, ly, args.batch_size)]
 
 
+def merge_into(args):
+    """--merge-into DIR: one task's generated LoRA folded into the run's T5 weights, written as a
+    transformers checkpoint (with spiece.model when the run has one): plain T5 code then serves the task."""
+    import shutil
+    if not args.instruction:
+        raise data.DataError('--merge-into needs --instruction: the task whose LoRA to merge')
+    for ckpt in HN.newest_first(args.checkpoint)[:1]:   # its config, checked before any weights are read
+        h = HN.read_meta(ckpt)['hyper_config'] or {}
+        if not h.get('lora_rank') or h['adapters'] or h['prefixes'] or h['fusion']:
+            raise data.DataError(f'--merge-into: {args.checkpoint} is not a LoRA-only run: only a run '
+                                 'trained with --lora-rank R --no-adapters --no-prefixes --no-fusion merges')
+    cfg, hcfg, params, meta = HN.load_run(args.checkpoint)
+    tokenizer = M.load_tokenizer(meta['tokenizer'])
+    itok = instruction_tokenizer(hcfg, meta['args'])
+    tok, li = M.load_tokenizer(itok) if itok else tokenizer, data.lengths(args)[0]
+    ids = data.encode(tok, data.instruction_text(args.task, args.instruction), li)[0]   # as one_off does
+    state = task_state(params, cfg, hcfg, np.array(ids + [tok.pad_id] * (li - len(ids)), np.int32))
+    M.save_t5(HN.merge_lora(params['t5'], state), cfg, args.merge_into)
+    if isinstance(tokenizer, M.SentencePieceTokenizer):
+        shutil.copy(tokenizer.name, os.path.join(args.merge_into, 'spiece.model'))
+    print(f'{args.merge_into}: T5 with the task\'s LoRA merged in (transformers T5ForConditionalGeneration)')
+
+
 def main(args: EvalArgs):
     data.check_args(args)
+    if args.merge_into:
+        return merge_into(args)
     one_off_mode = args.instruction is not None or args.task_state
     if args.task_state and not os.path.isfile(args.task_state):
         raise FileNotFoundError(f'--task-state {args.task_state}: no such file')
@@ -319,6 +429,7 @@ def cli(argv=None):
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise data.DataError(f'{saved_path}: not valid JSON ({e})') from None
             names = {f.name for f in dataclasses.fields(data.DataArgs)} - {'cache_dir'}
+            saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}   # JSON has no tuples
             default = EvalArgs(**{k: v for k, v in saved.items() if k in names})
     args = tyro.cli(EvalArgs, default=default, args=argv)
     if not args.checkpoint:

@@ -3,8 +3,9 @@
 Two steps, so that an instruction is read once per task:
     state  = encode_task(params, hcfg, instruction_ids)          # per task (or per instance in training)
     logits = model.t5_forward(params['t5'], cfg, input_ids, dec_ids, mods=state)
-The task state holds the generated adapters and prefixes in the T5 stacks' layout (a leading layer
-axis, scanned with the layer weights) and the encoded instruction for fusion. With a batch axis
+The task state holds the generated adapters and prefixes (and, with lora_rank, a LoRA on attention q
+and v) in the T5 stacks' layout (a leading layer axis, scanned with the layer weights) and the
+encoded instruction for fusion. With a batch axis
 it is one state per instance; `select_task(state, i)` drops that axis, and the model then shares
 one state across a whole batch without copying it.
 
@@ -41,6 +42,7 @@ class HyperConfig:
     prefix_attention: str = 'joint'   # joint: one softmax with the layer's keys (paper); separate
     instruction_encoder: str = 'shared'   # shared (the T5 encoder itself) | t5 (a separate copy) | roberta
     roberta: M.RobertaConfig | None = None
+    lora_rank: int = 0             # R: a generated LoRA on every attention's q and v (beyond the paper)
 
 
 def dense_init(rng, n_in, n_out):
@@ -68,6 +70,11 @@ def init_hyper(cfg: M.T5Config, hcfg: HyperConfig, rng, t5_params=None, encoder_
         h['encoder'] = encoder_params
         if hcfg.roberta.hidden_size != D:
             h['proj'] = dense_init(next(keys), hcfg.roberta.hidden_size, D)
+    if hcfg.lora_rank:  # rows: R for A_q, R for B_q, R for A_v, R for B_v, for every attention block
+        h['lora_queries'] = jax.random.normal(next(keys), (Le + 2 * Ld, 4 * hcfg.lora_rank, D)) * D ** -0.5
+        # B's generator is random like the others, not zero as LoRA's B: Adafactor's steps are relative
+        # to a weight's RMS, and would leave a zero weight near zero for thousands of steps
+        h.setdefault('gen', {}).update({'lora_a': mlp(D), 'lora_b': mlp(HK)})
     return h
 
 
@@ -98,7 +105,7 @@ def encode_task(params, cfg: M.T5Config, hcfg: HyperConfig, instruction_ids, rng
     state = {'encoder': {}, 'decoder': {}, 'memory': {'E': E, 'mask': mask} if hcfg.fusion else None}
 
     # Pooling: one multi-head attention, queries = the learned slot rows, keys/values = E.
-    tables = [hyper[n] for n in ('adapter_queries', 'prefix_queries') if n in hyper]
+    tables = [hyper[n] for n in ('adapter_queries', 'prefix_queries', 'lora_queries') if n in hyper]
     if not tables:
         return state
     Z = jnp.concatenate([t.reshape(-1, D) for t in tables])                       # [Q, D]
@@ -120,7 +127,8 @@ def encode_task(params, cfg: M.T5Config, hcfg: HyperConfig, instruction_ids, rng
         state['encoder']['adapter'] = jax.tree.map(lambda x: x[:Le], ad)
         state['decoder']['adapter'] = jax.tree.map(lambda x: x[Le:], ad)
     if 'prefix_queries' in hyper:
-        P = G.reshape(B, Le + 2 * Ld, 2 * p, D)
+        n = hyper['prefix_queries'].size // D
+        P, G = G[:, :n].reshape(B, Le + 2 * Ld, 2 * p, D), G[:, n:]
         pre = {'k': gen('prefix_k', P[:, :, :p]).reshape(B, -1, p, H, K),         # [B, S, p, H, K]
                'v': gen('prefix_v', P[:, :, p:]).reshape(B, -1, p, H, K)}
         pre = jax.tree.map(layer_major, pre)
@@ -129,23 +137,46 @@ def encode_task(params, cfg: M.T5Config, hcfg: HyperConfig, instruction_ids, rng
         state['encoder']['prefix' + how] = jax.tree.map(lambda x: x[:Le], pre)
         state['decoder']['self_prefix' + how] = jax.tree.map(lambda x: x[Le::2], pre)   # slot Le + 2j
         state['decoder']['cross_prefix' + how] = jax.tree.map(lambda x: x[Le + 1::2], pre)  # slot Le + 2j + 1
+    if 'lora_queries' in hyper:  # a generated LoRA on q and v, (h A) B added to h W (beyond the paper)
+        R = hcfg.lora_rank
+        Y = G.reshape(B, Le + 2 * Ld, 4 * R, D)                                       # [B, S, 4R, D]
+        lo = {'q_a': jnp.swapaxes(gen('lora_a', Y[:, :, :R]), -1, -2),               # [B, S, D, R]
+              'q_b': gen('lora_b', Y[:, :, R:2 * R]),                                 # [B, S, R, HK]
+              'v_a': jnp.swapaxes(gen('lora_a', Y[:, :, 2 * R:3 * R]), -1, -2),
+              'v_b': gen('lora_b', Y[:, :, 3 * R:])}
+        lo = jax.tree.map(layer_major, lo)
+        state['encoder']['lora'] = jax.tree.map(lambda x: x[:Le], lo)
+        state['decoder']['self_lora'] = jax.tree.map(lambda x: x[Le::2], lo)
+        state['decoder']['cross_lora'] = jax.tree.map(lambda x: x[Le + 1::2], lo)
     return state
 
 
 def select_task(state, i):
-    """Row i of a batched task state, without the batch axis (shared by a whole batch)."""
+    """Row i of a batched task state, without the batch axis (shared by a whole batch); rows i [B]
+    give a state batched over them."""
     return {'encoder': jax.tree.map(lambda x: x[:, i], state['encoder']),
             'decoder': jax.tree.map(lambda x: x[:, i], state['decoder']),
             'memory': jax.tree.map(lambda x: x[i], state['memory'])}
 
 
-def hint_forward(params, cfg, hcfg: HyperConfig | None, instruction_ids, input_ids, decoder_input_ids, rng=None):
+def hint_forward(params, cfg, hcfg: HyperConfig | None, instruction_ids, input_ids, decoder_input_ids, rng=None,
+                 task_ids=None, n_tasks=None):
     """Training-time forward, one task state per instance -> logits [B, T, V]. hcfg None = plain
-    T5 on the input alone (the baselines: full input puts the instruction into input_ids)."""
+    T5 on the input alone (the baselines: full input puts the instruction into input_ids).
+    task_ids [B] (equal for rows with the same instruction) and a static n_tasks >= the number of
+    distinct ids: each distinct instruction is encoded once and its state shared by its rows (the
+    same logits as per instance; with dropout, a task's rows share the instruction's mask)."""
     if hcfg is None:
         return M.t5_forward(params['t5'], cfg, input_ids, decoder_input_ids, rng=rng)
     r1, r2 = (None, None) if rng is None else jax.random.split(rng)
-    state = encode_task(params, cfg, hcfg, instruction_ids, r1)
+    if task_ids is None or n_tasks >= len(task_ids):
+        state = encode_task(params, cfg, hcfg, instruction_ids, r1)
+    else:   # unused slots repeat the largest id: a bounded waste, never a wrong row
+        distinct = jnp.unique(task_ids, size=n_tasks, fill_value=task_ids.max())      # [U]
+        first_row = jnp.argmax(task_ids[None, :] == distinct[:, None], axis=1)          # [U]
+        task_of_row = jnp.argmax(distinct[None, :] == task_ids[:, None], axis=1)        # [B]
+        state = encode_task(params, cfg, hcfg, jnp.take(instruction_ids, first_row, axis=0), r1)
+        state = select_task(state, task_of_row)
     return M.t5_forward(params['t5'], cfg, input_ids, decoder_input_ids, mods=state, rng=r2)
 
 
@@ -165,6 +196,25 @@ def load_task_state(path):
     from safetensors.numpy import load_file
     tree = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in load_file(path).items()}, sep='/')
     return {'encoder': tree.get('encoder', {}), 'decoder': tree.get('decoder', {}), 'memory': tree.get('memory')}
+
+
+def merge_lora(t5_params, state):
+    """Plain T5 parameters with one task's generated LoRA folded in: W_q + A_q B_q and W_v + A_v B_v in
+    every attention block. state: one task (select_task), a LoRA and nothing else."""
+    blocks = (('encoder', 'self_attn', 'lora'), ('decoder', 'self_attn', 'self_lora'),
+              ('decoder', 'cross_attn', 'cross_lora'))
+    others = sorted((set(state['encoder']) | set(state['decoder'])) - {name for _, _, name in blocks})
+    if others or state['memory'] is not None or 'lora' not in state['encoder']:
+        raise ValueError(f'merge_lora: only a LoRA-only task state merges into T5 weights; this one holds '
+                         f'{others + ["fusion memory"] * (state["memory"] is not None) or "no LoRA"}')
+    out = jax.tree.map(jnp.asarray, t5_params)   # new dicts, the same arrays
+    for stack, block, name in blocks:
+        m, w = state[stack][name], out[stack]['layers'][block]
+        if m['q_a'].ndim != 3:
+            raise ValueError('merge_lora: a batched task state; pass one task (select_task)')
+        for n in 'qv':   # [L, D, R] @ [L, R, HK] -> [L, D, HK], our kernels' [in, out] layout
+            w[n] = (w[n] + m[n + '_a'] @ m[n + '_b']).astype(w[n].dtype)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

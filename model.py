@@ -290,6 +290,19 @@ def bmm(x, w):
     return jnp.einsum('btd,dn->btn' if w.ndim == 2 else 'btd,bdn->btn', x, w.astype(x.dtype))
 
 
+def lora(x, a, b):
+    """A generated LoRA's term (x A) B: x [B,T,D], A [(B,)D,R], B [(B,)R,N] -> [B,T,N]."""
+    return bmm(bmm(x, a), b)
+
+
+def project(h, w, n, m, cfg):
+    """Attention projection n of h [B,T,D] -> [B,T,H,K], plus the generated LoRA m (if any) on q and v."""
+    y = h @ w[n].astype(h.dtype)
+    if m is not None and n in 'qv':
+        y = y + lora(h, m[n + '_a'], m[n + '_b'])
+    return heads(y, cfg)
+
+
 def add_bias(x, b):  # x [B,T,N]; b [N] shared or [B,N]
     return x + (b if b.ndim == 1 else b[:, None, :]).astype(x.dtype)
 
@@ -335,7 +348,7 @@ def t5_encode(params, cfg, ids, mods=None, rng=None):
         p, m, r = inputs
         a = p['self_attn']
         h = rms_norm(x, a['norm'], eps)
-        q, k, v = (heads(h @ a[n].astype(dt), cfg) for n in 'qkv')
+        q, k, v = (project(h, a, n, m.get('lora'), cfg) for n in 'qkv')
         o = attend(q, k, v, bias, joined(m, 'prefix'), m.get('prefix_separate'), rate, sub(r, 0))
         o = o @ a['o'].astype(dt)
         x = x + dropout(o, rate, sub(r, 1))
@@ -357,9 +370,17 @@ def cross_kv(params, cfg, enc, enc_mask, mods=None):
     w = params['decoder']['layers']['cross_attn']
     proj = lambda x, n: heads(jnp.einsum('...sd,ldn->l...sn', x.astype(dt), w[n].astype(dt)), cfg)
     kv = {'k': proj(enc, 'k'), 'v': proj(enc, 'v'), 'bias': mask_bias(enc_mask)[:, None, None, :], 'memory': None}
+    lo = ((mods or {}).get('decoder') or {}).get('cross_lora')
+    every_layer = jax.vmap(lora, in_axes=(None, 0, 0))   # x [B,S,D], A/B [Ld,...] -> [Ld,B,S,H*K]
+    if lo is not None:  # the generated LoRA's value term, (enc A_v) B_v
+        kv['v'] = kv['v'] + heads(every_layer(enc.astype(dt), lo['v_a'], lo['v_b']), cfg)
     memory = (mods or {}).get('memory')
     if memory is not None:  # HINT instruction fusion: the encoded instruction E [(B), n, D] and its mask
         kv['memory'] = {'k': proj(memory['E'], 'k'), 'v': proj(memory['E'], 'v'), 'bias': mask_bias(memory['mask'])}
+        if lo is not None:  # E goes through the same value projection, so through its LoRA as well
+            E = memory['E'].reshape(-1, *memory['E'].shape[-2:]).astype(dt)               # [B or 1, n, D]
+            term = heads(every_layer(E, lo['v_a'], lo['v_b']), cfg)             # [Ld, B or 1, n, H, K]
+            kv['memory']['v'] = kv['memory']['v'] + term.reshape(kv['memory']['v'].shape)
     return kv
 
 
@@ -381,7 +402,7 @@ def t5_decode(params, cfg, tokens, kv, mods=None, rng=None, cache=None, index=0)
         p, m, ck, cv, mem, cache_l, r = inputs
         a = p['self_attn']
         h = rms_norm(x, a['norm'], eps)
-        q, k, v = (heads(h @ a[n].astype(dt), cfg) for n in 'qkv')
+        q, k, v = (project(h, a, n, m.get('self_lora'), cfg) for n in 'qkv')
         if cache_l is not None:
             k_all = jax.lax.dynamic_update_slice(cache_l['k'], k.astype(cache_l['k'].dtype), (0, index, 0, 0))
             v_all = jax.lax.dynamic_update_slice(cache_l['v'], v.astype(cache_l['v'].dtype), (0, index, 0, 0))
@@ -391,7 +412,7 @@ def t5_decode(params, cfg, tokens, kv, mods=None, rng=None, cache=None, index=0)
         x = x + dropout(o, rate, sub(r, 1))
         c = p['cross_attn']
         h = rms_norm(x, c['norm'], eps)
-        q = heads(h @ c['q'].astype(dt), cfg)
+        q = project(h, c, 'q', m.get('cross_lora'), cfg)   # its v-term is in cross_kv, once per input
         extra = [(mem['k'], mem['v'], kv['memory']['bias'])] if mem is not None else []
         extra += joined(m, 'cross_prefix')
         o = attend(q, ck, cv, kv['bias'], extra, m.get('cross_prefix_separate'), rate, sub(r, 2))
@@ -645,6 +666,29 @@ def load_t5(name_or_dir: str, place=None, **overrides):
         raise ValueError(f'{os.path.join(d, "config.json")}: missing field {e} (not a T5 config?)') from None
     expected = jax.eval_shape(lambda: init_t5(cfg, jax.random.PRNGKey(0)))
     return cfg, assign(expected, t5_sources(cfg), flat, d, place)
+
+
+def save_t5(params, cfg: T5Config, folder: str):
+    """The inverse of load_t5: a transformers T5 folder (config.json, model.safetensors, float32)."""
+    from safetensors.numpy import save_file
+    weights = {}
+    for path, names in t5_sources(cfg).items():
+        arr = np.asarray(get_path(params, path), np.float32)
+        for (name, transpose), w in zip(names, arr if path_is_stacked(path) else [arr]):   # one per layer
+            weights[name] = np.ascontiguousarray(w.T if transpose else w)
+    config = dict(
+        architectures=['T5ForConditionalGeneration'], model_type='t5', is_encoder_decoder=True,
+        vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_kv=cfg.d_kv, d_ff=cfg.d_ff, num_heads=cfg.num_heads,
+        num_layers=cfg.num_layers, num_decoder_layers=cfg.num_decoder_layers,
+        relative_attention_num_buckets=cfg.num_buckets, relative_attention_max_distance=cfg.max_distance,
+        dropout_rate=cfg.dropout_rate, layer_norm_epsilon=cfg.layer_norm_epsilon,
+        feed_forward_proj='gated-gelu' if cfg.gated_gelu else 'relu',
+        tie_word_embeddings=cfg.tie_word_embeddings,   # what the hub's v1.0 (true) and v1.1 (false) write
+        decoder_start_token_id=PAD_ID, pad_token_id=PAD_ID, eos_token_id=EOS_ID)
+    os.makedirs(folder, exist_ok=True)
+    save_file(weights, os.path.join(folder, 'model.safetensors'), metadata={'format': 'pt'})
+    with open(os.path.join(folder, 'config.json'), 'w') as f:
+        json.dump(config, f, indent=2)
 
 
 def roberta_sources(cfg: RobertaConfig, prefix: str) -> dict:

@@ -49,6 +49,10 @@ class Args(data.DataArgs):
     softmax, output added (zero prefixes then leave T5 unchanged)"""
     adapter_dim: int | None = None  # r
     prefix_len: int | None = None   # p
+    lora_rank: int = 0
+    """R > 0: also generate a rank-R LoRA on every attention block's query and value projections
+    (beyond the paper); 0 = none: exactly T5's attention. LoRA only: --no-adapters --no-prefixes
+    --no-fusion (eval.py --merge-into then folds a task's LoRA into plain T5 weights)"""
     instruction_encoder: Literal['shared', 't5', 'roberta'] = 'shared'
     """shared = the T5 encoder itself; t5 = a separate copy of it; roberta (needs --instruction-encoder-init)"""
     instruction_encoder_init: str = ''    # RoBERTa checkpoint folder or hub name (with its tokenizer.json)
@@ -88,6 +92,9 @@ TASK_DEFAULTS = {
     'synthetic': dict(init='mini', batch_size=16, steps=1500, lr=5e-3, momentum=0.9, adapter_dim=8, prefix_len=4, dropout=0.0),
     'ni': dict(init='google/t5-base-lm-adapt', batch_size=1024, steps=1000, lr=1e-3, momentum=0.0, adapter_dim=64, prefix_len=30, dropout=0.1),
     'c4': dict(init='google/t5-base-lm-adapt', batch_size=1024, steps=10000, lr=1e-3, momentum=0.0, adapter_dim=64, prefix_len=30, dropout=0.0),
+    # the paper's P3 model: T5-XL LM-adapted (3B), r 512. HINT.md gives no step count or dropout for P3:
+    # 10,000 steps and SNI's dropout are this repo's assumptions (set --steps, --dropout)
+    'p3': dict(init='google/t5-xl-lm-adapt', batch_size=1024, steps=10000, lr=1e-3, momentum=0.0, adapter_dim=512, prefix_len=30, dropout=0.1),
 }
 
 
@@ -128,6 +135,8 @@ def check_args(args):
                  'eval_batch_size', 'adapter_dim', 'prefix_len', 'fsdp'):
         if getattr(args, name) < 1:
             raise data.DataError(f'--{name.replace("_", "-")} must be at least 1, got {getattr(args, name)}')
+    if args.lora_rank < 0:
+        raise data.DataError(f'--lora-rank must be 0 (none) or more, got {args.lora_rank}')
     if not (args.lr > 0 and math.isfinite(args.lr)) or not 0 <= args.dropout < 1 or args.eval_every < 0:
         raise data.DataError(f'need --lr > 0, 0 <= --dropout < 1 and --eval-every >= 0 (got {args.lr}, '
                              f'{args.dropout}, {args.eval_every})')
@@ -156,7 +165,7 @@ def hyper_config(args) -> HN.HyperConfig | None:
         return None
     return HN.HyperConfig(adapter_dim=args.adapter_dim, prefix_len=args.prefix_len, adapters=args.adapters,
                           prefixes=args.prefixes, fusion=args.fusion, prefix_attention=args.prefix_attention,
-                          instruction_encoder=args.instruction_encoder)
+                          instruction_encoder=args.instruction_encoder, lora_rank=args.lora_rank)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,10 +346,12 @@ def fsdp_sharding(mesh, x):
     return NamedSharding(mesh, P(*spec))
 
 
-def make_grad_fn(cfg, hcfg, mesh, accum):
+def make_grad_fn(cfg, hcfg, mesh, accum, n_tasks=None):
     """(params, batch, rng) -> (loss, ce, grads). shard_map splits the batch over the mesh's 'data'
     axis by hand; inside each part XLA shards it, and the parameters, over 'fsdp' (FSDP: a layer's
-    weights are gathered where they are used; the gradients come out sharded like the parameters)."""
+    weights are gathered where they are used; the gradients come out sharded like the parameters).
+    With batch['task_id'] and n_tasks (see task_ids), a micro-batch's distinct instructions are
+    encoded once each."""
     split = mesh.shape['data'] > 1   # XLA cannot partition a psum over a 'data' axis of size 1 (all FSDP)
 
     def data_sum(x):
@@ -348,7 +359,8 @@ def make_grad_fn(cfg, hcfg, mesh, accum):
 
     def loss_fn(params, micro, rng, total_tokens):
         logits = HN.hint_forward(params, cfg, hcfg, micro['instruction'], micro['input'],
-                                 M.shift_right(micro['target']), rng if cfg.dropout_rate > 0 else None)
+                                 M.shift_right(micro['target']), rng if cfg.dropout_rate > 0 else None,
+                                 micro.get('task_id'), n_tasks)
         ce, z = token_losses(logits, micro['target'])
         # psum makes the loss the same on every device; its gradient w.r.t. replicated (P()) params then
         # comes out already summed over devices (shard_map's check_vma), so there is no extra pmean.
@@ -375,17 +387,49 @@ def make_grad_fn(cfg, hcfg, mesh, accum):
 
 
 def make_train_step(cfg, hcfg, optimizer, schedule, mesh, accum, seed):
-    grad_fn = make_grad_fn(cfg, hcfg, mesh, accum)
-
-    def step(state, batch):
+    def step(state, batch, n_tasks=None):
         rng = jax.random.fold_in(jax.random.PRNGKey(seed), state['step'])  # a pure function of the step: resumable
+        grad_fn = make_grad_fn(cfg, hcfg, mesh, accum, n_tasks)
         loss, ce, grads = grad_fn(state['params'], batch, rng)
         updates, opt_state = optimizer.update(grads, state['opt'], state['params'])
         params = optax.apply_updates(state['params'], updates)
         metrics = {'loss': loss, 'ce': ce, 'grad_norm': optax.tree.norm(grads), 'lr': schedule(state['step'])}
         return {'params': params, 'opt': opt_state, 'step': state['step'] + 1}, metrics
 
-    return jax.jit(step, donate_argnums=0)   # the old state's buffers are reused: nothing reads it after
+    # the old state's buffers are reused: nothing reads it after; each n_tasks compiles once
+    return jax.jit(step, donate_argnums=0, static_argnames='n_tasks')
+
+
+def step_flops(cache, step_fn, state, batch, n_tasks, fsdp):
+    """FLOPs per device of a train step at this batch's shapes, as XLA counts the lowered step (one
+    data shard's, split over its fsdp devices; --remat's recomputation included); once per shape."""
+    key = (tuple((k, v.shape) for k, v in batch.items()), n_tasks)
+    if key not in cache:
+        cache[key] = (step_fn.lower(state, batch, n_tasks).cost_analysis() or {}).get('flops', 0.0) / fsdp
+    return cache[key]
+
+
+# Dense bfloat16 peak FLOP/s of one chip (vendor data sheets) by jax's device_kind, first match
+# wins (v5e reports 'TPU v5 lite', v5p 'TPU v5p'): the MFU of the progress line.
+PEAK_FLOPS = [('TPU v3', 123e12), ('TPU v4', 275e12), ('TPU v5 lite', 197e12), ('TPU v5', 459e12),
+              ('TPU v6 lite', 918e12), ('A100', 312e12), ('H100', 989e12), ('H200', 989e12)]
+
+
+def peak_flops(device):
+    return next((peak for name, peak in PEAK_FLOPS if name in device.device_kind), None)
+
+
+def task_ids(instruction, per_micro, accum):
+    """(task id [rows], n_tasks) of this host's rows [rows, Li]: equal ids for equal instructions,
+    and a bound on the distinct instructions of any micro-batch (rows i, i + accum, ... of each
+    data shard of per_micro * accum contiguous rows), rounded up to a power of two: few shapes to
+    compile. n_tasks = per_micro turns the sharing off (e.g. a data shard split over hosts)."""
+    ids = np.unique(instruction, axis=0, return_inverse=True)[1].reshape(-1).astype(np.int32)
+    if len(ids) % (per_micro * accum):
+        return ids, per_micro
+    chunks = ids.reshape(-1, per_micro, accum).transpose(0, 2, 1).reshape(-1, per_micro)   # [shards * A, b]
+    most = max(len(np.unique(chunk)) for chunk in chunks)
+    return ids, min(per_micro, 1 << (most - 1).bit_length())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -402,12 +446,13 @@ def request_stop(signum, frame):
     print(f'{STOP[0]}: finishing this step, then saving a checkpoint', file=sys.stderr, flush=True)
 
 
-def stop_agreed():
-    """Whether any process was asked to stop: all of them then save at the same step and exit."""
+def agreed_max(value: int) -> int:
+    """The largest value over all processes: whether any was asked to stop (all then save at the
+    same step), a static shape every process must compile alike."""
     if jax.process_count() == 1:
-        return bool(STOP)
+        return value
     from jax.experimental import multihost_utils
-    return bool(multihost_utils.process_allgather(np.int32(bool(STOP))).any())
+    return int(multihost_utils.process_allgather(np.int32(value)).max())
 
 
 def watch(step, metrics, seen, last_good):
@@ -441,7 +486,10 @@ def main(args: Args):
     args.tokenizer = tokenizer_for(args)
     tokenizer = M.load_tokenizer(args.tokenizer)
     itok = E.instruction_tokenizer(hyper_config(args), dataclasses.asdict(args))   # RoBERTa's, if so
-    train_data = E.load_split(args, 'train', tokenizer, itok)
+    stream = args.task == 'c4' and not args.c4_documents   # C4's train split is read as it is used
+    if stream and itok:
+        raise data.DataError('--instruction-encoder roberta with --task c4 needs --c4-documents N')
+    train_data = None if stream else E.load_split(args, 'train', tokenizer, itok)
     test_data = E.first(E.load_split(args, 'test', tokenizer, itok), args.eval_instances)
 
     mesh = jax.make_mesh((jax.device_count() // args.fsdp, args.fsdp), ('data', 'fsdp'),
@@ -466,11 +514,27 @@ def main(args: Args):
     state = jax.device_put(state, jax.tree.map(place, state))
     sharded = NamedSharding(mesh, P(('data', 'fsdp')))   # batches: rows over all devices
     step_fn = make_train_step(cfg, hcfg, optimizer, schedule, mesh, args.grad_accum, args.seed)
+    per_micro = args.batch_size // mesh.shape['data'] // args.grad_accum   # rows of a device's micro-batch
+    pad_ids = {k: M.PAD_ID for k in data.FIELDS}   # for the non-padding tokens/s; RoBERTa pads with 1
+    if hcfg is not None and hcfg.roberta is not None:
+        pad_ids['instruction'] = hcfg.roberta.pad_token_id
     start = int(state['step'])
-    feed = data.batches(train_data, args.batch_size, args.seed, start, jax.process_index(), jax.process_count(),
-                        args.group_by_length)
+    if stream:   # (batch, stream position after it); each process resumes at its own saved position
+        positions = (old_meta or {}).get('stream') or []
+        if restored is not None and len(positions) != jax.process_count():
+            print(f'warning: {last_good} holds C4 stream positions for {len(positions)} process(es), not '
+                  f'{jax.process_count()}: the stream starts again from its beginning', file=sys.stderr)
+            positions = []
+        feed = data.c4_stream(args, tokenizer, args.batch_size, jax.process_index(), jax.process_count(),
+                              positions[jax.process_index()] if positions else None)
+    else:
+        feed = data.batches(train_data, args.batch_size, args.seed, start, jax.process_index(),
+                            jax.process_count(), args.group_by_length)
+        feed = ((b, None) for b in feed)   # no stream position
+    feed = data.prefetch(feed)   # the next batch is made by a thread while the device runs this one
     to_global = lambda b: {k: jax.make_array_from_process_local_data(sharded, v) for k, v in b.items()}
-    say(f'{args.task}: {len(train_data["input"])} train / {len(test_data["input"])} test instances; '
+    say(f'{args.task}: {"streamed" if stream else len(train_data["input"])} train / '
+        f'{len(test_data["input"])} test instances; '
         f'{"HINT" if hcfg else args.baseline} T5 {args.init} ({n_params / 1e6:.2f}M params) on '
         f'{jax.device_count()} {jax.default_backend()} device(s), {jax.process_count()} process(es)')
 
@@ -479,18 +543,27 @@ def main(args: Args):
     from tensorboardX import SummaryWriter   # imported late: it imports torch, where installed (1-2 s)
     writer = SummaryWriter(f'{args.out_dir}/tb') if lead else None
     try:
-        t0, tokens, last, seen, pending, shapes = time.time(), 0, start, {'loss': None, 'flat': 0}, None, set()
+        t0, tokens, last, seen, pending = time.time(), 0, start, {'loss': None, 'flat': 0}, None
+        shapes, flops, peak = {}, 0.0, peak_flops(jax.devices()[0])   # shapes: their FLOPs per device
+        host = 0.0   # seconds the host spent on data (the wait for the feed, batch conversion) since t0
         for step in range(start, args.steps):
-            batch = next(feed)   # cut to a bucket length: each new shape compiles the step once
-            shapes.add(tuple(v.shape for v in batch.values()))
-            tokens += sum(int((v != M.PAD_ID).sum()) for v in batch.values()) * jax.process_count()
-            state, metrics = step_fn(state, to_global(batch))
+            t_host = time.time()
+            batch, position = next(feed)   # cut to a bucket length: each new shape compiles the step once
+            tokens += sum(int((batch[k] != pad_ids[k]).sum()) for k in data.FIELDS) * jax.process_count()
+            n_tasks = None
+            if hcfg is not None:   # a task's instruction is encoded once per micro-batch
+                batch['task_id'], n_tasks = task_ids(batch['instruction'], per_micro, args.grad_accum)
+                n_tasks = agreed_max(n_tasks)
+            batch = to_global(batch)
+            host += time.time() - t_host
+            flops += step_flops(shapes, step_fn, state, batch, n_tasks, args.fsdp)
+            state, metrics = step_fn(state, batch, n_tasks)
             done = step + 1
             if pending:   # the step before is checked while this one runs: no wait for the device
                 watch(*pending, seen, last_good)
             pending = (done, metrics)
             log_now = done % args.log_every == 0 or done == args.steps
-            stopping = stop_agreed()   # one answer per step, the same on every process
+            stopping = bool(agreed_max(bool(STOP)))   # one answer per step, the same on every process
             save_now = done % args.save_every == 0 or done == args.steps or stopping
             if log_now or save_now:
                 watch(*pending, seen, last_good)
@@ -499,15 +572,23 @@ def main(args: Args):
                 metrics = {k: float(v) for k, v in metrics.items()}
                 dt = time.time() - t0
                 rate, tok_rate = (done - last) / dt, tokens / dt
+                mfu = {'mfu': flops / dt / peak} if peak else {}   # on a device of known peak
                 if writer:
-                    for k, v in {**metrics, 'steps_per_s': rate, 'tokens_per_s': tok_rate}.items():
+                    for k, v in {**metrics, 'steps_per_s': rate, 'tokens_per_s': tok_rate,
+                                 'host_share': host / dt, **mfu}.items():
                         writer.add_scalar(f'train/{k}', v, done)
                 eta = (args.steps - done) / max(rate, 1e-9)
                 say(f'step {done}/{args.steps} loss {metrics["loss"]:.6f} lr {metrics["lr"]:.2e} '
                     f'gnorm {metrics["grad_norm"]:.3f} {rate:.2f} steps/s {tok_rate:,.0f} tok/s '
-                    f'ETA {eta / 60:.1f} min, {len(shapes)} batch shapes', flush=True)
-                t0, tokens, last = time.time(), 0, done
+                    + (f'MFU {100 * mfu["mfu"]:.1f}% ' if mfu else '')
+                    + f'host {100 * host / dt:.0f}% ETA {eta / 60:.1f} min, {len(shapes)} batch shapes',
+                    flush=True)
+                t0, tokens, last, host, flops = time.time(), 0, done, 0.0, 0.0
             if save_now:
+                if stream:   # every process's position, in process order (all processes save here)
+                    mine = [None] * jax.process_count()
+                    mine[jax.process_index()] = position
+                    meta['stream'] = E.gather(mine)
                 try:
                     last_good = save_checkpoint(args.out_dir, done, state, meta, args.keep_checkpoints, lead)
                 except (OSError, ValueError) as e:   # tensorstore reports a full disk as a ValueError

@@ -1,5 +1,6 @@
 """Padding waste: batches and evaluation cut to bucket lengths give the same results as full padding."""
 import dataclasses
+import types
 
 import jax
 import jax.numpy as jnp
@@ -117,3 +118,38 @@ def test_batch_shapes_are_few_and_never_cut_a_token():
             assert v.shape[1] == data.bucket(int(data.row_lengths(v).max()), widths[k])
             assert v.shape[1] in buckets[k]
     assert len({tuple(v.shape[1] for v in b.values()) for b in batches}) <= 7 * 7 * 5
+
+
+def test_repeated_instructions_encoded_once_give_the_same_loss_and_gradients():
+    """train.task_ids + make_grad_fn(n_tasks): 16 rows of 3 tasks over 2 micro-batches, each distinct
+    instruction encoded once per micro-batch, vs one task state per instance."""
+    d = ragged(16, seed=4)
+    task_of_row = np.array([0, 1, 2, 0, 0, 1, 1, 2, 2, 0, 1, 0, 2, 2, 1, 0])
+    batch = dict(d, instruction=ragged(3, seed=5)['instruction'][task_of_row])
+    ids, n_tasks = T.task_ids(batch['instruction'], per_micro=8, accum=2)
+    assert (ids[task_of_row == 0] == ids[0]).all() and len(set(ids.tolist())) == 3
+    assert n_tasks == 4   # 3 distinct instructions in each micro-batch of 8 rows, rounded up to 4
+    assert T.task_ids(batch['instruction'][:12], per_micro=8, accum=2)[1] == 8   # no whole shard: off
+    params = HN.init_params(CFG, HCFG, jax.random.PRNGKey(0))
+    auto = (jax.sharding.AxisType.Auto,) * 2
+    mesh = jax.make_mesh((1, 1), ('data', 'fsdp'), axis_types=auto, devices=jax.devices()[:1])
+    per_instance = jax.jit(T.make_grad_fn(CFG, HCFG, mesh, 2))(params, batch, jax.random.PRNGKey(0))
+    shared = jax.jit(T.make_grad_fn(CFG, HCFG, mesh, 2, n_tasks))(
+        params, dict(batch, task_id=ids), jax.random.PRNGKey(0))
+    assert abs(float(per_instance[0]) - float(shared[0])) <= 1e-5
+    diff = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(per_instance[2]),
+                                                            jax.tree.leaves(shared[2])))
+    assert diff <= 1e-5, diff
+    # the shared path really encodes fewer rows: the jaxpr's instruction encoder sees [n_tasks, Li]
+    jaxpr = str(jax.make_jaxpr(lambda p: HN.hint_forward(p, CFG, HCFG, batch['instruction'][:8], batch['input'][:8],
+                                                           batch['target'][:8], None, ids[:8], 4))(params))
+    assert f'i32[4,{WIDTHS["instruction"]}]' in jaxpr
+
+
+def test_mfu_peak_table_matches_device_kinds():
+    """The progress line's MFU divides by the peak of the device jax reports (first match wins)."""
+    kinds = {'TPU v3': 123e12, 'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5p': 459e12,
+             'TPU v6 lite': 918e12, 'NVIDIA A100-SXM4-80GB': 312e12, 'NVIDIA H100 80GB HBM3': 989e12,
+             'NVIDIA H200': 989e12, 'cpu': None}
+    for kind, peak in kinds.items():
+        assert T.peak_flops(types.SimpleNamespace(device_kind=kind)) == peak, kind
