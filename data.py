@@ -41,7 +41,7 @@ class DataArgs:
     data_dir: str | None = None
     """ni: a natural-instructions clone (None: cloned once from --ni-source into --cache-dir);
     c4: a folder of c4-*.json.gz shards (None: streamed from the hub);
-    p3: a copy of bigscience/P3 (data/<configuration>/<split>-*.parquet; None: its needed files from the hub)"""
+    p3: a copy of bigscience/P3 ([data/]<configuration>/<split>-*.parquet; None: the files needed, from the hub)"""
     ni_source: str = 'https://github.com/allenai/natural-instructions'   # git URL for --task ni
     shots: int = 0                   # 0|1|2 positive examples in the instruction (p3: 0-5 demonstrations)
     format: Literal['hint', 'full-input'] = 'hint'   # hint: instruction apart; full-input: all in the encoder
@@ -86,8 +86,6 @@ def lengths(args: DataArgs) -> tuple[int, int, int]:
 
 def check_args(args: DataArgs):
     """The data flags, checked before anything is read or downloaded."""
-    if args.task not in ('synthetic', 'ni', 'c4', 'p3') or args.format not in ('hint', 'full-input'):
-        raise DataError(f'unknown --task {args.task!r} or --format {args.format!r}')
     allowed = '0 to 5' if args.task == 'p3' else '0, 1 or 2'
     if not 0 <= args.shots <= (5 if args.task == 'p3' else 2):
         raise DataError(f'--shots must be {allowed} for --task {args.task}, got {args.shots}')
@@ -101,26 +99,19 @@ def check_args(args: DataArgs):
 
 
 def check_writable(path: str, flag: str):
-    """Create the folder `path` and check that files can be written there (also gs://...)."""
-    if '://' in path:   # a missing bucket or no permission shows now, not at the first checkpoint
-        from etils import epath
-        probe = epath.Path(path) / f'.write-test-{socket.gethostname()}-{os.getpid()}'
-        try:
-            probe.write_text('ok')
-            probe.unlink(missing_ok=True)
-        except Exception as e:   # gcsfs's and google-api-core's errors are not all OSErrors
-            raise DataError(f'{flag} {path}: cannot write there ({type(e).__name__}: {e})') from None
-        return
-    if os.path.exists(path) and not os.path.isdir(path):
+    """Create the folder `path` (local or gs://...) and check that files can be written there: a missing
+    bucket or no permission shows now, not at the first checkpoint."""
+    from etils import epath
+    folder = epath.Path(path)
+    if folder.exists() and not folder.is_dir():
         raise DataError(f'{flag} {path}: exists and is not a folder')
-    probe = os.path.join(path, f'.write-test-{os.getpid()}')
+    probe = folder / f'.write-test-{socket.gethostname()}-{os.getpid()}'
     try:
-        os.makedirs(path, exist_ok=True)
-        with open(probe, 'w') as f:
-            f.write('ok')
-        os.remove(probe)
-    except OSError as e:
-        raise DataError(f'{flag} {path}: cannot write there ({e.strerror})') from None
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_text('ok')
+        probe.unlink(missing_ok=True)
+    except Exception as e:   # OSError locally; gcsfs's and google-api-core's errors are not all OSErrors
+        raise DataError(f'{flag} {path}: cannot write there ({getattr(e, "strerror", None) or e})') from None
 
 
 def encode(tokenizer, text: str, length: int) -> tuple[list[int], bool]:
@@ -462,7 +453,7 @@ def build_c4(args: DataArgs, split: str, tokenizer):
 
 # ----------------------------------------------------------------------------------------------
 # 4. P3 (T0's prompted datasets), laid out as the hub repository bigscience/P3:
-# data/<configuration>/<split>-00000-of-0000N.parquet, one configuration per (dataset, prompt template), named
+# [data/]<configuration>/<split>-00000-of-0000N.parquet, one configuration per (dataset, prompt template), named
 # <dataset>[_<subset>]_<template>, columns inputs_pretokenized, targets_pretokenized (+ answer_choices).
 
 # T0's 38 training datasets, named as P3 prefixes its configurations (CommonsenseQA is cos_e v1.11).
@@ -881,7 +872,7 @@ def prefetch(iterator, size: int = 2):
 
 @dataclasses.dataclass
 class ShowArgs(DataArgs):
-    split: Literal['train', 'test'] = 'train'
+    split: Literal['train', 'test'] = 'train'   # which split to build and show
     show: int = 5          # print this many examples as JSON lines
 
 

@@ -324,13 +324,14 @@ def write_results(out_dir, metrics, rows):
 @dataclasses.dataclass
 class EvalArgs(data.DataArgs):
     checkpoint: str = ''            # a run folder (its newest ckpt-* that loads) or one ckpt-* folder
-    split: Literal['train', 'test'] = 'test'
+    split: Literal['train', 'test'] = 'test'   # which split of the data flags to evaluate
     out_dir: str = ''               # for metrics.json / predictions.jsonl; default: the run folder
-    batch_size: int = 64
+    batch_size: int = 64            # instances per decoding batch (p3: decoder rows, choices included)
     eval_instances: int = 0         # only the first N instances (0: all)
-    dtype: str = 'float32'
-    instruction: str | None = None  # one-off mode: this task definition (formatted as in training), instance
-                                    # inputs from stdin, one per line
+    dtype: str = 'float32'          # compute dtype (bfloat16 on GPU/TPU halves memory)
+    instruction: str | None = None
+    """one-off mode: this task definition (formatted as in training); instance inputs from stdin, one per
+    line"""
     task_state: str = ''            # one-off mode: a saved task state (.safetensors) instead of --instruction
     save_task_state: str = ''       # one-off mode: also save the instruction's task state here
     merge_into: str = ''

@@ -191,3 +191,33 @@ print(json.dumps(per_device / total))
     assert r.returncode == 0, r.stderr[-3000:]
     with np.load(run / f'p{n}.npz') as z:
         return [z[f'arr_{i}'] for i in range(len(z.files))], json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_shared_instructions_under_data_and_fsdp_axes():
+    """train.task_ids + make_grad_fn(n_tasks) on a (2 data x 4 fsdp) mesh of 8 devices: each micro-batch's
+    distinct instructions encoded once give the loss and gradients of one task state per instance."""
+    script = """
+import jax, jax.numpy as jnp, numpy as np, sys
+from jax.sharding import NamedSharding, PartitionSpec as P
+sys.path.insert(0, 'tests')
+import train as T, hypernet as HN
+from test_speed import ragged, CFG, HCFG
+batch = ragged(32, seed=4)
+batch['instruction'] = ragged(3, seed=5)['instruction'][np.random.default_rng(0).integers(0, 3, 32)]
+mesh = jax.make_mesh((2, 4), ('data', 'fsdp'), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+ids, n_tasks = T.task_ids(batch['instruction'], per_micro=8, accum=2)
+assert n_tasks == 4, n_tasks   # 3 tasks in every micro-batch of 8 rows: shared
+params = HN.init_params(CFG, HCFG, jax.random.PRNGKey(0))
+params = jax.device_put(params, jax.tree.map(lambda x: T.fsdp_sharding(mesh, x), params))
+rows = NamedSharding(mesh, P(('data', 'fsdp')))
+def run(n, b):
+    b = {k: jax.device_put(v, rows) for k, v in b.items()}
+    return jax.jit(T.make_grad_fn(CFG, HCFG, mesh, 2, n))(params, b, jax.random.PRNGKey(0))
+a, s = run(None, batch), run(n_tasks, dict(batch, task_id=ids))
+assert abs(float(a[0]) - float(s[0])) <= 1e-5, (a[0], s[0])
+diff = max(float(jnp.abs(x - y).max()) for x, y in zip(jax.tree.leaves(a[2]), jax.tree.leaves(s[2])))
+assert diff <= 1e-5, diff
+print('ok', diff)
+"""
+    r = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env(8), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and 'ok' in r.stdout, r.stderr[-3000:]
