@@ -203,13 +203,15 @@ def test_bad_data_errors(tmp_path):
     assert '0 to 5' in error('train', shots=6)
 
 
-def test_train_and_eval_entry_points(p3_dir, tmp_path):
+@pytest.mark.parametrize('baseline', ['none', 'full-input'])   # HINT; the demonstrations in the encoder
+def test_train_and_eval_entry_points(p3_dir, tmp_path, baseline):
     env = dict(os.environ, JAX_PLATFORMS='cpu')
     out, cache = tmp_path / 'run', str(tmp_path / 'cache')
     argv = [sys.executable, 'train.py', '--task', 'p3', '--data-dir', p3_dir, '--p3-datasets', *DATASETS,
             '--p3-examples-per-dataset', '6', '--shots', '1', '--init', 'tiny', '--tokenizer', 'byte',
             '--batch-size', '4', '--steps', '2', '--adapter-dim', '4', '--prefix-len', '2', '--instruction-len', '128',
-            '--input-len', '64', '--target-len', '16', '--out-dir', str(out), '--cache-dir', cache]
+            '--input-len', '64', '--target-len', '16', '--out-dir', str(out), '--cache-dir', cache,
+            '--baseline', baseline]
     r = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert 'held-out: accuracy_median' in r.stdout
