@@ -339,22 +339,25 @@ class EvalArgs(data.DataArgs):
     that task's LoRA merged into plain T5 weights here, as a transformers folder, and exit"""
 
 
+def padded(tokenizer, text, n):
+    """ids [n]: text cut as data.encode cuts it (n-1 tokens and EOS), then the tokenizer's padding."""
+    return np.array(data.encode(tokenizer, text, n)[0] + [tokenizer.pad_id] * n, np.int32)[:n]
+
+
 def one_off(args, cfg, hcfg, params, tokenizer, lines, itok=None):
     """Predictions for raw instance inputs under one instruction (or a saved task state). itok: the
     instruction encoder's own tokenizer, if it has one."""
     li, lx, ly = data.lengths(args)
     full_input = args.format == 'full-input'
     instruction = data.instruction_text(args.task, args.instruction) if args.instruction else ''
-
-    def enc(text, n, tok=tokenizer):
-        return np.array(data.encode(tok, text, n)[0] + [tok.pad_id] * n, np.int32)[:n]
-    inputs = np.stack([enc((instruction if full_input else '') + data.instance_text(args.task, x), lx) for x in lines])
+    inputs = np.stack([padded(tokenizer, (instruction if full_input else '') + data.instance_text(args.task, x), lx)
+                       for x in lines])
     mods = None
     if hcfg is not None:
         if args.task_state:
             mods = HN.load_task_state(args.task_state)
         else:
-            mods = task_state(params, cfg, hcfg, enc(instruction, li, itok or tokenizer))
+            mods = task_state(params, cfg, hcfg, padded(itok or tokenizer, instruction, li))
         if args.save_task_state:
             HN.save_task_state(args.save_task_state, mods)
     return [tokenizer.decode(row) for row in predict_ids(params, cfg, mods, inputs, ly, args.batch_size)]
@@ -374,9 +377,9 @@ def merge_into(args):
     cfg, hcfg, params, meta = HN.load_run(args.checkpoint)
     tokenizer = M.load_tokenizer(meta['tokenizer'])
     itok = instruction_tokenizer(hcfg, meta['args'])
-    tok, li = M.load_tokenizer(itok) if itok else tokenizer, data.lengths(args)[0]
-    ids = data.encode(tok, data.instruction_text(args.task, args.instruction), li)[0]   # as one_off does
-    state = task_state(params, cfg, hcfg, np.array(ids + [tok.pad_id] * (li - len(ids)), np.int32))
+    instruction = padded(M.load_tokenizer(itok) if itok else tokenizer,
+                         data.instruction_text(args.task, args.instruction), data.lengths(args)[0])
+    state = task_state(params, cfg, hcfg, instruction)   # as one-off mode encodes it
     M.save_t5(HN.merge_lora(params['t5'], state), cfg, args.merge_into)
     if isinstance(tokenizer, M.SentencePieceTokenizer):
         shutil.copy(tokenizer.name, os.path.join(args.merge_into, 'spiece.model'))

@@ -334,15 +334,15 @@ def quiet_abandoned_io(kind, error=None, traceback=None, default=sys.excepthook)
 sys.excepthook = sys.unraisablehook = quiet_abandoned_io
 
 
-def load_run(path, dtype='float32', sharding=None):
+def load_run(path, dtype='float32'):
     """(cfg, hcfg, params, meta) of one checkpoint folder, or of a run folder's newest checkpoint that
-    loads (a damaged one is skipped with a warning), on `sharding` (default: the first device).
-    meta['path'] is the checkpoint read."""
+    loads (a damaged one is skipped with a warning), on the first device. meta['path'] is the checkpoint
+    read."""
     direct, found = is_checkpoint(path), newest_first(path)
     if not epath.Path(path).is_dir() or not found:
         raise CheckpointError(f'{path}: no checkpoint (expected a run folder with ckpt-<step>/ inside, '
                               'as train.py writes it)')
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     for ckpt in found:
         try:
             meta = read_meta(ckpt)

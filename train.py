@@ -400,12 +400,14 @@ def make_train_step(cfg, hcfg, optimizer, schedule, mesh, accum, seed):
     return jax.jit(step, donate_argnums=0, static_argnames='n_tasks')
 
 
-def step_flops(cache, step_fn, state, batch, n_tasks, fsdp):
+def step_flops(cache, step_fn, state, batch, n_tasks, fsdp, peak):
     """FLOPs per device of a train step at this batch's shapes, as XLA counts the lowered step (one
-    data shard's, split over its fsdp devices; --remat's recomputation included); once per shape."""
+    data shard's, split over its fsdp devices; --remat's recomputation included); once per shape, and
+    only counted (lowered a second time) on a device of known peak, where the MFU is shown."""
     key = (tuple((k, v.shape) for k, v in batch.items()), n_tasks)
     if key not in cache:
-        cache[key] = (step_fn.lower(state, batch, n_tasks).cost_analysis() or {}).get('flops', 0.0) / fsdp
+        cost = step_fn.lower(state, batch, n_tasks).cost_analysis() if peak else None
+        cache[key] = (cost or {}).get('flops', 0.0) / fsdp
     return cache[key]
 
 
@@ -544,7 +546,7 @@ def main(args: Args):
     writer = SummaryWriter(f'{args.out_dir}/tb') if lead else None
     try:
         t0, tokens, last, seen, pending = time.time(), 0, start, {'loss': None, 'flat': 0}, None
-        shapes, flops, peak = {}, 0.0, peak_flops(jax.devices()[0])   # shapes: their FLOPs per device
+        shapes, flops, peak = {}, 0.0, peak_flops(jax.devices()[0])   # shape -> FLOPs per device
         host = 0.0   # seconds the host spent on data (the wait for the feed, batch conversion) since t0
         for step in range(start, args.steps):
             t_host = time.time()
@@ -556,7 +558,7 @@ def main(args: Args):
                 n_tasks = agreed_max(n_tasks)
             batch = to_global(batch)
             host += time.time() - t_host
-            flops += step_flops(shapes, step_fn, state, batch, n_tasks, args.fsdp)
+            flops += step_flops(shapes, step_fn, state, batch, n_tasks, args.fsdp, peak)
             state, metrics = step_fn(state, batch, n_tasks)
             done = step + 1
             if pending:   # the step before is checked while this one runs: no wait for the device

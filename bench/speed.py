@@ -338,6 +338,13 @@ def hint_breakdown(cfg, batch):
         mods = {**s, 'memory': {'E': s['memory']['E'], 'mask': mask}}
         return T.token_losses(M.t5_forward(p['t5'], cfg, x, M.shift_right(y), mods=mods), y)[0]
 
+    for name, fn in (('forward', jax.jit(plain)), ('forward + backward', jax.jit(jax.grad(plain)))):
+        jax.block_until_ready(fn(params))   # compile
+        t0 = time.time()
+        jax.block_until_ready(fn(params))
+        seconds, flops = time.time() - t0, fn.lower(params).cost_analysis()['flops']
+        print(f'plain T5 {name}: {seconds:.2f} s, {flops / seconds / 1e9:.0f} GFLOP/s (XLA\'s FLOP count)',
+              flush=True)
     print('HINT training cost, forward + backward, dropout off:')
     for name, fn, fn_args in (('plain T5', plain, (params,)), ('HINT', hint, (params,)),
                               ('  instruction encoder', instruction_encoder, (params,)),

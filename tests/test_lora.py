@@ -4,6 +4,8 @@ off, trainable, batched = shared states, and merged into a plain transformers T5
 import dataclasses
 import io
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -136,7 +138,14 @@ def merge_cli(run, out, monkeypatch, instruction='Reverse the list.'):
 
 @pytest.mark.skipif(not os.path.isfile(SPIECE), reason='../shared/assets/t5_tokenizer/spiece.model not found')
 def test_merge_into_through_eval_cli(tmp_path, monkeypatch):
-    run = train_run(tmp_path, 'lora', lora_rank=2, adapters=False, prefixes=False, fusion=False, tokenizer=SPIECE)
+    # the README's commands: train.py's own entry point (its flags parsed), then eval.py's
+    run = str(tmp_path / 'lora')
+    argv = [sys.executable, 'train.py', '--lora-rank', '2', '--no-adapters', '--no-prefixes', '--no-fusion',
+            '--init', 'tiny', '--tokenizer', SPIECE, '--batch-size', '4', '--steps', '1', '--eval-instances', '2',
+            '--out-dir', run, '--cache-dir', str(tmp_path / 'cache')]
+    r = subprocess.run(argv, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     out = str(tmp_path / 'merged')
     merge_cli(run, out, monkeypatch)
     assert sorted(os.listdir(out)) == ['config.json', 'model.safetensors', 'spiece.model']

@@ -143,3 +143,28 @@ def test_train_resumes_the_stream_after_a_kill(tmp_path, monkeypatch):
     train(tmp_path / 'cut', resume=True)
     assert sorted(losses) == list(range(1, 7))
     assert max(abs(losses[s] - whole[s]) for s in whole) <= 1e-6
+
+
+def test_streamed_c4_through_train_py(tmp_path):
+    """The README's `python train.py --task c4 ...`, as a script: streamed by default, the position in the
+    checkpoint, and `--resume` going on from it."""
+    import os
+    import subprocess
+    import sys
+    root = write_shards(tmp_path / 'c4', 2, 10)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = str(tmp_path / 'run')
+
+    def train(*extra):
+        argv = [sys.executable, 'train.py', '--task', 'c4', '--data-dir', root, '--init', 'tiny', '--tokenizer',
+                'byte', '--batch-size', '4', '--adapter-dim', '4', '--prefix-len', '2', '--eval-instances', '2',
+                '--log-every', '1', '--save-every', '2', '--out-dir', out, '--cache-dir', str(tmp_path / 'cache'),
+                '--instruction-len', '16', '--input-len', '16', '--target-len', '16', *extra]
+        r = subprocess.run(argv, cwd=repo, env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        return r.stdout
+    assert 'streamed train' in train('--steps', '2')
+    assert HN.read_meta(HN.checkpoints(out)[-1])['stream'][0]['documents'] == 8
+    assert 'resumed from' in train('--steps', '4', '--resume')
+    assert HN.read_meta(HN.checkpoints(out)[-1])['stream'][0]['documents'] == 16
