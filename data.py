@@ -98,6 +98,21 @@ def check_args(args: DataArgs):
         raise DataError('--max-instances-per-task must be at least 1 and --c4-documents at least 0')
 
 
+def local_path(path):
+    """A local path made absolute; URLs (gs://...) and '' as they are."""
+    return path if not path or '://' in path else os.path.abspath(path)
+
+
+def absolute_paths(args, paths=(), maybe_paths=()):
+    """Make args' local paths absolute, once, where the arguments are read: orbax needs absolute
+    paths, and a run's meta then finds its files from any folder. URLs (gs://) stay as typed; so do
+    the `maybe_paths` that are no local file or folder (hub names, presets, 'byte')."""
+    for name in paths + maybe_paths:
+        path = getattr(args, name)
+        if name in paths or (path and os.path.exists(path)):
+            setattr(args, name, local_path(path))
+
+
 def check_writable(path: str, flag: str):
     """Create the folder `path` (local or gs://...) and check that files can be written there: a missing
     bucket or no permission shows now, not at the first checkpoint."""

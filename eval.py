@@ -386,7 +386,7 @@ def merge_into(args):
     print(f'{args.merge_into}: T5 with the task\'s LoRA merged in (transformers T5ForConditionalGeneration)')
 
 
-def main(args: EvalArgs):
+def main(args: EvalArgs, run=None):
     data.check_args(args)
     if args.merge_into:
         return merge_into(args)
@@ -409,36 +409,71 @@ def main(args: EvalArgs):
         return None
     split = first(load_split(args, args.split, tokenizer, itok), args.eval_instances)
     metrics, rows = evaluate(params, cfg, hcfg, split, tokenizer, args.batch_size)
-    out_dir = args.out_dir or (str(epath.Path(args.checkpoint).parent) if HN.is_checkpoint(args.checkpoint)
-                               else args.checkpoint)
+    out_dir = results_dir(args, run_args(args.checkpoint) if run is None else run)
     write_results(out_dir, metrics, rows)
     print(json.dumps(metrics['overall']), f'({metrics["count"]} instances; {out_dir}/metrics.json)')
     return metrics
 
 
+# The settings that decide what an evaluation measures: where one differs from the run's own, the
+# results go to a folder of their own, never over the run's metrics.json.
+SETTINGS = tuple(f.name for f in dataclasses.fields(data.DataArgs) if f.name != 'cache_dir') + (
+    'eval_instances',)
+
+
+def run_args(checkpoint):
+    """The arguments of the run that wrote `checkpoint` (its newest checkpoint's meta that reads;
+    JSON lists as tuples), {} when none has them."""
+    for ckpt in HN.newest_first(checkpoint):
+        try:
+            saved = HN.read_meta(ckpt).get('args') or {}
+        except HN.CheckpointError:
+            continue
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+    return {}
+
+
+def results_dir(args, run):
+    """Where metrics.json goes: --out-dir; else the run folder when this evaluation measures what the
+    run's own did; else <run>/eval-<what differs> (e.g. eval-shots-1), said on stderr."""
+    if args.out_dir:
+        return args.out_dir
+    folder = epath.Path(args.checkpoint)
+    differs = {k: getattr(args, k) for k in SETTINGS if k in run and run[k] != getattr(args, k)}
+    if args.split != 'test':
+        differs['split'] = args.split
+    if not run:
+        differs['settings'] = 'unknown'
+    if HN.is_checkpoint(folder):   # one checkpoint, perhaps not the one the run evaluated
+        differs['ckpt'], folder = int(folder.name.split('-')[1]), folder.parent
+    if not differs:
+        return str(folder)
+    parts = []
+    for k, v in differs.items():
+        v = '+'.join(map(str, v)) if isinstance(v, tuple) else os.path.basename(str(v).rstrip('/'))
+        parts.append(f'{k.replace("_", "-")}-{v or "none"}')
+    out = str(folder / ('eval-' + '-'.join(parts)))
+    print(f'note: evaluating with other settings than the run\'s own ({", ".join(parts)}): results go to '
+          f'{out}', file=sys.stderr)
+    return out
+
+
 def cli(argv=None):
-    """Data flags default to the evaluated run's own (its args.json); any flag given overrides them."""
+    """Data flags default to the evaluated run's own (the arguments in its checkpoint's meta); any
+    flag given overrides them. Local paths are made absolute here."""
     import tyro
     argv = sys.argv[1:] if argv is None else argv
     ckpt = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == '--checkpoint'), None)
     if ckpt is None:
         ckpt = next((a.split('=', 1)[1] for a in argv if a.startswith('--checkpoint=')), None)
-    default = EvalArgs()
-    if ckpt:
-        run = epath.Path(ckpt).parent if HN.is_checkpoint(ckpt) else epath.Path(ckpt)
-        saved_path = run / 'args.json'
-        if saved_path.exists():
-            try:
-                saved = json.loads(saved_path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise data.DataError(f'{saved_path}: not valid JSON ({e})') from None
-            names = {f.name for f in dataclasses.fields(data.DataArgs)} - {'cache_dir'}
-            saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}   # JSON has no tuples
-            default = EvalArgs(**{k: v for k, v in saved.items() if k in names})
+    run = run_args(data.local_path(ckpt)) if ckpt else {}
+    default = EvalArgs(**{k: v for k, v in run.items() if k in SETTINGS})
     args = tyro.cli(EvalArgs, default=default, args=argv)
     if not args.checkpoint:
         raise ValueError('--checkpoint is required (a run folder written by train.py)')
-    return main(args)
+    data.absolute_paths(args, ('checkpoint', 'out_dir', 'merge_into', 'save_task_state', 'task_state',
+                               'data_dir', 'cache_dir'), ('tokenizer',))
+    return main(args, run)
 
 
 if __name__ == '__main__':

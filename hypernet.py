@@ -186,6 +186,7 @@ def save_task_state(path, state):
     from flax import traverse_util
     from safetensors.numpy import save_file
     flat = traverse_util.flatten_dict(state, sep='/')
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     tmp = path + '.tmp'
     save_file({k: np.asarray(v) for k, v in flat.items() if v is not None}, tmp)
     os.replace(tmp, path)

@@ -665,7 +665,12 @@ def load_t5(name_or_dir: str, place=None, **overrides):
     except KeyError as e:
         raise ValueError(f'{os.path.join(d, "config.json")}: missing field {e} (not a T5 config?)') from None
     expected = jax.eval_shape(lambda: init_t5(cfg, jax.random.PRNGKey(0)))
-    return cfg, assign(expected, t5_sources(cfg), flat, d, place)
+    sources = t5_sources(cfg)
+    if 'lm_head' in expected and 'lm_head.weight' not in flat and config.get('tie_word_embeddings'):
+        # transformers 5 saves a v1.1 T5 with its output layer tied to the embedding (not rescaled:
+        # scale_decoder_outputs false) and writes no lm_head.weight: read it as transformers does
+        sources[('lm_head',)] = [('shared.weight', True)]
+    return cfg, assign(expected, sources, flat, d, place)
 
 
 def save_t5(params, cfg: T5Config, folder: str):

@@ -476,6 +476,9 @@ def main(args: Args):
     import eval as E  # the evaluation harness (also its own script)
 
     fill_defaults(args)
+    typed = dataclasses.asdict(args)   # args.json keeps what the user typed; meta['args'] the paths used
+    maybe_paths = ('tokenizer', 'instruction_encoder_init') + ('init',) * (args.init not in PRESETS)
+    data.absolute_paths(args, ('out_dir', 'data_dir', 'cache_dir'), maybe_paths)
     init_distributed(args)
     check_args(args)
     lead = jax.process_index() == 0   # the one process that writes files
@@ -512,7 +515,7 @@ def main(args: Args):
     elif args.resume:
         say(f'--resume: no checkpoint in {args.out_dir}, starting from scratch')
     if lead:
-        (epath.Path(args.out_dir) / 'args.json').write_text(json.dumps(dataclasses.asdict(args), indent=1))
+        (epath.Path(args.out_dir) / 'args.json').write_text(json.dumps(typed, indent=1))
     state = jax.device_put(state, jax.tree.map(place, state))
     sharded = NamedSharding(mesh, P(('data', 'fsdp')))   # batches: rows over all devices
     step_fn = make_train_step(cfg, hcfg, optimizer, schedule, mesh, args.grad_accum, args.seed)

@@ -150,7 +150,8 @@ def test_c4_pretraining_then_sni_finetuning(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     state, metrics = T.main(args)
     assert int(state['step']) == 2 and metrics['count'] == 8
-    assert json.load(open(tmp_path / 'ft' / 'args.json'))['tokenizer'] == json.load(open(tmp_path / 'pre' / 'args.json'))['tokenizer']
+    tokenizers = [T.HN.read_meta(T.HN.checkpoints(str(tmp_path / run))[-1])['tokenizer'] for run in ('ft', 'pre')]
+    assert tokenizers[0] == tokenizers[1] == os.path.abspath(TOK)
 
 
 @needs_shared

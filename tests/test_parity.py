@@ -214,6 +214,33 @@ def test_t5_v11_config_as_saved_by_transformers5(t5, tmp_path):
     assert d <= TOL
 
 
+def test_t5_v11_saved_by_transformers5_without_lm_head(tmp_path):
+    """A v1.1 T5 made and saved by transformers 5 as it is: the output layer tied to the embedding,
+    no lm_head.weight in the file, scale_decoder_outputs false. load_t5 reads it as transformers does."""
+    from conftest import T5_SHAPES, _reinit_t5
+    from transformers import T5Config, T5ForConditionalGeneration
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(**T5_SHAPES['t5-v1_1-small'])).eval()
+    _reinit_t5(model, seed=0, tied=False)
+    with torch.no_grad():   # the embedding is also the output layer: logits O(1), well-conditioned
+        model.shared.weight.mul_(0.05)
+    model.save_pretrained(tmp_path)
+    with open(tmp_path / 'config.json') as f:
+        saved = json.load(f)
+    assert saved['tie_word_embeddings'] and saved['scale_decoder_outputs'] is False
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / 'model.safetensors'), 'np') as f:
+        assert 'lm_head.weight' not in f.keys()
+    with torch.no_grad(), one_torch_thread():
+        theirs = model(input_ids=torch.tensor(ENC_IDS), attention_mask=torch.tensor(ENC_IDS != 0),
+                       decoder_input_ids=torch.tensor(DEC_IN)).logits.numpy()
+    cfg, params = load_t5(str(tmp_path))
+    ours = np.asarray(t5_forward(params, cfg, j(ENC_IDS), j(DEC_IN)))
+    d = max_diff(ours, theirs)
+    record('t5-v1_1-small saved by transformers 5 (no lm_head.weight): logits', d)
+    assert d <= TOL
+
+
 # ----------------------------------------------------------------------------------------------
 # Checkpoint formats: the same weights from every format load to exactly the same params
 
