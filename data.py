@@ -61,14 +61,15 @@ class DataArgs:
     p3_datasets: tuple[str, ...] = ()
     """p3: only these datasets (names in data.P3_TRAIN, P3_HELD_OUT); a split none of them is in: all of T0's"""
     p3_examples_per_dataset: int = 500000
-    """p3 train, T0's mixture rates: a dataset with more train examples gives each of its T templates the
-    rate N / T, a smaller one each template its size"""
+    """p3 train, T0's mixture rates: a dataset with more train examples gives each of its T
+    templates the rate N / T, a smaller one each template its size"""
     p3_examples: int = 0
-    """0: T0's training mixture is streamed (its position saved with each checkpoint); N: its first N
-    draws are read into memory (tests, small runs)"""
+    """0: T0's training mixture is streamed (its position saved with each checkpoint); N: its first
+    N draws are read into memory (tests, small runs)"""
     p3_templates: str = ''
-    """p3: the hypernetwork's templates from this file in the original's format (blocks separated by a
-    line of '*', each '<dataset>\\t||||\\t<template name>\\t||||\\t<text>'); '': derived from the data"""
+    """p3: the hypernetwork's templates from this file in the original's format (blocks separated
+    by a line of '*', each '<dataset>\\t||||\\t<template name>\\t||||\\t<text>'); '': derived
+    from the data"""
 
 
 FIELDS = ('instruction', 'input', 'target')   # the arrays of every split and batch
@@ -485,10 +486,11 @@ P3_HELD_OUT = {'anli_r1': ('anli_', '_r1'), 'anli_r2': ('anli_', '_r2'), 'anli_r
 P3_EVAL_SPLITS = ('validation', 'dev_r1', 'dev_r2', 'dev_r3')   # the held-out split: the first one present
 P3_TRAIN_SPLITS = ('train', 'train_r1', 'train_r2', 'train_r3')   # (ANLI's may be named by round)
 # Held-out templates promptsource does not mark original_task: true, which T0 and HINT leave out.
-P3_NOT_ORIGINAL = ('hellaswag_Open_ended_completion', 'hellaswag_Appropriate_continuation_Yes_or_No',
-                   'hellaswag_Reversed_appropriate_continuation_Yes_or_No', 'hellaswag_how_ends',
+P3_NOT_ORIGINAL = ('hellaswag_Open_ended_completion', 'hellaswag_how_ends',
+                   'hellaswag_Appropriate_continuation_Yes_or_No',
+                   'hellaswag_Reversed_appropriate_continuation_Yes_or_No',
                    'winogrande_winogrande_xl_True_or_False', 'story_cloze_2016_Generate_Ending')
-P3_DEMO_TOKENS = 960   # the original keeps the demonstrations that fit this many tokens (FLAN's 1024 - 64)
+P3_DEMO_TOKENS = 960   # the original keeps the demonstrations that fit this many (FLAN's 1024 - 64)
 P3_COLUMNS = ['inputs_pretokenized', 'targets_pretokenized']
 P3_BLOCK = 4096   # draws of the mixture whose templates one generator call picks
 P3_HELP = ("expected bigscience/P3's layout, DIR[/data]/<configuration>/<split>-00000-of-00001.parquet: on a "
@@ -590,14 +592,15 @@ def p3_words(text: str) -> list[str]:
 
 
 def p3_template(prompts: list[str], field: str = '[X]') -> str:
-    """The text that the prompted inputs of one template share, each span that varies between them one
-    `field`. Each prompt is aligned word by word (difflib) with the template so far; what either side
-    does not match becomes a gap. A literal between two gaps that is only whitespace, or that occurs
-    twice in what gap + literal + gap cover in some prompt (a chance match inside one field), joins them."""
+    """The text that the prompted inputs of one template share, each span that varies between them
+    one `field`. Each prompt is aligned word by word (difflib) with the template so far; what either
+    side does not match becomes a gap. A literal between two gaps that is only whitespace, or occurs
+    twice in what gap + literal + gap cover in a prompt (a chance match in a field), joins them."""
     words = p3_words(prompts[0])
     for prompt in prompts[1:]:
         other, out, i, j = p3_words(prompt), [], 0, 0
-        for a, b, size in difflib.SequenceMatcher(None, words, other, autojunk=False).get_matching_blocks():
+        matcher = difflib.SequenceMatcher(None, words, other, autojunk=False)
+        for a, b, size in matcher.get_matching_blocks():
             if a > i or b > j:
                 out.append(None)   # a gap: unmatched words on either side
             out, i, j = out + words[a:a + size], a + size, b + size
@@ -618,8 +621,8 @@ def p3_template(prompts: list[str], field: str = '[X]') -> str:
 
 
 def p3_chance_match(parts: list, k: int, prompts: list[str]) -> bool:
-    """Whether literal parts[k], between two gaps, is only whitespace or occurs more than once in the
-    text that it and the two gaps cover in some prompt."""
+    """Whether literal parts[k], between two gaps, is only whitespace or occurs more than once in
+    the text that it and the two gaps cover in some prompt."""
     if not parts[k].strip():
         return True
     pattern = re.compile(''.join('(.*?)' if p is None else re.escape(p) for p in parts), re.S)
@@ -633,21 +636,23 @@ def p3_chance_match(parts: list, k: int, prompts: list[str]) -> bool:
 
 def p3_template_file(path: str) -> dict:
     """{lower-cased '<dataset>_<template name>': text} of a file in the original's format (its
-    all_edited_prompts.txt): blocks separated by a line of '*', each '<dataset>\\t||||\\t<name>\\t||||\\t<text>'."""
+    all_edited_prompts.txt): blocks separated by a line of '*', each
+    '<dataset>\\t||||\\t<name>\\t||||\\t<text>'."""
     with open(path, encoding='utf-8') as f:
         blocks = [b.strip() for b in re.split(r'^\*+$', f.read(), flags=re.M)]
     out = {}
     for n, block in enumerate(b for b in blocks if b):
         parts = block.split('\t||||\t')
         if len(parts) != 3:
-            raise DataError(f'--p3-templates {path}: block {n + 1} is not <dataset>\\t||||\\t<name>\\t||||\\t<text>')
+            raise DataError(f'--p3-templates {path}: block {n + 1} is not '
+                            '<dataset>\\t||||\\t<name>\\t||||\\t<text>')
         out[f'{parts[0]}_{parts[1]}'.lower()] = parts[2]
     return out
 
 
 def p3_demos(pool: dict, k: int, seed: str, tokenizer) -> str:
-    """k demonstrations '<prompted input> Output: <target>\\n\\n' of pool rows drawn with `seed`, those
-    that fit P3_DEMO_TOKENS tokens together (the original's pruning)."""
+    """k demonstrations '<prompted input> Output: <target>\\n\\n' of pool rows drawn with `seed`,
+    those that fit P3_DEMO_TOKENS tokens together (the original's pruning)."""
     inputs, targets = pool['inputs_pretokenized'], pool['targets_pretokenized']
     demos, room = '', P3_DEMO_TOKENS
     for j in random.Random(seed).sample(range(len(inputs)), min(k, len(inputs))):
@@ -660,11 +665,11 @@ def p3_demos(pool: dict, k: int, seed: str, tokenizer) -> str:
 
 
 def p3_texts(args: DataArgs, split: str, configs, tokenizer) -> dict:
-    """{configuration: (the hypernetwork's text, what goes before the prompted input in the encoder)}.
-    The template: from --p3-templates, else derived (p3_template) from 16 seeded rows among the first
-    1,000 of the split. --shots k: p3_demos from the first 1,000 rows of the configuration's train split
-    (else its own), then ' Definition: ' + template; in full-input the demonstrations go to the encoder and
-    the hypernetwork reads nothing. The same for every row of a configuration; cached in --cache-dir."""
+    """{configuration: (the hypernetwork's text, what precedes the prompted input in the encoder)},
+    the same for every row of a configuration. The template: from --p3-templates, else p3_template
+    of 16 seeded rows among the first 1,000 of the split. --shots k: p3_demos from the first 1,000
+    rows of the configuration's train split (else its own), then ' Definition: ' + template; in
+    full-input the demonstrations go to the encoder, and nothing to the hypernetwork. Cached."""
     path = cache_path(args, split, tokenizer, source_files(args, split))[:-4] + '-texts.json'
     if os.path.exists(path):
         with open(path, encoding='utf-8') as f:
@@ -673,16 +678,19 @@ def p3_texts(args: DataArgs, split: str, configs, tokenizer) -> dict:
     out = {}
     for _, config, files, train_files in configs:
         if given is not None and config.lower() not in given:
-            raise DataError(f'--p3-templates {args.p3_templates}: no template for configuration {config}')
+            raise DataError(f'--p3-templates {args.p3_templates}: no template for configuration '
+                            f'{config}')
         rows = read_p3(files, P3_COLUMNS, 1000)
-        prompts = [p for p in rows['inputs_pretokenized'] if isinstance(p, str)]
+        prompts = [p for p in rows['inputs_pretokenized'] if isinstance(p, str)] or ['']
         if given is not None:
             template = given[config.lower()]
         else:
-            template = p3_template(random.Random(config).sample(prompts, min(16, len(prompts))) or [''])
+            template = p3_template(random.Random(config).sample(prompts, min(16, len(prompts))))
         instruction, prefix = template, ''
         if args.shots:
-            pool = read_p3(train_files, P3_COLUMNS, 1000) if train_files and split != 'train' else rows
+            pool = rows
+            if train_files and split != 'train':
+                pool = read_p3(train_files, P3_COLUMNS, 1000)
             seed = f'{args.seed if split == "train" else 0}:{config}'
             demos = p3_demos(pool, args.shots, seed, tokenizer)
             instruction = demos + ' Definition: ' + template
@@ -716,8 +724,8 @@ def p3_row_group(path: str, g: int) -> tuple[list, list]:
 
 def p3_rates(args: DataArgs, configs, groups) -> np.ndarray:
     """T0's mixing rate of each template: a dataset of more than --p3-examples-per-dataset training
-    examples (its largest template's rows) gives each of its T templates that / T; a smaller dataset gives
-    each template its own size."""
+    examples (its largest template's rows) gives each of its T templates that / T; a smaller dataset
+    gives each template its own size."""
     sizes = np.array([sum(n for *_, n in g) for g in groups], np.float64)
     rates, names = sizes.copy(), np.array([d for d, *_ in configs])
     for d in set(names):
@@ -727,10 +735,11 @@ def p3_rates(args: DataArgs, configs, groups) -> np.ndarray:
 
 
 def p3_draws(args: DataArgs, configs, groups, state: dict):
-    """Yields (template, row group, row) without end: T0's mixture. Draw n picks a template at p3_rates
-    (default_rng([seed, n // P3_BLOCK])); a template's k-th draw walks pass k // rows of its whole train
-    split in a seeded order (its row groups shuffled, then the rows within each): a pure function of
-    (seed, position). `state` {'draws', 'counts' per template} advances in place: a copy resumes it."""
+    """Yields (template, row group, row) without end: T0's mixture. Draw n picks a template at
+    p3_rates (default_rng([seed, n // P3_BLOCK])); a template's k-th draw walks pass k // rows of
+    its whole train split in a seeded order (its row groups shuffled, then the rows within each): a
+    pure function of (seed, position). `state` {'draws', 'counts' per template} advances in place;
+    a copy of it resumes the stream."""
     rates = p3_rates(args, configs, groups)
     sizes = [sum(n for *_, n in g) for g in groups]
     empty = [c for (_, c, *_), n in zip(configs, sizes) if not n]
@@ -738,7 +747,7 @@ def p3_draws(args: DataArgs, configs, groups, state: dict):
         raise DataError(f'configuration {empty[0]}: no training rows')
 
     @functools.lru_cache(maxsize=1024)
-    def order(t, e, g=None):   # template t's row groups in pass e, with their first draws; or group g's rows
+    def order(t, e, g=None):   # template t's row groups in pass e, their first draws; or g's rows
         if g is not None:
             return np.random.default_rng([args.seed, t, e, g]).permutation(groups[t][g][2])
         perm = np.random.default_rng([args.seed, t, e]).permutation(len(groups[t]))
@@ -746,7 +755,8 @@ def p3_draws(args: DataArgs, configs, groups, state: dict):
 
     while True:
         n = state['draws']
-        picks = np.random.default_rng([args.seed, n // P3_BLOCK]).choice(len(rates), P3_BLOCK, p=rates / rates.sum())
+        rng = np.random.default_rng([args.seed, n // P3_BLOCK])
+        picks = rng.choice(len(rates), P3_BLOCK, p=rates / rates.sum())
         for t in picks[n % P3_BLOCK:].tolist():
             e, k = divmod(state['counts'][t], sizes[t])
             perm, starts = order(t, e)
@@ -757,21 +767,21 @@ def p3_draws(args: DataArgs, configs, groups, state: dict):
 
 
 def p3_row(configs, texts: dict, groups, t: int, g: int, j: int) -> dict:
-    """The row of draw (template t, row group g, row j): the hypernetwork's text is the template's."""
+    """The row of draw (template t, row group g, row j); the hypernetwork reads the template."""
     dataset, config = configs[t][:2]
     path, group, _ = groups[t][g]
     prompts, targets = p3_row_group(path, group)
     prompt, target = prompts[j], targets[j]
     if not (isinstance(prompt, str) and isinstance(target, str)):
-        raise DataError(f'{path}: configuration {config} row group {group} row {j}: fields {P3_COLUMNS} '
-                        f'must be strings, got {prompt!r}, {target!r}')
+        raise DataError(f'{path}: configuration {config} row group {group} row {j}: fields '
+                        f'{P3_COLUMNS} must be strings, got {prompt!r}, {target!r}')
     instruction, prefix = texts[config]
-    return dict(task=config, id=f'{config}-{group}-{j}', instruction=instruction, input=prefix + prompt,
-                target=target, references=[target], category=dataset)
+    return dict(task=config, id=f'{config}-{group}-{j}', instruction=instruction,
+                input=prefix + prompt, target=target, references=[target], category=dataset)
 
 
 def p3_mixture(args: DataArgs, tokenizer, state: dict | None = None):
-    """(configurations, texts, groups, draws, state) of T0's training mixture, drawn from `state`."""
+    """(configurations, texts, groups, draws, state) of T0's training mixture, from `state`."""
     configs = p3_configs(args, 'train')
     texts = p3_texts(args, 'train', configs, tokenizer)
     groups = [p3_groups(files) for _, _, files, _ in configs]
@@ -780,21 +790,22 @@ def p3_mixture(args: DataArgs, tokenizer, state: dict | None = None):
 
 
 def build_p3(args: DataArgs, split: str, tokenizer):
-    """train: the first --p3-examples (0: 1,000) draws of T0's mixture (p3_draws). test: the held-out
-    evaluation split, whole, of every template with answer choices that promptsource marks original_task,
-    with 'choices' (answer_choices) and 'answer' (the target's index among them). The hypernetwork
-    reads the template (p3_texts), the encoder the prompted input."""
+    """train: the first --p3-examples (0: 1,000) draws of T0's mixture (p3_draws). test: the
+    held-out evaluation split, whole, of every template with answer choices that promptsource marks
+    original_task, with 'choices' (answer_choices) and 'answer' (the target's index among them). The
+    hypernetwork reads the template (p3_texts), the encoder the prompted input."""
     import pyarrow.parquet as pq
     if split == 'train':
         configs, texts, groups, draws, _ = p3_mixture(args, tokenizer)
-        return [p3_row(configs, texts, groups, *d) for d in itertools.islice(draws, args.p3_examples or 1000)], {}
+        draws = itertools.islice(draws, args.p3_examples or 1000)
+        return [p3_row(configs, texts, groups, *d) for d in draws], {}
     configs = p3_configs(args, split)
     skipped = {'templates_not_original_task': [c for _, c, *_ in configs if c in P3_NOT_ORIGINAL],
                'templates_without_answer_choices': []}
     configs = [c for c in configs if c[1] not in P3_NOT_ORIGINAL]
-    for c in configs:
+    for c in configs:   # a generation template: not ranked
         if 'answer_choices' not in pq.read_schema(c[2][0]).names:
-            skipped['templates_without_answer_choices'].append(c[1])   # a generation template: not ranked
+            skipped['templates_without_answer_choices'].append(c[1])
     configs = [c for c in configs if c[1] not in skipped['templates_without_answer_choices']]
     texts, rows = p3_texts(args, split, configs, tokenizer), []
     for dataset, config, files, _ in configs:
@@ -803,18 +814,19 @@ def build_p3(args: DataArgs, split: str, tokenizer):
         for i, (prompt, target, choices) in enumerate(zip(*table.values())):
             where = f'{files[0]}: configuration {config} row {i}'
             if not (isinstance(prompt, str) and isinstance(target, str)):
-                raise DataError(f'{where}: fields {P3_COLUMNS} must be strings, got {prompt!r}, {target!r}')
+                raise DataError(f'{where}: fields {P3_COLUMNS} must be strings, got {prompt!r}, '
+                                f'{target!r}')
             if not choices or not all(isinstance(c, str) for c in choices):
-                raise DataError(f'{where}: field \'answer_choices\' must be a non-empty list of strings, '
-                                f'got {choices!r}')
+                raise DataError(f'{where}: field \'answer_choices\' must be a non-empty list of '
+                                f'strings, got {choices!r}')
             stripped = [c.strip() for c in choices]
             if target.strip() not in stripped:
                 raise DataError(f'{where}: field \'targets_pretokenized\' {target!r} is not one of '
                                 f'\'answer_choices\' {choices}')
             answer = stripped.index(target.strip())
-            rows.append(dict(task=config, id=f'{config}-{i}', instruction=instruction, input=prefix + prompt,
-                             target=choices[answer], references=[choices[answer]], category=dataset,
-                             choices=list(choices), answer=answer))
+            rows.append(dict(task=config, id=f'{config}-{i}', instruction=instruction,
+                             input=prefix + prompt, target=choices[answer], category=dataset,
+                             references=[choices[answer]], choices=list(choices), answer=answer))
     return rows, skipped
 
 
@@ -869,8 +881,9 @@ def source_files(args: DataArgs, split: str) -> list[str]:
         return [split_file] + [p for _, p in tasks]
     if args.task == 'p3':   # held-out demonstrations come from the train files
         templates = [args.p3_templates] if args.p3_templates else []
-        return [f for _, _, files, train in p3_configs(args, split) for f in files + train * (split == 'test')
-                ] + templates
+        configs = p3_configs(args, split)
+        files = [f for _, _, files, train in configs for f in files + train * (split == 'test')]
+        return files + templates
     return c4_files(args, split) if args.task == 'c4' else []
 
 
@@ -888,7 +901,8 @@ def cache_path(args: DataArgs, split: str, tokenizer, files: list[str]) -> str:
     if args.task == 'c4':
         key.update(c4_documents=args.c4_documents, source=args.data_dir and os.path.abspath(args.data_dir))
     if args.task == 'p3':
-        key.update(p3_examples_per_dataset=args.p3_examples_per_dataset, p3_examples=args.p3_examples)
+        key.update(p3_examples_per_dataset=args.p3_examples_per_dataset,
+                   p3_examples=args.p3_examples)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     return os.path.join(args.cache_dir, f'{args.task}-{split}-{digest}.npz')
 
@@ -1039,23 +1053,22 @@ def c4_stream(args: DataArgs, tokenizer, batch_size: int, process_index: int = 0
         ds.set_epoch(ds.epoch + 1)   # the next pass, from the start of this host's shards
 
 
-def p3_stream(args: DataArgs, tokenizer, batch_size: int, process_index: int = 0, process_count: int = 1,
-              state: dict | None = None):
-    """Yields (batch, state) without end: this host's share (batch_size // process_count rows) of T0's
-    training mixture, read and tokenized as it is used. Step s's global batch is draws [s B, (s+1) B);
-    every host follows the whole stream but reads and tokenizes only its own rows. Widths: the bucket of
-    the batch's longest row on one host, the fixed `lengths` on several (the same shapes on every host)."""
+def p3_stream(args: DataArgs, tokenizer, batch_size: int, process_index: int = 0,
+              process_count: int = 1, state: dict | None = None):
+    """Yields (batch, state) without end: this host's share (batch_size // process_count rows) of
+    T0's training mixture, read and tokenized as it is used. Step s's global batch is draws
+    [s B, (s+1) B): every host follows the whole stream, reads and tokenizes only its own rows.
+    Widths: the bucket of the longest row on one host, the fixed `lengths` on several hosts."""
     configs, texts, groups, draws, state = p3_mixture(args, tokenizer, state)
-    share, memo = batch_size // process_count, {}
+    (li, lx, ly), share, memo = lengths(args), batch_size // process_count, {}
     while True:
-        mine = list(itertools.islice(draws, batch_size))[process_index * share:(process_index + 1) * share]
-        rows = [p3_row(configs, texts, groups, *d) for d in mine]
+        mine = list(itertools.islice(draws, batch_size))[process_index * share:][:share]
         seqs = []
-        for row in rows:
+        for row in [p3_row(configs, texts, groups, *d) for d in mine]:
             if row['instruction'] not in memo:   # one text per template: tokenized once
-                memo[row['instruction']] = encode(tokenizer, row['instruction'], lengths(args)[0])[0]
-            seqs.append([memo[row['instruction']], encode(tokenizer, row['input'], lengths(args)[1])[0],
-                         encode(tokenizer, row['target'], lengths(args)[2])[0] or [tokenizer.eos_id]])
+                memo[row['instruction']] = encode(tokenizer, row['instruction'], li)[0]
+            seqs.append([memo[row['instruction']], encode(tokenizer, row['input'], lx)[0],
+                         encode(tokenizer, row['target'], ly)[0] or [tokenizer.eos_id]])
         widths = lengths(args)
         if process_count == 1:
             widths = [bucket(max(len(s[f]) for s in seqs), w) for f, w in enumerate(widths)]

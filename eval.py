@@ -228,27 +228,29 @@ def gather(preds):
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def choice_scores(params, cfg, hcfg, instruction, inputs, choices):
-    """[B, C] summed log-probabilities of choices [B, C, Lc] (0-padded; an all-padding choice is absent:
-    -inf) of B instances of ONE template. Its task state (instruction [Li]) is computed once and shared
-    by every row; each instance's encoder output (inputs [B, Lx]) is shared by its C choices."""
+    """[B, C] summed log-probabilities of choices [B, C, Lc] (0-padded; an all-padding choice is
+    absent: -inf) of B instances of ONE template. Its task state (instruction [Li]) is computed once
+    and shared by every row; each instance's encoder output (inputs [B, Lx]) by its C choices."""
     B, C, Lc = choices.shape
-    mods = None if hcfg is None else HN.select_task(HN.encode_task(params, cfg, hcfg, instruction[None]), 0)
+    mods = None
+    if hcfg is not None:
+        mods = HN.select_task(HN.encode_task(params, cfg, hcfg, instruction[None]), 0)
     enc = M.t5_encode(params['t5'], cfg, inputs, mods)
     kv = M.cross_kv(params['t5'], cfg, enc, inputs != M.PAD_ID, mods)
-    # every input's keys/values [Ld, B, S, H, K] and bias [B, ...] C times in a row; the memory is shared
+    # each input's keys/values [Ld, B, S, H, K] and bias [B, ...] C times in a row; memory is shared
     kv.update({n: jnp.repeat(kv[n], C, axis=0 if n == 'bias' else 1) for n in ('k', 'v', 'bias')})
     flat = choices.reshape(B * C, Lc)
-    logits = M.t5_decode(params['t5'], cfg, M.shift_right(flat), kv, mods)                 # [B*C, Lc, V]
+    logits = M.t5_decode(params['t5'], cfg, M.shift_right(flat), kv, mods)   # [B*C, Lc, V]
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), flat[..., None], -1)[..., 0]
     total = jnp.sum(logp * (flat != M.PAD_ID), -1).reshape(B, C)
     return jnp.where(jnp.any(choices != M.PAD_ID, -1), total, -jnp.inf)
 
 
 def rank_classify(params, cfg, hcfg, split, batch_size=64):
-    """Choice scores [N, C] (float32) for a load_split() result with 'choices', per template (one task
-    state each) in chunks of about batch_size decoder rows sorted by input length, each cut to its used
-    widths (rounded up to a data.bucket). In a multi-host run each process scores every process_count-th
-    chunk and the scores are gathered."""
+    """Choice scores [N, C] (float32) for a load_split() result with 'choices', per template (one
+    task state each) in chunks of about batch_size decoder rows sorted by input length, each cut to
+    its used widths (rounded up to a data.bucket). In a multi-host run each process scores every
+    process_count-th chunk and the scores are gathered."""
     choices, n, width, lens = split['choices'], len(split['input']), data.bucket, split['lengths']   # [N, 3]
     clen = data.row_lengths(choices.reshape(-1, choices.shape[2])).reshape(n, -1).max(1)       # [N]
     per = max(1, batch_size // choices.shape[1])   # instances per chunk
@@ -275,9 +277,9 @@ def rank_classify(params, cfg, hcfg, split, batch_size=64):
 
 
 def p3_metrics(rows: list[dict]) -> dict:
-    """rows: {task (template), category (dataset), correct} -> accuracy x100 per template; per dataset the
-    mean and the median over its templates; overall their averages over datasets (the mean first: the
-    headline)."""
+    """rows: {task (template), category (dataset), correct} -> accuracy x100 per template; per
+    dataset the mean and the median over its templates; overall their averages over datasets (the
+    mean first: the headline)."""
     per_template = collections.defaultdict(list)
     dataset_of = {}
     for r in rows:

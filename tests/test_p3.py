@@ -1,8 +1,9 @@
-"""--task p3: templates for the hypernetwork, T0's training mixture (streamed), rank classification on the
-held-out datasets, P3 metrics, bad data.
+"""--task p3: templates for the hypernetwork, T0's training mixture (streamed), rank classification
+on the held-out datasets, P3 metrics, bad data.
 
-A small fixture in bigscience/P3's layout (data/<configuration>/<split>-00000-of-00001.parquet, P3's column
-names) is written by the test with pyarrow; texts are bytes (the byte tokenizer), the model is `tiny`.
+A small fixture in bigscience/P3's layout (data/<configuration>/<split>-00000-of-00001.parquet, P3's
+column names) is written by the test with pyarrow; texts are bytes (the byte tokenizer), the model
+is `tiny`.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import train as T
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATASETS = ('imdb', 'wiki_qa', 'wiki_hop_original', 'super_glue_rte', 'anli_r1', 'hellaswag')
 CHOICES = ['yes', 'no', 'maybe']
-WORDS = [f'{a}{b}' for a in ('ka', 'lo', 'mi', 'nu', 'pe', 'ro', 'su', 'ti') for b in ('x', 'y', 'z', 'w')]
+WORDS = [a + b for a in ('ka', 'lo', 'mi', 'nu', 'pe', 'ro', 'su', 'ti') for b in 'xyzw']
 
 
 def field(rng, most=4):
@@ -50,7 +51,8 @@ def write_config(root, config, split, n, choices=True, columns=None, bad=None, r
     rows = {'inputs': [[1, 2]] * n,
             'inputs_pretokenized': [prompt(config, i) for i in range(n)],
             'targets': [[3]] * n,
-            'targets_pretokenized': [CHOICES[i % 3] if choices else f'answer {i}' for i in range(n)]}
+            'targets_pretokenized': [CHOICES[i % 3] if choices else f'answer {i}'
+                                     for i in range(n)]}
     if choices:
         rows['answer_choices'] = [list(CHOICES)] * n
     if bad:
@@ -65,20 +67,22 @@ def write_config(root, config, split, n, choices=True, columns=None, bad=None, r
 
 
 def make_p3(root):
-    for config, n in (('imdb_t1', 300), ('imdb_t2', 300), ('wiki_qa_Q', 40), ('wiki_hop_original_choose', 60)):
+    for config, n in (('imdb_t1', 300), ('imdb_t2', 300), ('wiki_qa_Q', 40),
+                      ('wiki_hop_original_choose', 60)):
         write_config(root, config, 'train', n, choices=False, row_group=64)
     write_config(root, 'wiki_qa_Q_score_eval', 'train', 10, choices=False)   # never used
-    for config in ('super_glue_rte_a', 'super_glue_rte_b', 'anli_GPT_3_style_r1', 'anli_GPT_3_style_r2',
-                   'hellaswag_complete', 'hellaswag_how_ends'):
+    for config in ('super_glue_rte_a', 'super_glue_rte_b', 'anli_GPT_3_style_r1',
+                   'anli_GPT_3_style_r2', 'hellaswag_complete', 'hellaswag_how_ends'):
         write_config(root, config, 'train', 6)
         write_config(root, config, 'validation', 4)
-    write_config(root, 'super_glue_rte_generate', 'validation', 4, choices=False)   # no answer_choices
+    write_config(root, 'super_glue_rte_generate', 'validation', 4, choices=False)   # no choices
     return str(root)
 
 
 def p3_args(root, tmp, **kw):
-    base = dict(task='p3', data_dir=root, p3_datasets=DATASETS, p3_examples_per_dataset=100, tokenizer='byte',
-                instruction_len=256, input_len=128, target_len=16, cache_dir=str(tmp / 'cache'))
+    base = dict(task='p3', data_dir=root, p3_datasets=DATASETS, p3_examples_per_dataset=100,
+                tokenizer='byte', instruction_len=256, input_len=128, target_len=16,
+                cache_dir=str(tmp / 'cache'))
     return data.DataArgs(**{**base, **kw})
 
 
@@ -90,9 +94,9 @@ def p3_dir(tmp_path_factory):
 def test_template_derivation():
     rng = random.Random(0)
     shapes = {   # a field at the start, in the middle, at the end; two fields next to each other
-        'start': ('{} is what the reviewer wrote. Is it positive?', '[X] is what the reviewer wrote. Is it positive?'),
+        'start': ('{} is what the reviewer wrote. Good?', '[X] is what the reviewer wrote. Good?'),
         'middle': ('Question: {}\nContext: {}\nAnswer:', 'Question: [X]\nContext: [X]\nAnswer:'),
-        'end': ('Extract the answer from the following context: {}', 'Extract the answer from the following context: [X]'),
+        'end': ('Extract the answer from this text: {}', 'Extract the answer from this text: [X]'),
         'adjacent': ('Name: {} {}. Who is it?', 'Name: [X]. Who is it?'),
     }
     for text, expected in shapes.values():
@@ -102,7 +106,7 @@ def test_template_derivation():
         instance_words = set(' '.join(prompts).split()) - set(text.split())
         assert not set(data.p3_words(template)) & instance_words   # no word of any instance is left
     # a common word inside a varying passage ("the") is a chance match, not the template's
-    passages = ['The cat sat on the mat.', 'In the end the hero won.', 'A storm hit the coast at dawn.']
+    passages = ['The cat sat on the mat.', 'In the end the hero won.', 'A storm hit the coast.']
     prompts = [f'Passage: {p}\nWhat happened?' for p in passages]
     assert data.p3_template(prompts) == 'Passage: [X].\nWhat happened?'
 
@@ -110,20 +114,23 @@ def test_template_derivation():
 def test_templates_and_demonstrations(p3_dir, tmp_path):
     tok = M.load_tokenizer('byte')
     rows, _ = data.build_p3(p3_args(p3_dir, tmp_path, p3_examples=200), 'train', tok)
-    for r in rows:   # the hypernetwork reads the template, the same for every row; the encoder the prompt
+    for r in rows:   # the hypernetwork reads the template (one for all rows), the encoder the input
         assert r['instruction'] == f'{r["task"]}: Question: [X]\nContext: [X]\nAnswer?'
-        assert r['input'] == prompt(r['task'], int(r['id'].split('-')[-1]) + 64 * int(r['id'].split('-')[-2]))
+        group, row = r['id'].split('-')[-2:]
+        assert r['input'] == prompt(r['task'], 64 * int(group) + int(row))
     test = data.load_split(p3_args(p3_dir, tmp_path, shots=1), 'test', tok)
     by_template = collections.defaultdict(set)
     for ex, ids in zip(test['examples'], test['instruction']):
         by_template[ex['task']].add(ids.tobytes())
-        demo, definition = ex['instruction'].split('\n\n')   # one demonstration from the train split (6 rows)
+        demo, definition = ex['instruction'].split('\n\n')   # one demonstration, from train
         assert definition == f' Definition: {ex["task"]}: Question: [X]\nContext: [X]\nAnswer?'
         assert any(demo == f'{prompt(ex["task"], i)} Output: {CHOICES[i % 3]}' for i in range(6))
     assert all(len(v) == 1 for v in by_template.values())   # one hypernetwork text per template
-    full = data.load_split(p3_args(p3_dir, tmp_path, shots=1, format='full-input', input_len=256), 'test', tok)
-    for ex, hint in zip(full['examples'], test['examples']):   # full-input: the demonstrations in the encoder
-        assert ex['instruction'] == '' and ex['input'] == hint['instruction'].split('\n\n')[0] + '\n\n' + hint['input']
+    full = data.load_split(p3_args(p3_dir, tmp_path, shots=1, format='full-input', input_len=256),
+                           'test', tok)
+    for ex, hint in zip(full['examples'], test['examples']):   # full-input: demos in the encoder
+        demo = hint['instruction'].split('\n\n')[0]
+        assert ex['instruction'] == '' and ex['input'] == demo + '\n\n' + hint['input']
 
 
 def test_template_file(p3_dir, tmp_path):
@@ -131,14 +138,16 @@ def test_template_file(p3_dir, tmp_path):
     path = tmp_path / 'prompts.txt'   # the original's format; keys are lower-cased
     blocks = ['Super_Glue_RTE\t||||\tA\t||||\tDoes [PREMISE]\n\nimply [HYPOTHESIS]?',
               'super_glue_rte\t||||\tb\t||||\tIs [HYPOTHESIS] true?',
-              'anli\t||||\tGPT_3_style_r1\t||||\t[PREMISE] Question: [HYPOTHESIS] True, False, or Neither?']
-    path.write_text('\n****************************\n'.join(blocks) + '\n****************************\n')
-    args = p3_args(p3_dir, tmp_path, p3_templates=str(path), p3_datasets=('super_glue_rte', 'anli_r1'))
+              'anli\t||||\tGPT_3_style_r1\t||||\t[PREMISE] Question: [HYPOTHESIS] True or False?']
+    stars = '\n****************************\n'
+    path.write_text(stars.join(blocks) + stars)
+    args = p3_args(p3_dir, tmp_path, p3_templates=str(path),
+                   p3_datasets=('super_glue_rte', 'anli_r1'))
     split = data.load_split(args, 'test', tok)
     texts = {ex['task']: ex['instruction'] for ex in split['examples']}
     assert texts == {'super_glue_rte_a': 'Does [PREMISE]\n\nimply [HYPOTHESIS]?',
                      'super_glue_rte_b': 'Is [HYPOTHESIS] true?',
-                     'anli_GPT_3_style_r1': '[PREMISE] Question: [HYPOTHESIS] True, False, or Neither?'}
+                     'anli_GPT_3_style_r1': '[PREMISE] Question: [HYPOTHESIS] True or False?'}
     path.write_text(blocks[0])
     with pytest.raises(data.DataError, match='no template for configuration anli_GPT_3_style_r1'):
         data.load_split(args, 'test', tok)
@@ -150,14 +159,15 @@ def test_mixture_rates_and_whole_splits(p3_dir, tmp_path):
     groups = [data.p3_groups(files) for _, _, files, _ in configs]
     state = {'draws': 0, 'counts': [0] * len(configs)}
     draws = list(itertools.islice(data.p3_draws(args, configs, groups, state), 20000))
-    # T0's rule, cap 100: imdb (300 > 100 examples, 2 templates) 50 each; wiki_qa 40, wiki_hop_original 60
+    # T0's rule, cap 100: imdb (300 > 100 examples, 2 templates) 50 each; wiki_qa 40; wiki_hop 60
     expected = {'imdb_t1': 50, 'imdb_t2': 50, 'wiki_qa_Q': 40, 'wiki_hop_original_choose': 60}
     counts = collections.Counter(configs[t][1] for t, _, _ in draws)
     for config, rate in expected.items():
         assert abs(counts[config] / 20000 / (rate / 200) - 1) < 0.03, (config, counts)
     # each template walks its whole split, shuffled: every pass holds each row exactly once
     rows = [64 * g + j for t, g, j in draws if configs[t][1] == 'imdb_t1']
-    assert sorted(rows[:300]) == sorted(rows[300:600]) == list(range(300)) and rows[:300] != rows[300:600]
+    assert sorted(rows[:300]) == sorted(rows[300:600]) == list(range(300))
+    assert rows[:300] != rows[300:600]
     assert rows[:64] != sorted(rows[:64])
     assert state == {'draws': 20000, 'counts': [counts[c[1]] for c in configs]}
 
@@ -167,18 +177,21 @@ def test_stream_resumes(p3_dir, tmp_path):
     args = p3_args(p3_dir, tmp_path, p3_datasets=('imdb', 'wiki_qa', 'wiki_hop_original'))
     stream = data.p3_stream(args, tok, 8)
     first = [next(stream) for _ in range(5)]
-    again = data.p3_stream(args, tok, 8, state=json.loads(json.dumps(first[1][1])))   # as a checkpoint keeps it
+    saved = json.loads(json.dumps(first[1][1]))   # as a checkpoint keeps it
+    again = data.p3_stream(args, tok, 8, state=saved)
     for (batch, state), (b, s) in zip(first[2:], again):
         assert state == s and all(np.array_equal(batch[k], b[k]) for k in data.FIELDS)
     assert first[-1][1]['draws'] == 40
     # two hosts: each its half of the same global batch, at the fixed widths
     host = [next(data.p3_stream(args, tok, 8, h, 2)) for h in (0, 1)]
     whole = np.concatenate([b['input'] for b, _ in host])
-    assert whole.shape == (8, 128) and np.array_equal(whole[:, :first[0][0]['input'].shape[1]], first[0][0]['input'])
-    # in a training batch, rows of a template share one instruction id: its task state is computed once
     batch = first[0][0]
+    assert whole.shape == (8, 128)
+    assert np.array_equal(whole[:, :batch['input'].shape[1]], batch['input'])
+    # in a training batch a template's rows share one instruction id: its task state is made once
     ids, n_tasks = T.task_ids(batch['instruction'], 8, 1)
-    assert len(set(ids.tolist())) == len({r.tobytes() for r in batch['instruction']}) <= 4 and n_tasks <= 4
+    templates = {r.tobytes() for r in batch['instruction']}
+    assert len(set(ids.tolist())) == len(templates) <= 4 and n_tasks <= 4
 
 
 def test_held_out_split_exclusions_and_cache(p3_dir, tmp_path):
@@ -188,8 +201,8 @@ def test_held_out_split_exclusions_and_cache(p3_dir, tmp_path):
     cached = data.load_split(args, 'test', tok)
     assert built['skipped'] == {'templates_not_original_task': ['hellaswag_how_ends'],
                                 'templates_without_answer_choices': ['super_glue_rte_generate']}
-    assert sorted({e['task'] for e in built['examples']}) == ['anli_GPT_3_style_r1', 'hellaswag_complete',
-                                                              'super_glue_rte_a', 'super_glue_rte_b']
+    assert sorted({e['task'] for e in built['examples']}) == [
+        'anli_GPT_3_style_r1', 'hellaswag_complete', 'super_glue_rte_a', 'super_glue_rte_b']
     for k in ('choices', 'answer', 'target', 'instruction'):
         np.testing.assert_array_equal(built[k], cached[k])
     assert built['choices'].shape[:2] == (16, 3) and built['choices'].dtype == np.int32
@@ -201,7 +214,7 @@ def test_held_out_split_exclusions_and_cache(p3_dir, tmp_path):
         'hellaswag_Open_ended_completion', 'hellaswag_Appropriate_continuation_Yes_or_No',
         'hellaswag_Reversed_appropriate_continuation_Yes_or_No', 'hellaswag_how_ends',
         'winogrande_winogrande_xl_True_or_False', 'story_cloze_2016_Generate_Ending'}
-    top = tmp_path / 'top-level'   # the configurations' folders without data/ above them: the same split
+    top = tmp_path / 'top-level'   # the configurations' folders without data/ above: the same split
     shutil.copytree(os.path.join(p3_dir, 'data'), top)
     names = [c[1] for c in data.p3_configs(p3_args(str(top), tmp_path), 'test')]
     assert names == [c[1] for c in data.p3_configs(args, 'test')] and len(names) == 6
@@ -222,7 +235,8 @@ def test_rank_classification_matches_hand_computation(hint, monkeypatch):
     rng = np.random.default_rng(0)
     n, c, lc = 4, 3, 5
     templates = rng.integers(3, 250, [2, 12])   # instances 0, 2 and 1, 3 share a template
-    instruction = np.stack([np.where(np.arange(12) < 6 + 3 * (i % 2), templates[i % 2], 0) for i in range(n)])
+    instruction = np.stack([np.where(np.arange(12) < 6 + 3 * (i % 2), templates[i % 2], 0)
+                            for i in range(n)])
     inputs = np.zeros([n, 10], np.int32)
     choices = np.zeros([n, c, lc], np.int32)
     for i in range(n):
@@ -231,16 +245,20 @@ def test_rank_classification_matches_hand_computation(hint, monkeypatch):
             length = 1 + (i + j) % 4
             choices[i, j, :length] = np.append(rng.integers(3, 250, length - 1), 1)
     choices[1, 1] = choices[1, 0]   # a tie: the first one wins
-    lengths = np.stack([data.row_lengths(x) for x in (instruction, inputs, choices[:, 0])], 1)   # [N, 3]
+    lengths = np.stack([data.row_lengths(x) for x in (instruction, inputs, choices[:, 0])], 1)
     split = {'instruction': instruction.astype(np.int32), 'input': inputs, 'target': choices[:, 0],
              'choices': choices, 'lengths': lengths, 'answer': np.array([0, 1, 0, 2], np.int32),
              'skipped': {'templates_not_original_task': ['x_how_ends']},
              'examples': [{'id': str(i), 'task': f't{i % 2}', 'category': 'd', 'references': ['x'],
                            'choices': ['a', 'b', 'c'][:c - (i == 2)]} for i in range(n)]}
-    calls = []   # the task states rank_classify asks for: one template per call, each once per chunk
-    real = E.choice_scores
-    monkeypatch.setattr(E, 'choice_scores', lambda p, cf, h, ins, x, y: calls.append(ins) or real(p, cf, h, ins, x, y))
-    scores = E.rank_classify(params, cfg, hcfg, split, batch_size=6)   # chunks of 2 instances, one template each
+    calls, real = [], E.choice_scores   # the instructions rank_classify encodes: one per chunk
+
+    def counted(p, cf, h, ins, x, y):
+        calls.append(ins)
+        return real(p, cf, h, ins, x, y)
+
+    monkeypatch.setattr(E, 'choice_scores', counted)
+    scores = E.rank_classify(params, cfg, hcfg, split, batch_size=6)   # chunks of 2, one template
     assert len(calls) == 2 and all(ins.ndim == 1 for ins in calls)
     assert {tuple(np.asarray(ins)[:6]) for ins in calls} == {tuple(t[:6]) for t in templates}
     for i in range(n):
@@ -264,7 +282,8 @@ def test_p3_metrics_aggregation():
     rows = []
     for template, dataset, right, total in [('a1', 'A', 1, 4), ('a2', 'A', 3, 4), ('a3', 'A', 4, 4),
                                             ('b1', 'B', 1, 2), ('b2', 'B', 0, 2)]:
-        rows += [{'task': template, 'category': dataset, 'correct': k < right} for k in range(total)]
+        rows += [{'task': template, 'category': dataset, 'correct': k < right}
+                 for k in range(total)]
     m = E.p3_metrics(rows)
     assert m['per_template'] == {'a1': 25.0, 'a2': 75.0, 'a3': 100.0, 'b1': 50.0, 'b2': 0.0}
     assert m['per_dataset'] == {'A': {'mean': 66.6667, 'median': 75.0, 'templates': 3},
@@ -285,12 +304,14 @@ def test_bad_data_errors(tmp_path):
     msg = error('train', p3_datasets=('imdb', 'xsum'))
     assert 'xsum' in msg and 'xsum_*' in msg
     msg = error('test', p3_datasets=('super_glue_rte', 'story_cloze_2016'))
-    assert 'story_cloze_2016' in msg and 'rocstories' in msg and '--p3-datasets super_glue_rte' in msg
+    assert 'story_cloze_2016' in msg and 'rocstories' in msg
+    assert '--p3-datasets super_glue_rte' in msg
     assert 'story_cloze_2016' in error('test', p3_datasets=())   # T0's whole held-out set needs it
     write_config(root, 'super_glue_rte_a', 'validation', 4, bad=(2, 'answer_choices', []))
     msg = error('test', p3_datasets=('super_glue_rte',))
     assert 'super_glue_rte_a row 2' in msg and 'answer_choices' in msg
-    write_config(root, 'super_glue_rte_a', 'validation', 4, bad=(1, 'targets_pretokenized', 'perhaps'))
+    write_config(root, 'super_glue_rte_a', 'validation', 4,
+                 bad=(1, 'targets_pretokenized', 'perhaps'))
     msg = error('test', p3_datasets=('super_glue_rte',))
     assert 'super_glue_rte_a row 1' in msg and "'targets_pretokenized' 'perhaps'" in msg
     write_config(root, 'imdb_t2', 'train', 4, choices=False, columns=['inputs_pretokenized'])
@@ -300,26 +321,29 @@ def test_bad_data_errors(tmp_path):
     assert 'no such file' in error('test', p3_templates=str(tmp_path / 'absent.txt'))
 
 
-@pytest.mark.parametrize('baseline', ['none', 'full-input'])   # HINT streamed; the demonstrations in the encoder
+@pytest.mark.parametrize('baseline', ['none', 'full-input'])   # HINT streamed; demos in the encoder
 def test_train_and_eval_entry_points(p3_dir, tmp_path, baseline):
     env = dict(os.environ, JAX_PLATFORMS='cpu')
     out, cache = tmp_path / 'run', str(tmp_path / 'cache')
-    argv = [sys.executable, 'train.py', '--task', 'p3', '--data-dir', p3_dir, '--p3-datasets', *DATASETS,
-            '--p3-examples-per-dataset', '100', '--shots', '1', '--init', 'tiny', '--tokenizer', 'byte',
-            '--batch-size', '4', '--steps', '2', '--adapter-dim', '4', '--prefix-len', '2', '--instruction-len', '128',
-            '--input-len', '64', '--target-len', '16', '--out-dir', str(out), '--cache-dir', cache,
+    argv = [sys.executable, 'train.py', '--task', 'p3', '--data-dir', p3_dir, '--p3-datasets',
+            *DATASETS, '--p3-examples-per-dataset', '100', '--shots', '1', '--init', 'tiny',
+            '--tokenizer', 'byte', '--batch-size', '4', '--steps', '2', '--adapter-dim', '4',
+            '--prefix-len', '2', '--instruction-len', '128', '--input-len', '64',
+            '--target-len', '16', '--out-dir', str(out), '--cache-dir', cache,
             '--baseline', baseline] + ['--p3-examples', '40'] * (baseline == 'full-input')
     r = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert 'held-out: accuracy_mean' in r.stdout and 'hellaswag_how_ends' in r.stderr
     trained = json.loads((out / 'metrics.json').read_text())
-    assert set(trained['per_dataset']) == {'super_glue_rte', 'anli_r1', 'hellaswag'} and trained['count'] == 16
+    assert set(trained['per_dataset']) == {'super_glue_rte', 'anli_r1', 'hellaswag'}
+    assert trained['count'] == 16
     assert len(trained['per_template']) == 4
     assert trained['left_out']['templates_not_original_task'] == ['hellaswag_how_ends']
     stream = HN.read_meta(HN.checkpoints(str(out))[-1]).get('stream')
     if baseline == 'none':   # the mixture's position after 2 steps of 4 rows, kept for --resume
-        assert stream == [{'draws': 8, 'counts': stream[0]['counts']}] and sum(stream[0]['counts']) == 8
-    r = subprocess.run([sys.executable, 'eval.py', '--checkpoint', str(out), '--cache-dir', cache], cwd=ROOT,
-                       env=env, capture_output=True, text=True, timeout=300)
+        assert stream == [{'draws': 8, 'counts': stream[0]['counts']}]
+        assert sum(stream[0]['counts']) == 8
+    r = subprocess.run([sys.executable, 'eval.py', '--checkpoint', str(out), '--cache-dir', cache],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert json.loads((out / 'metrics.json').read_text()) == trained
