@@ -1,14 +1,14 @@
 """Does the host keep up with T0's streamed mixture? Tokens/s of the P3 feed alone (data.p3_stream:
-parquet row groups read, rows drawn at T0's rates, tokenized with T5's SentencePiece, padded) against
-tokens/s of the training step on the same batches, side by side on this machine.
+parquet row groups read, rows drawn at T0's rates, tokenized with T5's SentencePiece, padded)
+against tokens/s of the training step on the same batches, side by side on this machine.
 
     python bench/p3_feed.py                         # T5 v1.1-small shapes, batch 32
     python bench/p3_feed.py --size base --batch-size 64
 
 The fixture is written to a temporary folder in bigscience/P3's layout: 20 templates of 4 datasets
 (one above the 500,000 stand-in cap), prompted inputs of about 150-400 words, as P3's reading tasks.
-The ratio feed / step is how many times faster than the device the host makes batches: the feed runs
-on one thread behind data.prefetch, so above 1 the step never waits (train.py shows it as `host N%`).
+The ratio feed / step is how many times faster than the device the host makes batches: the feed
+runs on one thread behind data.prefetch, so above 1 the step never waits (train.py: `host N%`).
 """
 from __future__ import annotations
 
@@ -57,7 +57,8 @@ def write_fixture(root, rows=1000):
                 'targets_pretokenized': [' '.join(rng.choices(words, k=8)) for _ in range(rows)]})
             folder = os.path.join(root, 'data', f'{dataset}_t{t}')
             os.makedirs(folder)
-            pq.write_table(table, os.path.join(folder, 'train-00000-of-00001.parquet'), row_group_size=500)
+            path = os.path.join(folder, 'train-00000-of-00001.parquet')
+            pq.write_table(table, path, row_group_size=500)
     return root
 
 
@@ -74,13 +75,14 @@ def main(args: FeedArgs):
             tokens += sum(int((batch[k] != 0).sum()) for k in data.FIELDS)
         feed = tokens / (time.time() - t0)
     cfg = M.PRESETS[args.size]
-    batch = dict(first, task_id=None)
+    batch = dict(first)
     batch['task_id'], n_tasks = T.task_ids(first['instruction'], args.batch_size, 1)
     step = jax_step_seconds(cfg, HN.HyperConfig(), batch, args.steps, n_tasks)
     per_step = sum(int((first[k] != 0).sum()) for k in data.FIELDS) / step
+    shapes = [v.shape for v in first.values()]
     print(f'P3 feed alone (1 thread, {tok.name}): {feed:,.0f} tok/s; HINT train step ({args.size}, '
-          f'batch {args.batch_size}, shapes {[v.shape for v in first.values()]}): {per_step:,.0f} tok/s '
-          f'-> feed / step {feed / per_step:.1f}x (>= 1: the host keeps up)')
+          f'batch {args.batch_size}, shapes {shapes}): {per_step:,.0f} tok/s -> feed / step '
+          f'{feed / per_step:.1f}x (>= 1: the host keeps up)')
 
 
 if __name__ == '__main__':
