@@ -605,12 +605,8 @@ def p3_template(prompts: list[str], field: str = '[X]') -> str:
                 out.append(None)   # a gap: unmatched words on either side
             out, i, j = out + words[a:a + size], a + size, b + size
         words = out
-    parts = []   # literals (str) and gaps (None), alternating
-    for w in words:
-        if w is not None and parts and parts[-1] is not None:
-            parts[-1] += w
-        elif w is not None or not parts or parts[-1] is not None:
-            parts.append(w)
+    runs = itertools.groupby(words, key=lambda w: w is None)
+    parts = [None if gap else ''.join(run) for gap, run in runs]   # literals and gaps, alternating
     k = 1
     while k < len(parts) - 1:
         if parts[k - 1] is None and parts[k + 1] is None and p3_chance_match(parts, k, prompts):
@@ -786,6 +782,9 @@ def p3_mixture(args: DataArgs, tokenizer, state: dict | None = None):
     texts = p3_texts(args, 'train', configs, tokenizer)
     groups = [p3_groups(files) for _, _, files, _ in configs]
     state = json.loads(json.dumps(state)) if state else {'draws': 0, 'counts': [0] * len(configs)}
+    if len(state['counts']) != len(configs):
+        raise DataError(f'the saved P3 stream position counts {len(state["counts"])} templates, the '
+                        f'data has {len(configs)}: resume with the same --data-dir and --p3-datasets')
     return configs, texts, groups, p3_draws(args, configs, groups, state), state
 
 

@@ -109,6 +109,12 @@ def test_template_derivation():
     passages = ['The cat sat on the mat.', 'In the end the hero won.', 'A storm hit the coast.']
     prompts = [f'Passage: {p}\nWhat happened?' for p in passages]
     assert data.p3_template(prompts) == 'Passage: [X].\nWhat happened?'
+    rte = [('The Treaty of Paris ended the war in 1783.', 'The war ended in 1783'),
+           ('Canberra was chosen as the capital in 1908.', 'Sydney is the capital'),
+           ('Honey bees turn nectar into honey in the hive.', 'Bees make honey'),
+           ('Jupiter is the largest planet of the Solar System.', 'Mars is the largest planet')]
+    prompts = [f'{premise} Question: {hypothesis} True or False?' for premise, hypothesis in rte]
+    assert data.p3_template(prompts) == '[X]. Question: [X] True or False?'
 
 
 def test_templates_and_demonstrations(p3_dir, tmp_path):
