@@ -710,7 +710,7 @@ def p3_groups(files: list[str]) -> list[tuple[str, int, int]]:
     return out
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=512)   # more than T0's ~300 templates: each keeps its current group
 def p3_row_group(path: str, g: int) -> tuple[list, list]:
     """(prompted inputs, targets) of row group g of a P3 parquet file."""
     import pyarrow.parquet as pq
