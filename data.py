@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import difflib
 import functools
 import glob
 import gzip
@@ -21,6 +22,7 @@ import itertools
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import string
@@ -58,7 +60,16 @@ class DataArgs:
     group_by_length: bool = False    # train batches of similar lengths (runs of 50 batches sorted by length)
     p3_datasets: tuple[str, ...] = ()
     """p3: only these datasets (names in data.P3_TRAIN, P3_HELD_OUT); a split none of them is in: all of T0's"""
-    p3_examples_per_dataset: int = 500000   # p3 train: at most this many per dataset, shared by its templates
+    p3_examples_per_dataset: int = 500000
+    """p3 train, T0's mixture rates: a dataset with more train examples gives each of its T
+    templates the rate N / T, a smaller one each template its size"""
+    p3_examples: int = 0
+    """0: T0's training mixture is streamed (its position saved with each checkpoint); N: its first
+    N draws are read into memory (tests, small runs)"""
+    p3_templates: str = ''
+    """p3: the hypernetwork's templates from this file in the original's format (blocks separated
+    by a line of '*', each '<dataset>\\t||||\\t<template name>\\t||||\\t<text>'); '': derived
+    from the data"""
 
 
 FIELDS = ('instruction', 'input', 'target')   # the arrays of every split and batch
@@ -89,8 +100,10 @@ def check_args(args: DataArgs):
     allowed = '0 to 5' if args.task == 'p3' else '0, 1 or 2'
     if not 0 <= args.shots <= (5 if args.task == 'p3' else 2):
         raise DataError(f'--shots must be {allowed} for --task {args.task}, got {args.shots}')
-    if args.p3_examples_per_dataset < 1:
-        raise DataError('--p3-examples-per-dataset must be at least 1')
+    if args.p3_examples_per_dataset < 1 or args.p3_examples < 0:
+        raise DataError('--p3-examples-per-dataset must be at least 1 and --p3-examples at least 0')
+    if args.p3_templates and not os.path.isfile(args.p3_templates):
+        raise DataError(f'--p3-templates {args.p3_templates}: no such file')
     for name in ('instruction_len', 'input_len', 'target_len'):
         if getattr(args, name) is not None and getattr(args, name) < 2:
             raise DataError(f'--{name.replace("_", "-")} must be at least 2 (one token and EOS)')
@@ -487,6 +500,14 @@ P3_HELD_OUT = {'anli_r1': ('anli_', '_r1'), 'anli_r2': ('anli_', '_r2'), 'anli_r
                'super_glue_wsc.fixed': ('super_glue_wsc.fixed_', ''), 'super_glue_wic': ('super_glue_wic_', '')}
 P3_EVAL_SPLITS = ('validation', 'dev_r1', 'dev_r2', 'dev_r3')   # the held-out split: the first one present
 P3_TRAIN_SPLITS = ('train', 'train_r1', 'train_r2', 'train_r3')   # (ANLI's may be named by round)
+# Held-out templates promptsource does not mark original_task: true, which T0 and HINT leave out.
+P3_NOT_ORIGINAL = ('hellaswag_Open_ended_completion', 'hellaswag_how_ends',
+                   'hellaswag_Appropriate_continuation_Yes_or_No',
+                   'hellaswag_Reversed_appropriate_continuation_Yes_or_No',
+                   'winogrande_winogrande_xl_True_or_False', 'story_cloze_2016_Generate_Ending')
+P3_DEMO_TOKENS = 960   # the original keeps the demonstrations that fit this many (FLAN's 1024 - 64)
+P3_COLUMNS = ['inputs_pretokenized', 'targets_pretokenized']
+P3_BLOCK = 4096   # draws of the mixture whose templates one generator call picks
 P3_HELP = ("expected bigscience/P3's layout, DIR[/data]/<configuration>/<split>-00000-of-00001.parquet: on a "
            'machine with network run `huggingface-cli download bigscience/P3 --repo-type dataset '
            '--local-dir DIR` and pass --data-dir DIR')
@@ -580,70 +601,246 @@ def read_p3(files: list[str], columns: list[str], limit: int | None = None) -> d
     return out
 
 
-def p3_demos(pool: dict, i: int, own: bool, k: int, seed: str, room: int, tokenizer, ntok: dict) -> str:
-    """Up to k demonstrations "<prompted input>\\n<target>\\n\\n" of pool rows drawn with `seed` (not row i
-    when the pool is the row's own split), added while their tokens fit `room`."""
+def p3_words(text: str) -> list[str]:
+    """Words, punctuation marks and whitespace runs: joined, they give the text back."""
+    return re.findall(r'\w+|\s+|[^\w\s]', text)
+
+
+def p3_template(prompts: list[str], field: str = '[X]') -> str:
+    """The text that the prompted inputs of one template share, each span that varies between them
+    one `field`. Each prompt is aligned word by word (difflib) with the template so far; what either
+    side does not match becomes a gap. A literal between two gaps that is only whitespace, or occurs
+    twice in what gap + literal + gap cover in a prompt (a chance match in a field), joins them."""
+    words = p3_words(prompts[0])
+    for prompt in prompts[1:]:
+        other, out, i, j = p3_words(prompt), [], 0, 0
+        matcher = difflib.SequenceMatcher(None, words, other, autojunk=False)
+        for a, b, size in matcher.get_matching_blocks():
+            if a > i or b > j:
+                out.append(None)   # a gap: unmatched words on either side
+            out, i, j = out + words[a:a + size], a + size, b + size
+        words = out
+    runs = itertools.groupby(words, key=lambda w: w is None)
+    parts = [None if gap else ''.join(run) for gap, run in runs]   # literals and gaps, alternating
+    k = 1
+    while k < len(parts) - 1:
+        if parts[k - 1] is None and parts[k + 1] is None and p3_chance_match(parts, k, prompts):
+            parts[k - 1:k + 2], k = [None], 1
+        else:
+            k += 1
+    return ''.join(field if p is None else p for p in parts)
+
+
+def p3_chance_match(parts: list, k: int, prompts: list[str]) -> bool:
+    """Whether literal parts[k], between two gaps, is only whitespace or occurs more than once in
+    the text that it and the two gaps cover in some prompt."""
+    if not parts[k].strip():
+        return True
+    pattern = re.compile(''.join('(.*?)' if p is None else re.escape(p) for p in parts), re.S)
+    gap = parts[:k].count(None)   # the regex group of the gap before parts[k]
+    for prompt in prompts:
+        m = pattern.fullmatch(prompt)
+        if m and prompt[m.start(gap):m.end(gap + 1)].count(parts[k]) > 1:
+            return True
+    return False
+
+
+def p3_template_file(path: str) -> dict:
+    """{lower-cased '<dataset>_<template name>': text} of a file in the original's format (its
+    all_edited_prompts.txt): blocks separated by a line of '*', each
+    '<dataset>\\t||||\\t<name>\\t||||\\t<text>'."""
+    with open(path, encoding='utf-8') as f:
+        blocks = [b.strip() for b in re.split(r'^\*+$', f.read(), flags=re.M)]
+    out = {}
+    for n, block in enumerate(b for b in blocks if b):
+        parts = block.split('\t||||\t')
+        if len(parts) != 3:
+            raise DataError(f'--p3-templates {path}: block {n + 1} is not '
+                            '<dataset>\\t||||\\t<name>\\t||||\\t<text>')
+        out[f'{parts[0]}_{parts[1]}'.lower()] = parts[2]
+    return out
+
+
+def p3_demos(pool: dict, k: int, seed: str, tokenizer) -> str:
+    """k demonstrations '<prompted input> Output: <target>\\n\\n' of pool rows drawn with `seed`,
+    those that fit P3_DEMO_TOKENS tokens together (the original's pruning)."""
     inputs, targets = pool['inputs_pretokenized'], pool['targets_pretokenized']
-    picks = random.Random(seed).sample(range(len(inputs)), min(k + 1, len(inputs)))
-    demos = ''
-    for j in [j for j in picks if not (own and j == i)][:k]:
-        demo = f'{inputs[j]}\n{targets[j]}\n\n'
-        if demo not in ntok:   # a row is the demonstration of many others: counted once
-            ntok[demo] = len(tokenizer.encode(demo))
-        if ntok[demo] > room:
+    demos, room = '', P3_DEMO_TOKENS
+    for j in random.Random(seed).sample(range(len(inputs)), min(k, len(inputs))):
+        demo = f'{inputs[j]} Output: {targets[j]}\n\n'
+        room -= len(tokenizer.encode(demo))
+        if room < 0:
             break
-        demos, room = demos + demo, room - ntok[demo]
+        demos += demo
     return demos
 
 
-def build_p3(args: DataArgs, split: str, tokenizer):
-    """P3's prompted input goes to the hypernetwork AND to the encoder (the prompt wraps the instance).
-    train: each configuration's first p3_examples_per_dataset // (its dataset's number of templates) rows
-    (T0's mixture: at most 500,000 examples per dataset, shared by its templates). test: the held-out
-    evaluation split, whole, with 'choices' (answer_choices) and 'answer' (the target's index among them).
-    --shots k (p3_demos) go before the prompted input: in the instruction (format hint) or in the encoder's
-    input (full-input, instruction empty)."""
+def p3_texts(args: DataArgs, split: str, configs, tokenizer) -> dict:
+    """{configuration: (the hypernetwork's text, what precedes the prompted input in the encoder)},
+    the same for every row of a configuration. The template: from --p3-templates, else p3_template
+    of 16 seeded rows among the first 1,000 of the split. --shots k: p3_demos from the first 1,000
+    rows of the configuration's train split (else its own), then ' Definition: ' + template; in
+    full-input the demonstrations go to the encoder, and nothing to the hypernetwork. Cached."""
+    path = cache_path(args, split, tokenizer, source_files(args, split))[:-4] + '-texts.json'
+    if os.path.exists(path):
+        with open(path, encoding='utf-8') as f:
+            return json.load(f)
+    given = p3_template_file(args.p3_templates) if args.p3_templates else None
+    out = {}
+    for _, config, files, train_files in configs:
+        if given is not None and config.lower() not in given:
+            raise DataError(f'--p3-templates {args.p3_templates}: no template for configuration '
+                            f'{config}')
+        rows = read_p3(files, P3_COLUMNS, 1000)
+        prompts = [p for p in rows['inputs_pretokenized'] if isinstance(p, str)] or ['']
+        if given is not None:
+            template = given[config.lower()]
+        else:
+            template = p3_template(random.Random(config).sample(prompts, min(16, len(prompts))))
+        instruction, prefix = template, ''
+        if args.shots:
+            pool = rows
+            if train_files and split != 'train':
+                pool = read_p3(train_files, P3_COLUMNS, 1000)
+            seed = f'{args.seed if split == "train" else 0}:{config}'
+            demos = p3_demos(pool, args.shots, seed, tokenizer)
+            instruction = demos + ' Definition: ' + template
+            if args.format == 'full-input':
+                prefix = demos
+        out[config] = ('', prefix) if args.format == 'full-input' else (instruction, prefix)
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    with open(f'{path}.{os.getpid()}.tmp', 'w', encoding='utf-8') as f:
+        json.dump(out, f, ensure_ascii=False)
+    os.replace(f'{path}.{os.getpid()}.tmp', path)
+    return out
+
+
+def p3_groups(files: list[str]) -> list[tuple[str, int, int]]:
+    """[(file, row group, rows)] of a configuration's parquet files: the units the mixture reads."""
     import pyarrow.parquet as pq
+    out = []
+    for path in files:
+        meta = pq.ParquetFile(path).metadata
+        out += [(path, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
+    return out
+
+
+@functools.lru_cache(maxsize=512)   # more than T0's ~300 templates: each keeps its current group
+def p3_row_group(path: str, g: int) -> tuple[list, list]:
+    """(prompted inputs, targets) of row group g of a P3 parquet file."""
+    import pyarrow.parquet as pq
+    table = pq.ParquetFile(path).read_row_group(g, columns=P3_COLUMNS)
+    return table.column(0).to_pylist(), table.column(1).to_pylist()
+
+
+def p3_rates(args: DataArgs, configs, groups) -> np.ndarray:
+    """T0's mixing rate of each template: a dataset of more than --p3-examples-per-dataset training
+    examples (its largest template's rows) gives each of its T templates that / T; a smaller dataset
+    gives each template its own size."""
+    sizes = np.array([sum(n for *_, n in g) for g in groups], np.float64)
+    rates, names = sizes.copy(), np.array([d for d, *_ in configs])
+    for d in set(names):
+        if sizes[names == d].max() > args.p3_examples_per_dataset:
+            rates[names == d] = args.p3_examples_per_dataset / np.sum(names == d)
+    return rates
+
+
+def p3_draws(args: DataArgs, configs, groups, state: dict):
+    """Yields (template, row group, row) without end: T0's mixture. Draw n picks a template at
+    p3_rates (default_rng([seed, n // P3_BLOCK])); a template's k-th draw walks pass k // rows of
+    its whole train split in a seeded order (its row groups shuffled, then the rows within each): a
+    pure function of (seed, position). `state` {'draws', 'counts' per template} advances in place;
+    a copy of it resumes the stream."""
+    rates = p3_rates(args, configs, groups)
+    sizes = [sum(n for *_, n in g) for g in groups]
+    empty = [c for (_, c, *_), n in zip(configs, sizes) if not n]
+    if empty:
+        raise DataError(f'configuration {empty[0]}: no training rows')
+
+    @functools.lru_cache(maxsize=1024)
+    def order(t, e, g=None):   # template t's row groups in pass e, their first draws; or g's rows
+        if g is not None:
+            return np.random.default_rng([args.seed, t, e, g]).permutation(groups[t][g][2])
+        perm = np.random.default_rng([args.seed, t, e]).permutation(len(groups[t]))
+        return perm, np.cumsum([0] + [groups[t][g][2] for g in perm])
+
+    while True:
+        n = state['draws']
+        rng = np.random.default_rng([args.seed, n // P3_BLOCK])
+        picks = rng.choice(len(rates), P3_BLOCK, p=rates / rates.sum())
+        for t in picks[n % P3_BLOCK:].tolist():
+            e, k = divmod(state['counts'][t], sizes[t])
+            perm, starts = order(t, e)
+            i = int(np.searchsorted(starts, k, side='right')) - 1
+            state['counts'][t] += 1
+            state['draws'] += 1
+            yield t, int(perm[i]), int(order(t, e, int(perm[i]))[k - starts[i]])
+
+
+def p3_row(configs, texts: dict, groups, t: int, g: int, j: int) -> dict:
+    """The row of draw (template t, row group g, row j); the hypernetwork reads the template."""
+    dataset, config = configs[t][:2]
+    path, group, _ = groups[t][g]
+    prompts, targets = p3_row_group(path, group)
+    prompt, target = prompts[j], targets[j]
+    if not (isinstance(prompt, str) and isinstance(target, str)):
+        raise DataError(f'{path}: configuration {config} row group {group} row {j}: fields '
+                        f'{P3_COLUMNS} must be strings, got {prompt!r}, {target!r}')
+    instruction, prefix = texts[config]
+    return dict(task=config, id=f'{config}-{group}-{j}', instruction=instruction,
+                input=prefix + prompt, target=target, references=[target], category=dataset)
+
+
+def p3_mixture(args: DataArgs, tokenizer, state: dict | None = None):
+    """(configurations, texts, groups, draws, state) of T0's training mixture, from `state`."""
+    configs = p3_configs(args, 'train')
+    texts = p3_texts(args, 'train', configs, tokenizer)
+    groups = [p3_groups(files) for _, _, files, _ in configs]
+    state = json.loads(json.dumps(state)) if state else {'draws': 0, 'counts': [0] * len(configs)}
+    if len(state['counts']) != len(configs):
+        raise DataError(f'the saved P3 stream position counts {len(state["counts"])} templates, the '
+                        f'data has {len(configs)}: resume with the same --data-dir and --p3-datasets')
+    return configs, texts, groups, p3_draws(args, configs, groups, state), state
+
+
+def build_p3(args: DataArgs, split: str, tokenizer):
+    """train: the first --p3-examples (0: 1,000) draws of T0's mixture (p3_draws). test: the
+    held-out evaluation split, whole, of every template with answer choices that promptsource marks
+    original_task, with 'choices' (answer_choices) and 'answer' (the target's index among them). The
+    hypernetwork reads the template (p3_texts), the encoder the prompted input."""
+    import pyarrow.parquet as pq
+    if split == 'train':
+        configs, texts, groups, draws, _ = p3_mixture(args, tokenizer)
+        draws = itertools.islice(draws, args.p3_examples or 1000)
+        return [p3_row(configs, texts, groups, *d) for d in draws], {}
     configs = p3_configs(args, split)
-    templates = collections.Counter(dataset for dataset, *_ in configs)
-    li, lx, _ = lengths(args)
-    limit = lx if args.format == 'full-input' else li
-    seed = args.seed if split == 'train' else 0
-    rows, skipped, ntok = [], {'templates_without_answer_choices': []}, {}
-    for dataset, config, files, train_files in configs:
-        columns = ['inputs_pretokenized', 'targets_pretokenized']
-        if split == 'test' and 'answer_choices' not in pq.read_schema(files[0]).names:
-            skipped['templates_without_answer_choices'].append(config)   # a generation template: not ranked
-            continue
-        cap = args.p3_examples_per_dataset // templates[dataset] if split == 'train' else None
-        table = read_p3(files, columns + ['answer_choices'] * (split == 'test'), cap)
-        # demonstrations: from the configuration's train split (training: its kept rows), else its own split
-        own = split == 'train' or not train_files
-        pool = table if own or not args.shots else read_p3(train_files, columns, args.p3_examples_per_dataset)
-        for i, (prompt, target) in enumerate(zip(table['inputs_pretokenized'], table['targets_pretokenized'])):
+    skipped = {'templates_not_original_task': [c for _, c, *_ in configs if c in P3_NOT_ORIGINAL],
+               'templates_without_answer_choices': []}
+    configs = [c for c in configs if c[1] not in P3_NOT_ORIGINAL]
+    for c in configs:   # a generation template: not ranked
+        if 'answer_choices' not in pq.read_schema(c[2][0]).names:
+            skipped['templates_without_answer_choices'].append(c[1])
+    configs = [c for c in configs if c[1] not in skipped['templates_without_answer_choices']]
+    texts, rows = p3_texts(args, split, configs, tokenizer), []
+    for dataset, config, files, _ in configs:
+        table = read_p3(files, P3_COLUMNS + ['answer_choices'])
+        instruction, prefix = texts[config]
+        for i, (prompt, target, choices) in enumerate(zip(*table.values())):
             where = f'{files[0]}: configuration {config} row {i}'
             if not (isinstance(prompt, str) and isinstance(target, str)):
-                raise DataError(f'{where}: fields {columns} must be strings, got {prompt!r}, {target!r}')
-            demos = ''
-            if args.shots:   # the room the prompted input and EOS leave
-                room = limit - 1 - len(tokenizer.encode(prompt))
-                demos = p3_demos(pool, i, own, args.shots, f'{seed}:{config}:{i}', room, tokenizer, ntok)
-            row = dict(task=config, id=f'{config}-{i}', instruction=demos + prompt, input=prompt, target=target,
-                       references=[target], category=dataset)
-            if args.format == 'full-input':
-                row['instruction'], row['input'] = '', demos + prompt
-            if split == 'test':
-                choices = table['answer_choices'][i]
-                if not choices or not all(isinstance(c, str) for c in choices):
-                    raise DataError(f'{where}: field \'answer_choices\' must be a non-empty list of strings, '
-                                    f'got {choices!r}')
-                stripped = [c.strip() for c in choices]
-                if target.strip() not in stripped:
-                    raise DataError(f'{where}: field \'targets_pretokenized\' {target!r} is not one of '
-                                    f'\'answer_choices\' {choices}')
-                row.update(choices=list(choices), answer=stripped.index(target.strip()))
-                row['target'] = row['references'][0] = choices[row['answer']]
-            rows.append(row)
+                raise DataError(f'{where}: fields {P3_COLUMNS} must be strings, got {prompt!r}, '
+                                f'{target!r}')
+            if not choices or not all(isinstance(c, str) for c in choices):
+                raise DataError(f'{where}: field \'answer_choices\' must be a non-empty list of '
+                                f'strings, got {choices!r}')
+            stripped = [c.strip() for c in choices]
+            if target.strip() not in stripped:
+                raise DataError(f'{where}: field \'targets_pretokenized\' {target!r} is not one of '
+                                f'\'answer_choices\' {choices}')
+            answer = stripped.index(target.strip())
+            rows.append(dict(task=config, id=f'{config}-{i}', instruction=instruction,
+                             input=prefix + prompt, target=choices[answer], category=dataset,
+                             references=[choices[answer]], choices=list(choices), answer=answer))
     return rows, skipped
 
 
@@ -697,7 +894,10 @@ def source_files(args: DataArgs, split: str) -> list[str]:
         split_file, tasks = ni_task_files(args.data_dir, split)
         return [split_file] + [p for _, p in tasks]
     if args.task == 'p3':   # held-out demonstrations come from the train files
-        return [f for _, _, files, train in p3_configs(args, split) for f in files + train * (split == 'test')]
+        templates = [args.p3_templates] if args.p3_templates else []
+        configs = p3_configs(args, split)
+        files = [f for _, _, files, train in configs for f in files + train * (split == 'test')]
+        return files + templates
     return c4_files(args, split) if args.task == 'c4' else []
 
 
@@ -715,7 +915,8 @@ def cache_path(args: DataArgs, split: str, tokenizer, files: list[str]) -> str:
     if args.task == 'c4':
         key.update(c4_documents=args.c4_documents, source=args.data_dir and os.path.abspath(args.data_dir))
     if args.task == 'p3':
-        key['p3_examples_per_dataset'] = args.p3_examples_per_dataset
+        key.update(p3_examples_per_dataset=args.p3_examples_per_dataset,
+                   p3_examples=args.p3_examples)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     return os.path.join(args.cache_dir, f'{args.task}-{split}-{digest}.npz')
 
@@ -864,6 +1065,32 @@ def c4_stream(args: DataArgs, tokenizer, batch_size: int, process_index: int = 0
         if empty == 2:
             raise DataError(f'{where}: no document of 3 tokens or more for host {process_index}')
         ds.set_epoch(ds.epoch + 1)   # the next pass, from the start of this host's shards
+
+
+def p3_stream(args: DataArgs, tokenizer, batch_size: int, process_index: int = 0,
+              process_count: int = 1, state: dict | None = None):
+    """Yields (batch, state) without end: this host's share (batch_size // process_count rows) of
+    T0's training mixture, read and tokenized as it is used. Step s's global batch is draws
+    [s B, (s+1) B): every host follows the whole stream, reads and tokenizes only its own rows.
+    Widths: the bucket of the longest row on one host, the fixed `lengths` on several hosts."""
+    configs, texts, groups, draws, state = p3_mixture(args, tokenizer, state)
+    (li, lx, ly), share, memo = lengths(args), batch_size // process_count, {}
+    while True:
+        mine = list(itertools.islice(draws, batch_size))[process_index * share:][:share]
+        seqs = []
+        for row in [p3_row(configs, texts, groups, *d) for d in mine]:
+            if row['instruction'] not in memo:   # one text per template: tokenized once
+                memo[row['instruction']] = encode(tokenizer, row['instruction'], li)[0]
+            seqs.append([memo[row['instruction']], encode(tokenizer, row['input'], lx)[0],
+                         encode(tokenizer, row['target'], ly)[0] or [tokenizer.eos_id]])
+        widths = lengths(args)
+        if process_count == 1:
+            widths = [bucket(max(len(s[f]) for s in seqs), w) for f, w in enumerate(widths)]
+        batch = {k: np.full([share, w], tokenizer.pad_id, np.int32) for k, w in zip(FIELDS, widths)}
+        for r, s in enumerate(seqs):
+            for k, ids in zip(FIELDS, s):
+                batch[k][r, :len(ids)] = ids
+        yield batch, {'draws': state['draws'], 'counts': list(state['counts'])}
 
 
 def prefetch(iterator, size: int = 2):

@@ -228,32 +228,37 @@ def gather(preds):
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def choice_scores(params, cfg, hcfg, instruction, inputs, choices):
-    """[B, C] summed log-probabilities of choices [B, C, Lc] (0-padded; an all-padding choice is absent:
-    -inf). Each instance's task state (instruction [B, Li]) and encoder output (inputs [B, Lx]) are computed
-    once and shared by its C choices."""
+    """[B, C] summed log-probabilities of choices [B, C, Lc] (0-padded; an all-padding choice is
+    absent: -inf) of B instances of ONE template. Its task state (instruction [Li]) is computed once
+    and shared by every row; each instance's encoder output (inputs [B, Lx]) by its C choices."""
     B, C, Lc = choices.shape
-    mods = None if hcfg is None else HN.encode_task(params, cfg, hcfg, instruction)
+    mods = None
+    if hcfg is not None:
+        mods = HN.select_task(HN.encode_task(params, cfg, hcfg, instruction[None]), 0)
     enc = M.t5_encode(params['t5'], cfg, inputs, mods)
     kv = M.cross_kv(params['t5'], cfg, enc, inputs != M.PAD_ID, mods)
-    # every input's keys/values C times in a row: keys and values [Ld, B, S, H, K] on axis 1, biases on axis 0
-    kv = jax.tree.map(lambda x: jnp.repeat(x, C, axis=1 if x.ndim == 5 else 0), kv)
-    rows = None if mods is None else HN.select_task(mods, jnp.repeat(jnp.arange(B), C))   # state of row b*C+c
+    # each input's keys/values [Ld, B, S, H, K] and bias [B, ...] C times in a row; memory is shared
+    kv.update({n: jnp.repeat(kv[n], C, axis=0 if n == 'bias' else 1) for n in ('k', 'v', 'bias')})
     flat = choices.reshape(B * C, Lc)
-    logits = M.t5_decode(params['t5'], cfg, M.shift_right(flat), kv, rows)                 # [B*C, Lc, V]
+    logits = M.t5_decode(params['t5'], cfg, M.shift_right(flat), kv, mods)   # [B*C, Lc, V]
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), flat[..., None], -1)[..., 0]
     total = jnp.sum(logp * (flat != M.PAD_ID), -1).reshape(B, C)
     return jnp.where(jnp.any(choices != M.PAD_ID, -1), total, -jnp.inf)
 
 
 def rank_classify(params, cfg, hcfg, split, batch_size=64):
-    """Choice scores [N, C] (float32) for a load_split() result with 'choices', in chunks of about
-    batch_size decoder rows sorted by input length, each cut to its used widths (rounded up to a data.bucket).
-    In a multi-host run each process scores every process_count-th chunk and the scores are gathered."""
+    """Choice scores [N, C] (float32) for a load_split() result with 'choices', per template (one
+    task state each) in chunks of about batch_size decoder rows sorted by input length, each cut to
+    its used widths (rounded up to a data.bucket). In a multi-host run each process scores every
+    process_count-th chunk and the scores are gathered."""
     choices, n, width, lens = split['choices'], len(split['input']), data.bucket, split['lengths']   # [N, 3]
     clen = data.row_lengths(choices.reshape(-1, choices.shape[2])).reshape(n, -1).max(1)       # [N]
     per = max(1, batch_size // choices.shape[1])   # instances per chunk
-    order = np.argsort(lens[:, 1], kind='stable')
-    chunks = [order[i:i + per] for i in range(0, n, per)][jax.process_index()::jax.process_count()]
+    groups = collections.defaultdict(list)   # instruction ids -> instance indices, by input length
+    for i in np.argsort(lens[:, 1], kind='stable'):
+        groups[split['instruction'][i].tobytes()].append(i)
+    chunks = [np.array(g[i:i + per]) for g in groups.values() for i in range(0, len(g), per)]
+    chunks = chunks[jax.process_index()::jax.process_count()]
     if jax.process_count() > 1:   # this host's own copy of the parameters (gathered, where sharded)
         from jax.experimental import multihost_utils
         params = multihost_utils.process_allgather(params, tiled=True)
@@ -264,7 +269,7 @@ def rank_classify(params, cfg, hcfg, split, batch_size=64):
         wi = width(int(lens[idx, 0].max()), split['instruction'].shape[1])
         wx = width(int(lens[idx, 1].max()), split['input'].shape[1])
         wc = width(int(clen[idx].max()), choices.shape[2])
-        out = choice_scores(params, cfg, hcfg, jnp.asarray(split['instruction'][take, :wi]),
+        out = choice_scores(params, cfg, hcfg, jnp.asarray(split['instruction'][idx[0], :wi]),
                             jnp.asarray(split['input'][take, :wx]), jnp.asarray(choices[take, :, :wc]))
         for i, row in zip(idx, np.asarray(out)[:len(idx)].tolist()):
             scores[i] = row
@@ -272,9 +277,9 @@ def rank_classify(params, cfg, hcfg, split, batch_size=64):
 
 
 def p3_metrics(rows: list[dict]) -> dict:
-    """rows: {task (template), category (dataset), correct} -> accuracy x100 per template; per dataset the
-    median and the mean over its templates; overall the average over datasets of the medians (as T0 and HINT
-    report) and of the means."""
+    """rows: {task (template), category (dataset), correct} -> accuracy x100 per template; per
+    dataset the mean and the median over its templates; overall their averages over datasets (the
+    mean first: the headline)."""
     per_template = collections.defaultdict(list)
     dataset_of = {}
     for r in rows:
@@ -284,9 +289,9 @@ def p3_metrics(rows: list[dict]) -> dict:
     per_dataset = {}
     for d in sorted(set(dataset_of.values())):
         accs = [a for t, a in accuracy.items() if dataset_of[t] == d]
-        per_dataset[d] = {'median': np.median(accs), 'mean': np.mean(accs), 'templates': len(accs)}
+        per_dataset[d] = {'mean': np.mean(accs), 'median': np.median(accs), 'templates': len(accs)}
     overall = {f'accuracy_{k}': round(float(np.mean([v[k] for v in per_dataset.values()])), 4)
-               for k in ('median', 'mean')}
+               for k in ('mean', 'median')}
     for v in per_dataset.values():   # rounded for the report only, after averaging
         v['median'], v['mean'] = round(float(v['median']), 4), round(float(v['mean']), 4)
     return {'overall': overall, 'count': len(rows), 'per_dataset': per_dataset,
@@ -303,7 +308,7 @@ def evaluate(params, cfg, hcfg, split, tokenizer, batch_size=64):
                  'references': ex['references'], 'correct': bool(b == a),
                  'scores': s[:len(ex['choices'])].tolist()}
                 for ex, b, a, s in zip(split['examples'], best, split['answer'], scores)]
-        return p3_metrics(rows), rows
+        return {**p3_metrics(rows), 'left_out': split.get('skipped', {})}, rows
     preds = predict(params, cfg, hcfg, split, tokenizer, batch_size)
     rows = [{'id': ex['id'], 'task': ex['task'], 'category': ex.get('category', ''), 'prediction': p,
              'references': ex['references']} for ex, p in zip(split['examples'], preds)]

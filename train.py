@@ -491,9 +491,11 @@ def main(args: Args):
     args.tokenizer = tokenizer_for(args)
     tokenizer = M.load_tokenizer(args.tokenizer)
     itok = E.instruction_tokenizer(hyper_config(args), dataclasses.asdict(args))   # RoBERTa's, if so
-    stream = args.task == 'c4' and not args.c4_documents   # C4's train split is read as it is used
+    # C4's train split and T0's mixture are read as they are used
+    stream = {'c4': not args.c4_documents, 'p3': not args.p3_examples}.get(args.task, False)
     if stream and itok:
-        raise data.DataError('--instruction-encoder roberta with --task c4 needs --c4-documents N')
+        raise data.DataError(f'--instruction-encoder roberta with --task {args.task} needs '
+                             '--c4-documents N or --p3-examples N (in memory)')
     train_data = None if stream else E.load_split(args, 'train', tokenizer, itok)
     test_data = E.first(E.load_split(args, 'test', tokenizer, itok), args.eval_instances)
 
@@ -527,11 +529,13 @@ def main(args: Args):
     if stream:   # (batch, stream position after it); each process resumes at its own saved position
         positions = (old_meta or {}).get('stream') or []
         if restored is not None and len(positions) != jax.process_count():
-            print(f'warning: {last_good} holds C4 stream positions for {len(positions)} process(es), not '
-                  f'{jax.process_count()}: the stream starts again from its beginning', file=sys.stderr)
+            print(f'warning: {last_good} holds stream positions for {len(positions)} process(es), '
+                  f'not {jax.process_count()}: the stream starts again from its beginning',
+                  file=sys.stderr)
             positions = []
-        feed = data.c4_stream(args, tokenizer, args.batch_size, jax.process_index(), jax.process_count(),
-                              positions[jax.process_index()] if positions else None)
+        make = data.c4_stream if args.task == 'c4' else data.p3_stream
+        feed = make(args, tokenizer, args.batch_size, jax.process_index(), jax.process_count(),
+                    positions[jax.process_index()] if positions else None)
     else:
         feed = data.batches(train_data, args.batch_size, args.seed, start, jax.process_index(),
                             jax.process_count(), args.group_by_length)
