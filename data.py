@@ -111,6 +111,9 @@ def check_args(args: DataArgs):
         raise DataError('--max-instances-per-task must be at least 1 and --c4-documents at least 0')
 
 
+DATA_PATHS = ('data_dir', 'cache_dir', 'p3_templates')   # DataArgs' local paths (absolute_paths)
+
+
 def local_path(path):
     """A local path made absolute; URLs (gs://...) and '' as they are."""
     return path if not path or '://' in path else os.path.abspath(path)

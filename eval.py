@@ -476,8 +476,8 @@ def cli(argv=None):
     args = tyro.cli(EvalArgs, default=default, args=argv)
     if not args.checkpoint:
         raise ValueError('--checkpoint is required (a run folder written by train.py)')
-    data.absolute_paths(args, ('checkpoint', 'out_dir', 'merge_into', 'save_task_state', 'task_state',
-                               'data_dir', 'cache_dir'), ('tokenizer',))
+    paths = ('checkpoint', 'out_dir', 'merge_into', 'save_task_state', 'task_state') + data.DATA_PATHS
+    data.absolute_paths(args, paths, ('tokenizer',))
     return main(args, run)
 
 

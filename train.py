@@ -478,7 +478,7 @@ def main(args: Args):
     fill_defaults(args)
     typed = dataclasses.asdict(args)   # args.json keeps what the user typed; meta['args'] the paths used
     maybe_paths = ('tokenizer', 'instruction_encoder_init') + ('init',) * (args.init not in PRESETS)
-    data.absolute_paths(args, ('out_dir', 'data_dir', 'cache_dir'), maybe_paths)
+    data.absolute_paths(args, ('out_dir',) + data.DATA_PATHS, maybe_paths)
     init_distributed(args)
     check_args(args)
     lead = jax.process_index() == 0   # the one process that writes files
