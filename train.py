@@ -216,15 +216,18 @@ def save_checkpoint(out_dir, step, state, meta, keep, lead=True):
     final = epath.Path(out_dir) / f'ckpt-{step:07d}'
     if final.exists() and run_of(final) not in (meta['run'], None):
         raise TrainingError(f'{final} belongs to another run: not replaced')
-    ours = set(final.parent.glob(f'{final.name}.*'))   # orbax's temporary folders before this save
+    before = set(final.parent.glob(f'{final.name}.*'))   # not this save's temporary folders
     items = ocp.args.Composite(params=ocp.args.StandardSave(state['params']),
                                opt=ocp.args.StandardSave(state['opt']), meta=ocp.args.JsonSave({**meta, 'step': step}))
     try:   # an older attempt of this run at this step (before a resume) is replaced: force
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as writer:
             writer.save(final, args=items, force=True)
     except Exception:
-        for partial in set(final.parent.glob(f'{final.name}.*')) - ours if lead else ():
-            partial.rmtree()
+        for partial in set(final.parent.glob(f'{final.name}.*')) - before if lead else ():
+            try:
+                partial.rmtree()
+            except OSError:   # orbax's threads still write to it: cleared at the next start
+                pass
         raise
     # newer ones of this run are the leftovers of an attempt that was resumed from an older, good one
     ours = [c for c in HN.checkpoints(out_dir) if run_of(c) == meta['run'] and step_of(c) <= step]
