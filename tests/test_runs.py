@@ -138,6 +138,15 @@ def test_a_task_without_instances_is_reported(tmp_path):
     assert json.load(open(tmp_path / 'run' / 'metrics.json'))['skipped'] == emptied['test']
 
 
+def test_an_empty_p3_configuration_is_reported(tmp_path):
+    from test_p3 import make_p3, write_config
+    root = make_p3(tmp_path / 'p3')
+    write_config(root, 'imdb_t3', 'train', 0, choices=False)
+    r = ok(run('data.py', '--task', 'p3', '--data-dir', root, '--tokenizer', 'byte', '--p3-datasets',
+               'imdb', 'wiki_qa', '--show', '0', cache=tmp_path / 'cache'))
+    assert "skipped {'empty_configurations': {'count': 1, 'first': ['imdb_t3']}};" in r.stderr
+
+
 # ----------------------------------------------------------------------------------------------
 # 5. One-off mode says what it does to the text.
 
