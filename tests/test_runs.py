@@ -42,7 +42,7 @@ def test_a_second_run_into_the_same_out_dir_refuses_at_once(tmp_path):
     procs = [start('train.py', *RUN, '--steps', '6', '--out-dir', out) for _ in range(2)]
     results = [(p, *p.communicate(timeout=300)) for p in procs]
     (first, _, _), = [r for r in results if r[0].returncode == 0]
-    (second, _, err), = [r for r in results if r[0].returncode != 0]
+    (_, _, err), = [r for r in results if r[0].returncode != 0]   # the second: refused
     assert 'Traceback' not in err, err[-3000:]
     holder = f'host {socket.gethostname()} pid {first.pid}'
     refusal = f'error: --out-dir {out} is in use by another run ({holder})'
