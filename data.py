@@ -388,9 +388,11 @@ def build_ni(args: DataArgs, split: str, tokenizer):
     _, task_files = ni_task_files(args.data_dir, split)
     li, lx, _ = lengths(args)
     limit = lx if args.format == 'full-input' else li
-    rows = []
+    rows, skipped = [], {}
     for name, path in task_files:
         task = read_ni_task(path)
+        if not task['Instances']:   # listed in the split file, but nothing to learn or score
+            skipped.setdefault('tasks_without_instances', []).append(name)
         for k, inst in enumerate(task['Instances'][:args.max_instances_per_task]):
             where = f'{path}: Instances[{k}]'
             iid = _field(inst, 'id', where, str)
@@ -406,7 +408,7 @@ def build_ni(args: DataArgs, split: str, tokenizer):
             target = random.Random(f'{args.seed}:{iid}').choice(outputs) if split == 'train' else outputs[0]
             rows.append(dict(task=name, id=iid, instruction=instruction, input=inp, target=target,
                              references=list(outputs), category=task['Categories'][0]))
-    return rows, {}
+    return rows, skipped
 
 
 # ----------------------------------------------------------------------------------------------
@@ -827,6 +829,8 @@ def build_p3(args: DataArgs, split: str, tokenizer):
     texts, rows = p3_texts(args, split, configs, tokenizer), []
     for dataset, config, files, _ in configs:
         table = read_p3(files, P3_COLUMNS + ['answer_choices'])
+        if not table['inputs_pretokenized']:
+            skipped.setdefault('empty_configurations', []).append(config)
         instruction, prefix = texts[config]
         for i, (prompt, target, choices) in enumerate(zip(*table.values())):
             where = f'{files[0]}: configuration {config} row {i}'
@@ -928,10 +932,14 @@ def save_cache(path: str, data: dict):
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     meta = json.dumps({k: data[k] for k in ('examples', 'skipped', 'truncated')}, ensure_ascii=False)
     tmp = f'{path}.{os.getpid()}.tmp.npz'   # write then rename: concurrent processes never see half a file
-    choices = {k: data[k] for k in ('choices', 'answer') if k in data}   # p3's test split
-    np.savez_compressed(tmp, instruction=data['instruction'], input=data['input'], target=data['target'],
-                        meta=np.frombuffer(meta.encode('utf-8'), np.uint8), **choices)
-    os.replace(tmp, path)
+    try:
+        arrays = {k: data[k] for k in FIELDS + ('choices', 'answer') if k in data}
+        np.savez_compressed(tmp, **arrays, meta=np.frombuffer(meta.encode('utf-8'), np.uint8))
+        os.replace(tmp, path)
+    except BaseException:   # Ctrl-C, a full disk: no half-written file is left behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def load_cache(path: str) -> dict:
@@ -939,6 +947,24 @@ def load_cache(path: str) -> dict:
         data = {k: z[k].astype(np.int32) for k in FIELDS + ('choices', 'answer') if k in z.files}
         data.update(json.loads(z['meta'].tobytes().decode('utf-8')))
     return data
+
+
+def count_skipped(skipped: dict, first: int = 3) -> dict:
+    """{reason: {count, first names}} of a split's 'skipped' (reason -> names, or a count): for the
+    data line and metrics.json. Reasons that dropped nothing are left out."""
+    out = {}
+    for reason, what in skipped.items():
+        names = [] if isinstance(what, int) else list(what)
+        count = what if isinstance(what, int) else len(names)
+        if count:
+            out[reason] = {'count': count, 'first': names[:first]}
+    return out
+
+
+def interrupted(kept: str = 'nothing was written'):
+    """Ctrl-C: one line saying what was kept, exit code 130 (128 + SIGINT), no traceback."""
+    print(f'interrupted; {kept}', file=sys.stderr)
+    sys.exit(130)
 
 
 def load_split(args: DataArgs, split: str, tokenizer) -> dict:
@@ -950,9 +976,14 @@ def load_split(args: DataArgs, split: str, tokenizer) -> dict:
     if args.task in ('ni', 'p3') and not args.data_dir:
         args.data_dir = fetch_ni(args) if args.task == 'ni' else fetch_p3(args)
     path = cache_path(args, split, tokenizer, source_files(args, split))
+    data = None
     if os.path.exists(path):
-        data, how = load_cache(path), f'cached {path}'
-    else:
+        try:
+            data, how = load_cache(path), f'cached {path}'
+        except Exception as e:   # cut short by a full disk or a copy: any cache that does not load
+            print(f'data: {path} does not load ({type(e).__name__}: {e}); rebuilding it',
+                  file=sys.stderr)
+    if data is None:
         if args.task == 'c4':
             rows, skipped = build_c4(args, split, tokenizer)
         else:
@@ -971,8 +1002,9 @@ def load_split(args: DataArgs, split: str, tokenizer) -> dict:
             data.update(p3_choice_arrays(data['examples'], tokenizer, lengths(args)[2]))
         save_cache(path, data)
     data['lengths'] = np.stack([row_lengths(data[k], tokenizer.pad_id) for k in FIELDS], 1)   # [N, 3]
+    tasks = len({e['task'] for e in data['examples']})
     print(f'data: {args.task}/{split} ({args.format}, {args.shots} shots): {len(data["examples"])} instances from '
-          f'{len({e["task"] for e in data["examples"]})} tasks; skipped {data["skipped"]}; '
+          f'{tasks} tasks; skipped {count_skipped(data["skipped"])}; '
           f'truncated {data["truncated"]}; {how}', file=sys.stderr)
     return data
 
@@ -1139,3 +1171,5 @@ if __name__ == '__main__':
         main(tyro.cli(ShowArgs))
     except (ValueError, OSError) as e:   # DataError is a ValueError
         sys.exit(f'error: {e}')
+    except KeyboardInterrupt:   # the cache is written whole or not at all
+        interrupted()

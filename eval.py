@@ -308,11 +308,15 @@ def evaluate(params, cfg, hcfg, split, tokenizer, batch_size=64):
                  'references': ex['references'], 'correct': bool(b == a),
                  'scores': s[:len(ex['choices'])].tolist()}
                 for ex, b, a, s in zip(split['examples'], best, split['answer'], scores)]
-        return {**p3_metrics(rows), 'left_out': split.get('skipped', {})}, rows
-    preds = predict(params, cfg, hcfg, split, tokenizer, batch_size)
-    rows = [{'id': ex['id'], 'task': ex['task'], 'category': ex.get('category', ''), 'prediction': p,
-             'references': ex['references']} for ex, p in zip(split['examples'], preds)]
-    return compute_metrics(rows), rows
+        metrics = {**p3_metrics(rows), 'left_out': split.get('skipped', {})}
+    else:
+        preds = predict(params, cfg, hcfg, split, tokenizer, batch_size)
+        rows = [{'id': ex['id'], 'task': ex['task'], 'category': ex.get('category', ''),
+                 'prediction': p, 'references': ex['references']}
+                for ex, p in zip(split['examples'], preds)]
+        metrics = compute_metrics(rows)
+    # what the data build dropped (tasks without instances, ...): numbers on fewer tasks say so
+    return {**metrics, 'skipped': data.count_skipped(split.get('skipped', {}))}, rows
 
 
 def write_results(out_dir, metrics, rows):
@@ -344,9 +348,29 @@ class EvalArgs(data.DataArgs):
     that task's LoRA merged into plain T5 weights here, as a transformers folder, and exit"""
 
 
-def padded(tokenizer, text, n):
-    """ids [n]: text cut as data.encode cuts it (n-1 tokens and EOS), then the tokenizer's padding."""
-    return np.array(data.encode(tokenizer, text, n)[0] + [tokenizer.pad_id] * n, np.int32)[:n]
+def padded(tokenizer, text, n, what):
+    """ids [n]: text cut as data.encode cuts it (n-1 tokens and EOS), then the tokenizer's padding.
+    A cut is reported, naming `what`."""
+    ids, cut = data.encode(tokenizer, text, n)
+    if cut:
+        print(f'warning: {what} cut to {n} tokens (it has {len(tokenizer.encode(text))})',
+              file=sys.stderr)
+    return np.array(ids + [tokenizer.pad_id] * n, np.int32)[:n]
+
+
+def read_lines(stream):
+    """One-off mode's instance inputs: the non-blank lines of stdin, read as bytes so that a line
+    that is not UTF-8 can be named."""
+    lines = []
+    for n, line in enumerate(getattr(stream, 'buffer', stream), 1):
+        try:
+            line = line.decode('utf-8') if isinstance(line, bytes) else line
+        except UnicodeDecodeError as e:
+            raise data.DataError(f'stdin line {n}: not UTF-8 (byte {line[e.start]:#x} at column '
+                                 f'{e.start + 1})') from None
+        if line.strip():
+            lines.append(line.rstrip('\r\n'))
+    return lines
 
 
 def one_off(args, cfg, hcfg, params, tokenizer, lines, itok=None):
@@ -355,14 +379,17 @@ def one_off(args, cfg, hcfg, params, tokenizer, lines, itok=None):
     li, lx, ly = data.lengths(args)
     full_input = args.format == 'full-input'
     instruction = data.instruction_text(args.task, args.instruction) if args.instruction else ''
-    inputs = np.stack([padded(tokenizer, (instruction if full_input else '') + data.instance_text(args.task, x), lx)
-                       for x in lines])
+    texts = [(instruction if full_input else '') + data.instance_text(args.task, x) for x in lines]
+    where = ' (with the instruction)' if full_input else ''
+    inputs = np.stack([padded(tokenizer, x, lx, f'stdin line {n}{where}')
+                       for n, x in enumerate(texts, 1)])
     mods = None
     if hcfg is not None:
         if args.task_state:
             mods = HN.load_task_state(args.task_state)
         else:
-            mods = task_state(params, cfg, hcfg, padded(itok or tokenizer, instruction, li))
+            ids = padded(itok or tokenizer, instruction, li, '--instruction')
+            mods = task_state(params, cfg, hcfg, ids)
         if args.save_task_state:
             HN.save_task_state(args.save_task_state, mods)
     return [tokenizer.decode(row) for row in predict_ids(params, cfg, mods, inputs, ly, args.batch_size)]
@@ -383,7 +410,8 @@ def merge_into(args):
     tokenizer = M.load_tokenizer(meta['tokenizer'])
     itok = instruction_tokenizer(hcfg, meta['args'])
     instruction = padded(M.load_tokenizer(itok) if itok else tokenizer,
-                         data.instruction_text(args.task, args.instruction), data.lengths(args)[0])
+                         data.instruction_text(args.task, args.instruction), data.lengths(args)[0],
+                         '--instruction')
     state = task_state(params, cfg, hcfg, instruction)   # as one-off mode encodes it
     M.save_t5(HN.merge_lora(params['t5'], state), cfg, args.merge_into)
     if isinstance(tokenizer, M.SentencePieceTokenizer):
@@ -399,9 +427,14 @@ def main(args: EvalArgs, run=None):
     if args.task_state and not os.path.isfile(args.task_state):
         raise FileNotFoundError(f'--task-state {args.task_state}: no such file')
     if one_off_mode:   # read stdin first: an empty one fails before a model is loaded
-        lines = [l.rstrip('\n') for l in sys.stdin if l.strip()]
+        lines = read_lines(sys.stdin)
         if not lines:
             raise data.DataError('one-off mode: no instance inputs on stdin (one per line)')
+        # HINT knows the task by its instruction only
+        newest = HN.newest_first(args.checkpoint)[:1]
+        empty = not (args.task_state or args.instruction.strip())
+        if empty and newest and HN.read_meta(newest[0])['hyper_config']:
+            raise data.DataError('--instruction is empty: a HINT run needs the task\'s instruction')
     cfg, hcfg, params, meta = HN.load_run(args.checkpoint, args.dtype)
     tokenizer = M.load_tokenizer(meta['tokenizer'])
     itok = instruction_tokenizer(hcfg, meta['args'])   # a name (RoBERTa's) or None
@@ -486,3 +519,5 @@ if __name__ == '__main__':
         cli()
     except (ValueError, OSError) as e:   # bad arguments, data or checkpoints (DataError, CheckpointError)
         sys.exit(f'error: {e}')
+    except KeyboardInterrupt:   # metrics.json and predictions.jsonl are written at the end only
+        data.interrupted()

@@ -10,12 +10,15 @@ with an evaluation on the test split (metrics.json, predictions.jsonl).
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import fcntl
 import functools
 import json
 import math
 import os
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -213,14 +216,18 @@ def save_checkpoint(out_dir, step, state, meta, keep, lead=True):
     final = epath.Path(out_dir) / f'ckpt-{step:07d}'
     if final.exists() and run_of(final) not in (meta['run'], None):
         raise TrainingError(f'{final} belongs to another run: not replaced')
+    before = set(final.parent.glob(f'{final.name}.*'))   # not this save's temporary folders
     items = ocp.args.Composite(params=ocp.args.StandardSave(state['params']),
                                opt=ocp.args.StandardSave(state['opt']), meta=ocp.args.JsonSave({**meta, 'step': step}))
     try:   # an older attempt of this run at this step (before a resume) is replaced: force
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as writer:
             writer.save(final, args=items, force=True)
     except Exception:
-        for partial in final.parent.glob(f'{final.name}.*') if lead else ():   # give back the space
-            partial.rmtree()
+        for partial in set(final.parent.glob(f'{final.name}.*')) - before if lead else ():
+            try:
+                partial.rmtree()
+            except OSError:   # orbax's threads still write to it: cleared at the next start
+                pass
         raise
     # newer ones of this run are the leftovers of an attempt that was resumed from an older, good one
     ours = [c for c in HN.checkpoints(out_dir) if run_of(c) == meta['run'] and step_of(c) <= step]
@@ -246,11 +253,62 @@ def restore(out_dir, template):
     return None, None, None
 
 
+# One run per --out-dir. Locally: a flock on run.lock, which the OS lets go when the process ends,
+# however it ends. gs:// has no such lock: run.lock is an object naming the run, checked before
+# every save (README, "Checkpoints on a pod", says what that leaves open).
+
+
+def lock_out_dir(out):
+    """(lock, '') once this process holds --out-dir, else (None, who holds it). The lock: an open
+    file (held while open), or on gs:// the text of run.lock (deleted at exit)."""
+    path, me = epath.Path(out) / 'run.lock', f'host {socket.gethostname()} pid {os.getpid()}'
+    if out.startswith('gs://'):
+        return lock_object(path, f'{me} run {uuid.uuid4().hex[:8]}')
+    f = open(path, 'a+')
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        time.sleep(0.2)   # the holder writes its name just after taking the lock
+        f.seek(0)
+        return None, f.read() or 'another process'
+    f.truncate(0)
+    f.write(me)
+    f.flush()
+    return f, ''
+
+
+def lock_object(path, me):
+    """gs://: (me, '') once run.lock names this run (deleted at exit), else (None, who holds it)."""
+    if path.exists():
+        return None, f'{path.read_text()}; if that run has ended, delete {path}'
+    path.write_text(me)
+    atexit.register(unlock, path, me)
+    return me, ''
+
+
+def lock_lost(lock, out):
+    """'' while this process holds --out-dir, else who has taken it (gs:// only)."""
+    if not isinstance(lock, str):
+        return ''
+    path = epath.Path(out) / 'run.lock'
+    holder = path.read_text() if path.exists() else f'nobody: {path} was deleted'
+    return '' if holder == lock else holder
+
+
+def unlock(path, me):
+    if path.exists() and path.read_text() == me:
+        path.unlink()
+
+
 def prepare_out_dir(args, lead=True):
-    """Create --out-dir, clear what a killed run left (incomplete ckpt-* folders) and refuse to mix the
-    checkpoints of two runs. Only the lead process deletes."""
+    """Create and lock --out-dir (returns the lock), clear what a killed run left (incomplete
+    ckpt-* folders) and refuse to mix the checkpoints of two runs. The lead locks and deletes."""
     out = args.out_dir
     data.check_writable(out, '--out-dir')
+    lock, holder = lock_out_dir(out) if lead else (None, '')
+    if agreed_max(bool(holder)):   # every process stops; the lead knows which run holds it
+        raise data.DataError(f'--out-dir {out} is in use by another run ({holder}): wait for it to '
+                             'end, or pick another --out-dir')
     found = HN.checkpoints(out)
     for leftover in sorted(epath.Path(out).glob('ckpt-*')):
         if lead and str(leftover) not in found:
@@ -264,6 +322,7 @@ def prepare_out_dir(args, lead=True):
         print(f'--overwrite: deleting {len(found)} checkpoint(s) in {out}', file=sys.stderr)
         for ckpt in found if lead else ():
             remove_checkpoint(ckpt)
+    return lock
 
 
 def is_run(path):
@@ -486,7 +545,7 @@ def main(args: Args):
         args.dtype = 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'
     if args.baseline == 'full-input':
         args.format = 'full-input'
-    prepare_out_dir(args, lead)
+    lock = prepare_out_dir(args, lead)   # held to the end of the run
     data.check_writable(args.cache_dir, '--cache-dir')
     args.tokenizer = tokenizer_for(args)
     tokenizer = M.load_tokenizer(args.tokenizer)
@@ -594,6 +653,10 @@ def main(args: Args):
                     flush=True)
                 t0, tokens, last, host, flops = time.time(), 0, done, 0.0, 0.0
             if save_now:
+                taken = lock_lost(lock, args.out_dir)
+                if agreed_max(bool(taken)):   # every process stops; the lead knows who took it
+                    raise TrainingError(f'step {done}: another run took {args.out_dir} ({taken}); '
+                                        f'stopped without saving (last good: {last_good})')
                 if stream:   # every process's position, in process order (all processes save here)
                     mine = [None] * jax.process_count()
                     mine[jax.process_index()] = position
@@ -634,7 +697,11 @@ def close_quietly(writer):
 
 if __name__ == '__main__':
     import tyro
+    args = tyro.cli(Args)
     try:
-        main(tyro.cli(Args))
+        main(args)
     except (ValueError, OSError, TrainingError) as e:   # bad arguments, data, checkpoints, a full disk
         sys.exit(f'error: {e}')
+    except KeyboardInterrupt:   # Ctrl-C before training (data, model) or in the final evaluation
+        found = HN.checkpoints(args.out_dir) if args.out_dir else []
+        data.interrupted(f'the newest checkpoint is {found[-1]}' if found else 'nothing was saved')

@@ -229,5 +229,5 @@ def test_full_disk_during_a_checkpoint(tmp_path):
     assert r.stderr.count('\n') <= 6, r.stderr   # no traceback from TensorBoard's writer at exit either
     saved = tmp_path / 'saved'
     assert [os.path.basename(c) for c in HN.checkpoints(str(saved))] == ['ckpt-0000002']
-    assert sorted(os.listdir(saved)) == ['args.json', 'ckpt-0000002', 'tb']   # nothing of the failed save
+    assert sorted(os.listdir(saved)) == ['args.json', 'ckpt-0000002', 'run.lock', 'tb']   # nothing else
     HN.load_run(str(saved / 'ckpt-0000002'))
