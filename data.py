@@ -44,8 +44,15 @@ class DataArgs:
     p3: a copy of bigscience/P3 ([data/]<configuration>/<split>-*.parquet; None: the files needed, from the hub)"""
     ni_source: str = 'https://github.com/allenai/natural-instructions'   # git URL for --task ni
     shots: int = 0                   # 0|1|2 positive examples in the instruction (p3: 0-5 demonstrations)
-    format: Literal['hint', 'full-input'] = 'hint'   # hint: instruction apart; full-input: all in the encoder
-    max_instances_per_task: int = 100    # the first ones of each task, in file order
+    format: Literal['hint', 'split', 'full-input'] = 'hint'
+    """hint: HINT's texts (ni: the definition, examples in front of it, to the hypernetwork; the
+    raw input to the encoder); split (ni only): Tk-Instruct's text split in two, definition +
+    examples to the hypernetwork, "Now complete the following example -..." to the encoder (the
+    original's natural_instructions_split_mimic_def); full-input: Tk-Instruct's whole text in the
+    encoder"""
+    max_instances_per_task: int = 100
+    """train: this many of each task after a shuffle seeded by --seed (Tk-Instruct's loader);
+    test: the first ones"""
     instruction_len: int | None = None   # in tokens; None: task default (see `lengths`)
     input_len: int | None = None         # in tokens; the limit of the whole text in full-input
     target_len: int | None = None        # in tokens
@@ -94,6 +101,8 @@ def check_args(args: DataArgs):
     for name in ('instruction_len', 'input_len', 'target_len'):
         if getattr(args, name) is not None and getattr(args, name) < 2:
             raise DataError(f'--{name.replace("_", "-")} must be at least 2 (one token and EOS)')
+    if args.format == 'split' and args.task != 'ni':
+        raise DataError(f'--format split is for --task ni only, not {args.task}')
     if args.max_instances_per_task < 1 or args.c4_documents < 0:
         raise DataError('--max-instances-per-task must be at least 1 and --c4-documents at least 0')
 
@@ -226,19 +235,21 @@ def build_synthetic(args: DataArgs, split: str):
     for name, family, p, phrasing in tasks:
         demo_rng = random.Random(f'demo:{seed}:{name}')   # same demos for every shots: 1 shot is a prefix of 2
         demos = [_synthetic_pair(demo_rng, family, p) for _ in range(args.shots)]
-        instruction = instruction_text('synthetic', phrasing) + ''.join(
+        instruction = instruction_text('synthetic', phrasing, args.format, args.shots) + ''.join(
             f'Example {i} -\nInput: {a}\nOutput: {b}\n\n' for i, (a, b) in enumerate(demos, 1))
         n = SYN_TEST_PER_TASK if split == 'test' else max(1, SYN_TRAIN_PER_FAMILY // per_family[family])
         rng = random.Random(f'{split}:{seed}:{name}')
         for i in range(min(n, args.max_instances_per_task)):
             inp, out = _synthetic_pair(rng, family, p)
-            rows.append(dict(task=name, id=f'{name}-{i}', instruction=instruction, input=instance_text('synthetic', inp),
+            inp = instance_text('synthetic', inp, args.format)
+            rows.append(dict(task=name, id=f'{name}-{i}', instruction=instruction, input=inp,
                              target=out, references=[out], category=family))
     return rows, {}
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. Super-NaturalInstructions, exactly as Tk-Instruct builds its input (HINT.md section 6).
+# 2. Super-NaturalInstructions: HINT's texts, or Tk-Instruct's split in two or whole (HINT.md
+# section 6).
 
 NI_HELP = ('expected a clone of https://github.com/allenai/natural-instructions with splits/default/'
            'train_tasks.txt, splits/default/test_tasks.txt and tasks/<task>.json; get it with '
@@ -273,16 +284,23 @@ def dot(s: str) -> str:
     return s if s and s[-1] in string.punctuation else s + '.'
 
 
-def instruction_text(task: str, definition: str) -> str:
-    """The instruction's opening (its definition); demonstrations follow it."""
-    return 'Definition: ' + dot(definition.strip()) + '\n\n' if task == 'ni' else definition + '\n\n'
+def instruction_text(task: str, definition: str, fmt: str, shots: int) -> str:
+    """The instruction for a task definition, before any examples (eval.py's one-off mode uses it
+    too)."""
+    if task != 'ni':
+        return definition + '\n\n'
+    if fmt == 'hint':   # HINT's: the bare definition; with examples, "Definition: " and no dot
+        return 'Definition: ' + definition if shots else definition.strip()
+    return 'Definition: ' + dot(definition.strip()) + '\n\n'   # Tk-Instruct's
 
 
-def instance_text(task: str, text: str) -> str:
+def instance_text(task: str, text: str, fmt: str) -> str:
     """The encoder's text for one instance input (eval.py's one-off mode uses it too)."""
-    if task == 'ni':
-        return dot('Now complete the following example -\nInput: ' + text.strip()) + '\nOutput: '
-    return f'Input: {text}\nOutput:'
+    if task != 'ni':
+        return f'Input: {text}\nOutput:'
+    if fmt == 'hint':   # HINT's encoder reads the raw input
+        return text
+    return dot('Now complete the following example -\nInput: ' + text.strip()) + '\nOutput: '
 
 
 def ni_task_files(data_dir: str | None, split: str) -> tuple[str, list[tuple[str, str]]]:
@@ -331,26 +349,34 @@ def read_ni_task(path: str) -> dict:
     return task
 
 
-def ni_texts(task: dict, path: str, instance_input: str, shots: int, limit: int, tokenizer) -> tuple[str, str]:
-    """(definition + examples, instance part). Examples are added one at a time while the whole text still
-    fits `limit` tokens (including EOS), so hint and full-input choose the same ones at equal limits."""
-    definition = instruction_text('ni', task['Definition'][0])
-    instance = instance_text('ni', instance_input)
-    examples = ''
-    for i, ex in enumerate(task['Positive Examples'][:shots], 1):
+def ni_texts(task: dict, path: str, instance_input: str, args: DataArgs, limit: int, tokenizer):
+    """(instruction, instance part). Example i: " Positive Example i -\nInput: ..\n Output: ..\n".
+    hint: each example that fits `limit` tokens (with EOS) with the text so far goes IN FRONT
+    (example k, .., example 1, definition), as the original's natural_instruction_positive_example_
+    hyper_k. Otherwise (Tk-Instruct's): example + "\n" goes after, while the whole text with the
+    instance part fits, so split and full-input choose the same ones at equal limits."""
+    text = instruction_text('ni', task['Definition'][0], args.format, args.shots)
+    instance = instance_text('ni', instance_input, args.format)
+    for i, ex in enumerate(task['Positive Examples'][:args.shots], 1):
         where = f'{path}: Positive Examples[{i - 1}]'
-        text = (dot(f' Positive Example {i} -\nInput: ' + _field(ex, 'input', where, str).strip()) + '\n'
-                + dot(' Output: ' + _field(ex, 'output', where, str).strip()) + '\n' + '\n')
-        if len(tokenizer.encode(definition + examples + text + instance)) > limit - 1:
+        inp, out = _field(ex, 'input', where, str), _field(ex, 'output', where, str)
+        example = dot(f' Positive Example {i} -\nInput: ' + inp.strip()) + '\n'
+        example = dot(example + ' Output: ' + out.strip()) + '\n'
+        if args.format == 'hint':
+            if len(tokenizer.encode(text + example)) <= limit - 1:
+                text = example + text
+        elif len(tokenizer.encode(text + example + '\n' + instance)) <= limit - 1:
+            text += example + '\n'
+        else:
             break
-        examples += text
-    return definition + examples, instance
+    return text, instance
 
 
 def build_ni(args: DataArgs, split: str, tokenizer):
-    """Rows from the first max_instances_per_task instances of each task (file order). references: the
-    instance's whole output list, empty strings included, as Tk-Instruct evaluates (an instance whose
-    outputs are all empty is kept: it counts in the metrics' denominator, so none is skipped).
+    """Rows from max_instances_per_task instances of each task (train: after a shuffle seeded by
+    --seed, test: the first ones, as Tk-Instruct's loader). references: the instance's whole output
+    list, empty strings included, as Tk-Instruct evaluates (an instance whose outputs are all empty
+    is kept: it counts in the metrics' denominator, so none is skipped).
     target: train = a seeded random output (seed, instance id), as Tk-Instruct's collator picks
     random.choice(output); test = the first output. An empty target becomes EOS alone (tokenize_rows),
     so the model learns to stop at once, as with Tk-Instruct's tokenizer."""
@@ -360,8 +386,11 @@ def build_ni(args: DataArgs, split: str, tokenizer):
     rows = []
     for name, path in task_files:
         task = read_ni_task(path)
-        for k, inst in enumerate(task['Instances'][:args.max_instances_per_task]):
-            where = f'{path}: Instances[{k}]'
+        order = list(range(len(task['Instances'])))
+        if split == 'train':   # the same permutation as shuffling the instances themselves
+            random.Random(args.seed).shuffle(order)
+        for k in order[:args.max_instances_per_task]:
+            inst, where = task['Instances'][k], f'{path}: Instances[{k}]'
             iid = _field(inst, 'id', where, str)
             where = f'{path}: instance {iid}'
             outputs = _field(inst, 'output', where, list)
@@ -369,7 +398,8 @@ def build_ni(args: DataArgs, split: str, tokenizer):
                 raise DataError(f'{where}: field \'output\' is an empty list (no reference at all)')
             if not all(isinstance(o, str) for o in outputs):
                 raise DataError(f'{where}: field \'output\' must be a list of strings')
-            instruction, inp = ni_texts(task, path, _field(inst, 'input', where, str), args.shots, limit, tokenizer)
+            inp = _field(inst, 'input', where, str)
+            instruction, inp = ni_texts(task, path, inp, args, limit, tokenizer)
             if args.format == 'full-input':
                 instruction, inp = '', instruction + inp
             target = random.Random(f'{args.seed}:{iid}').choice(outputs) if split == 'train' else outputs[0]

@@ -7,6 +7,7 @@ import json
 import os
 import random
 import shutil
+import string
 import subprocess
 import sys
 
@@ -176,30 +177,116 @@ T1564_INST = ('Now complete the following example -\nInput: Question:Who was mar
 
 
 def first(d, task):
-    return next(e for e in d['examples'] if e['task'] == task)
+    """The row of the task's first instance in its file (train rows come in a seeded shuffle)."""
+    iid = read_task(task)['Instances'][0]['id']
+    return next(e for e in d['examples'] if e['id'] == iid)
 
 
 @pytest.mark.parametrize('task,definition,positives,instance,target', [
     ('task063_first_i_elements', T063_DEF, T063_POS, T063_INST, 'q, q, 6047, e, 4093, w, D'),
     ('task1564_triviaqa_answer_generation', T1564_DEF, T1564_POS, T1564_INST, 'bobby brown')])
-def test_ni_texts_written_by_hand(spiece, task, definition, positives, instance, target):
+def test_tk_instruct_texts_written_by_hand(spiece, task, definition, positives, instance, target):
     need(SNI)
     for shots in (0, 2):
-        hint = first(load(tokenizer=spiece, task='ni', data_dir=SNI, shots=shots), task)
-        full = first(load(tokenizer=spiece, task='ni', data_dir=SNI, shots=shots, format='full-input'), task)
+        kw = dict(tokenizer=spiece, task='ni', data_dir=SNI, shots=shots)
+        split = first(load(format='split', **kw), task)
+        full = first(load(format='full-input', **kw), task)
         instruction = definition + (positives if shots else '')
-        assert (hint['instruction'], hint['input'], hint['target']) == (instruction, instance, target)
-        assert (full['instruction'], full['input'], full['target']) == ('', instruction + instance, target)
-        assert hint['id'] == full['id'] and hint['references'] == [target]
-    assert hint['category'] == {'task063_first_i_elements': 'Program Execution'}.get(task, 'Question Answering')
+        assert (split['instruction'], split['input']) == (instruction, instance)
+        assert (full['instruction'], full['input']) == ('', instruction + instance)
+        assert split['target'] == full['target'] == target
+        assert split['id'] == full['id'] and split['references'] == [target]
+    category = {'task063_first_i_elements': 'Program Execution'}.get(task, 'Question Answering')
+    assert split['category'] == category
 
 
-def test_ni_formats_agree_and_arrays(spiece):
+def hint_instruction(task: dict, shots: int, limit: int, tokenizer) -> str:
+    """HINT.md section 6, written out from its words (not from data.py)."""
+    def dot(s):
+        return s if s[-1] in string.punctuation else s + '.'
+    if shots == 0:
+        return task['Definition'][0].strip()
+    text = 'Definition: ' + task['Definition'][0]
+    for i, ex in enumerate(task['Positive Examples'][:shots], 1):
+        e = dot(f' Positive Example {i} -\nInput: ' + ex['input'].strip()) + '\n'
+        e = dot(e + ' Output: ' + ex['output'].strip()) + '\n'
+        if len(tokenizer.encode(text + e)) + 1 <= limit:   # + EOS
+            text = e + text
+    return text
+
+
+def read_task(name: str) -> dict:
+    with open(os.path.join(SNI, 'tasks', name + '.json')) as f:
+        return json.load(f)
+
+
+def test_hint_texts_are_the_originals(spiece):
+    """--format hint, every row of both splits: the hypernetwork reads Def / Def+1Pos / Def+2Pos as
+    the original's natural_instructions(_positive_example_hyper_k), the encoder the raw input."""
+    need(SNI)
+    loaded = {}
+    for split, shots in itertools.product(('train', 'test'), (0, 1, 2)):
+        d = load(split, tokenizer=spiece, task='ni', data_dir=SNI, shots=shots)
+        check_arrays(d, data.DataArgs(task='ni'), spiece)
+        for ex in d['examples']:
+            task = read_task(ex['task'])
+            inst = next(i for i in task['Instances'] if i['id'] == ex['id'])
+            assert ex['input'] == inst['input']
+            assert ex['instruction'] == hint_instruction(task, shots, 1024, spiece)
+            assert ex['instruction'].count('Positive Example') == shots   # the sample's fit 1024
+        loaded[split, shots] = d
+    t1564 = [first(loaded['train', k], 'task1564_triviaqa_answer_generation') for k in (0, 1, 2)]
+    definition = ('In this task you are given a question. You need to generate an answer to the '
+                  'question.')
+    pos1 = (' Positive Example 1 -\nInput: Question:Who was the man behind The Chipmunks?\n'
+            ' Output: David Seville.\n')
+    pos2 = (' Positive Example 2 -\nInput: Question:What star sign is Jamie Lee Curtis?\n'
+            ' Output: Scorpio.\n')
+    assert [e['instruction'] for e in t1564] == [definition, pos1 + 'Definition: ' + definition,
+                                                 pos2 + pos1 + 'Definition: ' + definition]
+    assert t1564[0]['input'] == 'Question:Who was married to Whitney Houston from 1992 to 2007?'
+
+
+def test_hint_examples_go_in_front_while_they_fit(spiece):
+    """Each example goes in front when text + example fits the instruction length; one that does
+    not fit is left out and the next one is still tried."""
+    need(SNI)
+    name = 'task1564_triviaqa_answer_generation'
+    task = read_task(name)
+    two = len(spiece.encode(hint_instruction(task, 2, 1024, spiece))) + 1
+    one = len(spiece.encode(hint_instruction(task, 1, 1024, spiece))) + 1
+    # (examples kept): at one - 1, example 1 does not fit, and the shorter example 2 still does
+    for limit, kept in ((two, [2, 1]), (two - 1, [1]), (one, [1]), (one - 1, [2])):
+        kw = dict(tokenizer=spiece, task='ni', data_dir=SNI, shots=2, instruction_len=limit)
+        ex = first(load(**kw), name)
+        assert ex['instruction'] == hint_instruction(task, 2, limit, spiece)
+        assert [k for k in (2, 1) if f'Positive Example {k} -' in ex['instruction']] == kept
+
+
+def test_ni_train_instances_are_a_seeded_shuffle():
+    need(SNI)
+    def ids(split, seed, name):
+        d = load(split, task='ni', data_dir=SNI, seed=seed, max_instances_per_task=5)
+        return [e['id'] for e in d['examples'] if e['task'] == name]
+    name = 'task082_babi_t1_single_supporting_fact_question_generation'   # train, 27 instances
+    in_file = [i['id'] for i in read_task(name)['Instances']]
+    train = ids('train', 0, name)
+    assert len(train) == 5 and train == ids('train', 0, name) and set(train) <= set(in_file)
+    assert train != ids('train', 1, name) and train != in_file[:5]
+    order = list(range(len(in_file)))
+    random.Random(0).shuffle(order)   # Tk-Instruct's loader: random.Random(seed).shuffle, then [:N]
+    assert train == [in_file[k] for k in order[:5]]
+    name = 'task1409_dart_text_generation'   # the test split: the first ones, whatever the seed
+    in_file = [i['id'] for i in read_task(name)['Instances']]
+    assert ids('test', 1, name) == ids('test', 0, name) == in_file[:5]
+
+
+def test_ni_split_and_full_input_agree_and_arrays(spiece):
     need(SNI)
     for split, n in (('train', 413), ('test', 248)):
         for limit in (1024, 200):   # at 200 some examples are dropped (and some texts truncated)
             kw = dict(task='ni', data_dir=SNI, shots=2, instruction_len=limit, input_len=limit, split=split)
-            hint = load(tokenizer=spiece, **kw)
+            hint = load(tokenizer=spiece, format='split', **kw)
             full = load(tokenizer=spiece, format='full-input', **kw)
             assert len(hint['examples']) == n and hint['skipped'] == {}
             check_arrays(hint, data.DataArgs(task='ni', instruction_len=limit, input_len=limit), spiece)
@@ -222,7 +309,8 @@ def test_ni_examples_added_only_while_they_fit(spiece):
     fits1 = len(spiece.encode(T1564_DEF + pos1 + T1564_INST)) + 1   # + EOS
     assert len(spiece.encode(T1564_DEF + T1564_POS + T1564_INST)) + 1 > fits1
     for limit, expected in ((fits1, pos1), (fits1 - 1, '')):
-        hint = first(load(tokenizer=spiece, task='ni', data_dir=SNI, shots=2, instruction_len=limit), task)
+        hint = first(load(tokenizer=spiece, task='ni', data_dir=SNI, shots=2, instruction_len=limit,
+                          format='split'), task)
         full = first(load(tokenizer=spiece, task='ni', data_dir=SNI, shots=2, input_len=limit,
                           format='full-input'), task)
         assert hint['instruction'] == T1564_DEF + expected and hint['input'] == T1564_INST
@@ -231,7 +319,8 @@ def test_ni_examples_added_only_while_they_fit(spiece):
 
 def test_ni_truncates_by_tokens(spiece):
     need(SNI)
-    d = load(tokenizer=spiece, task='ni', data_dir=SNI, instruction_len=16, input_len=12, target_len=4)
+    d = load(tokenizer=spiece, task='ni', data_dir=SNI, format='split', instruction_len=16,
+             input_len=12, target_len=4)
     n = d['examples'].index(first(d, 'task063_first_i_elements'))
     for key, text, width in (('instruction', T063_DEF, 16), ('input', T063_INST, 12)):
         ids = spiece.encode(text)
@@ -355,9 +444,11 @@ def test_ni_empty_outputs_are_kept_as_references(clone, capsys):
     for seed in (0, 1, 2, 3):
         d = load('train', task='ni', data_dir=str(clone), seed=seed)
         assert d['skipped'] == {} and len(d['examples']) == 413
-        ex = [(n, e) for n, e in enumerate(d['examples']) if e['task'] == 'task1564_triviaqa_answer_generation']
-        assert [e['references'] for _, e in ex[:2]] == [['', ' '], ['', 'yes']]
-        for n, e in ex[:2]:
+        with open(clone / 'tasks' / 'task1564_triviaqa_answer_generation.json') as f:
+            edited = [i['id'] for i in json.load(f)['Instances'][:2]]   # train rows come shuffled
+        ex = [next((n, e) for n, e in enumerate(d['examples']) if e['id'] == iid) for iid in edited]
+        assert [e['references'] for _, e in ex] == [['', ' '], ['', 'yes']]
+        for n, e in ex:
             assert e['target'] == random.Random(f'{seed}:{e["id"]}').choice(e['references'])
             if e['target'] == '':   # '' -> EOS alone, as Tk-Instruct's tokenizer gives
                 assert d['target'][n].tolist() == [1] + [0] * (d['target'].shape[1] - 1)

@@ -127,6 +127,23 @@ def test_eval_one_off_mode_reads_stdin(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.splitlines() == first  # the saved task state serves the same predictions
 
 
+@needs_shared
+@pytest.mark.parametrize('fmt', ['hint', 'split', 'full-input'])
+def test_eval_one_off_mode_formats_as_training(tmp_path, monkeypatch, capsys, fmt):
+    """One-off mode builds the run's own texts: a test task's definition and the raw inputs of its
+    first instances give the predictions the run's evaluation made on them."""
+    baseline = 'full-input' if fmt == 'full-input' else 'none'
+    T.main(ni_args(tmp_path, 'run', format=fmt, baseline=baseline, steps=1, eval_instances=4))
+    rows = [json.loads(l) for l in open(tmp_path / 'run' / 'predictions.jsonl')]
+    with open(os.path.join(SNI, 'tasks', rows[0]['task'] + '.json')) as f:
+        task = json.load(f)
+    inputs = {i['id']: i['input'] for i in task['Instances']}
+    capsys.readouterr()                                   # drop the training log
+    monkeypatch.setattr(sys, 'stdin', io.StringIO(''.join(inputs[r['id']] + '\n' for r in rows)))
+    E.cli(['--checkpoint', str(tmp_path / 'run'), '--instruction', task['Definition'][0]])
+    assert capsys.readouterr().out.splitlines() == [r['prediction'] for r in rows]
+
+
 def write_c4(folder, texts, split):
     os.makedirs(folder, exist_ok=True)
     with gzip.open(os.path.join(folder, f'c4-{split}.00000-of-00001.json.gz'), 'wt', encoding='utf-8') as f:
