@@ -176,3 +176,12 @@ def test_ni_errors_are_clear(tmp_path):
         T.main(ni_args(tmp_path, 'x', data_dir=str(tmp_path)))
     with pytest.raises(ValueError, match='--tokenizer'):
         T.main(ni_args(tmp_path, 'y', tokenizer=''))
+
+
+def test_paper_recipes_have_a_constant_lr_without_warmup():
+    """The original's LR is a constant 1e-3 from the first step (ni, c4, p3); synthetic warms up."""
+    for task in ('ni', 'c4', 'p3'):
+        _, schedule = T.make_optimizer(T.fill_defaults(T.Args(task=task)))
+        assert float(schedule(0)) == float(schedule(5000)) == pytest.approx(1e-3)
+    _, schedule = T.make_optimizer(T.fill_defaults(T.Args()))
+    assert float(schedule(0)) < float(schedule(99)) == pytest.approx(5e-3)
