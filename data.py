@@ -58,8 +58,9 @@ class DataArgs:
     target_len: int | None = None        # in tokens
     tokenizer: str = ''              # '' = 'byte' for synthetic, google/t5-base-lm-adapt for ni/c4
     c4_documents: int = 0
-    """0: the C4 train split is streamed (its position saved with each checkpoint); N: its first N documents
-    are read into memory (tests, small runs). The test split holds the first N (0: 1,000) documents"""
+    """0: the C4 train split is streamed (its position saved with each checkpoint); N: the windows
+    of its first N documents are read into memory (tests, small runs). The test split: the windows
+    of the first N (0: 1,000)"""
     seed: int = 0                    # train split only: the test split never depends on it
     cache_dir: str = '.cache/data'   # tokenized splits, reused while arguments and source files are unchanged
     group_by_length: bool = False    # train batches of similar lengths (runs of 50 batches sorted by length)
@@ -101,6 +102,8 @@ def check_args(args: DataArgs):
     for name in ('instruction_len', 'input_len', 'target_len'):
         if getattr(args, name) is not None and getattr(args, name) < 2:
             raise DataError(f'--{name.replace("_", "-")} must be at least 2 (one token and EOS)')
+    if args.task == 'c4' and args.target_len is not None and args.target_len < 4:
+        raise DataError('--target-len must be at least 4 for --task c4 (the window length)')
     if args.format == 'split' and args.task != 'ni':
         raise DataError(f'--format split is for --task ni only, not {args.task}')
     if args.max_instances_per_task < 1 or args.c4_documents < 0:
@@ -409,76 +412,97 @@ def build_ni(args: DataArgs, split: str, tokenizer):
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. C4: each tokenized document is cut at two seeded random points (uniform over the document) into three
-# non-empty consecutive segments: instruction, input, target; each then keeps its first L-1 tokens.
+# 3. C4, as the original's c4_pretrain (t5's prefix-LM objective): the documents' tokens, one
+# after the other, are cut into windows of L = --target-len (512) tokens that cross document ends.
+# Window n is cut at a ~ U[1, L-2) and b ~ U[a, L-2) into instruction w[:a], input w[a:b] (may be
+# empty) and target w[b:], each closed by EOS: with widths of L, nothing is ever cut.
 
 
 def c4_files(args: DataArgs, split: str) -> list[str]:
     if args.data_dir is None:
         return []
-    pattern = os.path.join(args.data_dir, f'c4-{"train" if split == "train" else "validation"}*.json.gz')
+    name = 'train' if split == 'train' else 'validation'
+    pattern = os.path.join(args.data_dir, f'c4-{name}*.json.gz')
     files = sorted(glob.glob(pattern))
     if not files:
-        raise DataError(f'--task c4: no shards match {pattern} (expected files like c4-train.00000-of-01024.json'
-                        '.gz, one JSON object with "text" per line; or leave --data-dir unset to stream allenai/c4)')
+        raise DataError(f'--task c4: no shards match {pattern} (expected files like c4-train.'
+                        '00000-of-01024.json.gz, one JSON object with "text" per line; or leave '
+                        '--data-dir unset to stream allenai/c4)')
     return files
 
 
-def read_c4(args: DataArgs, split: str):
-    """Yields document texts: local shards in sorted order, else streamed from the hub."""
+def c4_documents(args: DataArgs, split: str, process_index: int = 0, process_count: int = 1):
+    """(documents, where): this host's share (split_dataset_by_node) of the split's documents as a
+    `datasets` IterableDataset: local shards in file order, or allenai/c4 (en) from the hub."""
+    import datasets
+    from datasets.distributed import split_dataset_by_node
     files = c4_files(args, split)
-    if not files:
-        try:
-            import datasets
+    where = files[0] + ', ...' if files else 'allenai/c4 (en) on the Hugging Face hub'
+    try:
+        if files:
+            ds = datasets.load_dataset('json', data_files=files, split='train', streaming=True)
+        else:
             name = 'train' if split == 'train' else 'validation'
-            yield from (row['text'] for row in datasets.load_dataset('allenai/c4', 'en', split=name, streaming=True))
-        except Exception as e:
-            raise DataError(f'could not stream allenai/c4 (en) from the Hugging Face hub ({type(e).__name__}: {e}); '
-                            'download c4-*.json.gz shards and pass --data-dir') from None
-    for path in files:
-        try:
-            with gzip.open(path, 'rt', encoding='utf-8') as f:
-                for lineno, line in enumerate(f, 1):
-                    try:
-                        yield json.loads(line)['text']
-                    except (json.JSONDecodeError, KeyError, TypeError) as e:
-                        raise DataError(f'{path} line {lineno}: expected a JSON object with "text" ({e!r})') from None
-        except (OSError, EOFError, UnicodeDecodeError) as e:
-            raise DataError(f'{path}: cannot read gzip text ({e})') from None
+            ds = datasets.load_dataset('allenai/c4', 'en', split=name, streaming=True)
+    except Exception as e:   # no network, no such dataset: one line, not a traceback
+        raise DataError(f'could not stream {where} ({type(e).__name__}: {e}); pass --data-dir with '
+                        'c4-*.json.gz shards') from None
+    return split_dataset_by_node(ds, rank=process_index, world_size=process_count), where
 
 
-def c4_cut(ids: list[int], seed: int, index: int):
-    """Three consecutive non-empty segments of `ids` (len >= 3), cut at two seeded random points."""
-    a, b = sorted(np.random.default_rng([seed, index]).choice(np.arange(1, len(ids)), 2, replace=False).tolist())
-    return ids[:a], ids[a:b], ids[b:]
+def c4_texts(documents, where: str):
+    """The text of each document; a damaged shard or a row without a "text" string: a DataError."""
+    try:
+        for doc in documents:
+            if not isinstance(doc.get('text'), str):
+                raise DataError(f'{where}: a row without a "text" string ({str(doc)[:60]})')
+            yield doc['text']
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f'reading {where}: {type(e).__name__}: {e}') from None
 
 
-def c4_segments(args: DataArgs, ids: list[int], seed: int, index: int, eos_id: int):
-    """({field: ids}, {field: was cut}): the three segments of a document (len >= 3), each closed by EOS."""
-    s1, s2, s3 = c4_cut(ids, seed, index)
+def c4_windows(texts, tokenizer, length: int, carry: list[int]):
+    """Yields (window, carry): the next `length` tokens of the texts' tokens one after the other,
+    and the tokens read after it (the stream's position within its current document)."""
+    tokens = list(carry)
+    for text in texts:
+        tokens = tokens + tokenizer.encode(text)   # a new list: the carry yielded stays as it is
+        while len(tokens) >= length:
+            window, tokens = tokens[:length], tokens[length:]
+            yield window, tokens
+
+
+def c4_segments(args: DataArgs, window: list[int], seed: int, index: int, eos_id: int):
+    """({field: ids}, {field: was cut}): window `index` cut at two seeded points, each part closed
+    by EOS (an empty input is EOS alone, as t5's append_eos leaves it)."""
+    rng = np.random.default_rng([seed, index])
+    a = int(rng.integers(1, len(window) - 2))   # high is exclusive: [1, L-2)
+    b = int(rng.integers(a, len(window) - 2))
+    parts = [window[:a], window[a:b], window[b:]]
     if args.format == 'full-input':
-        s1, s2 = [], s1 + s2
+        parts = [None, window[:b], window[b:]]   # no instruction
     seqs, flags = {}, {}
-    for key, seg, width in zip(FIELDS, (s1, s2, s3), lengths(args)):
-        seqs[key], flags[key] = seg[:width - 1] + [eos_id] if seg else [], len(seg) > width - 1
+    for key, part, width in zip(FIELDS, parts, lengths(args)):
+        seqs[key] = [] if part is None else part[:width - 1] + [eos_id]
+        flags[key] = part is not None and len(part) > width - 1
     return seqs, flags
 
 
 def build_c4(args: DataArgs, split: str, tokenizer):
-    """Returns token-id rows directly (no re-tokenizing of text); example texts are previews: the decoded
-    first 64 tokens of each (truncated) segment. At most --c4-documents documents (0: 1,000)."""
+    """Token-id rows: the windows of the split's first --c4-documents documents (0: 1,000), cut as
+    c4_stream cuts them (one host); example texts are previews: each part's first 64 tokens."""
     seed = args.seed if split == 'train' else 0
-    rows, skipped = [], {'too_short': 0}
-    for i, text in enumerate(itertools.islice(read_c4(args, split), args.c4_documents or 1000)):
-        ids = tokenizer.encode(text)
-        if len(ids) < 3:
-            skipped['too_short'] += 1
-            continue
-        seqs, flags = c4_segments(args, ids, seed, i, tokenizer.eos_id)
+    documents, where = c4_documents(args, split)
+    texts = c4_texts(itertools.islice(documents, args.c4_documents or 1000), where)
+    rows = []
+    for i, (window, _) in enumerate(c4_windows(texts, tokenizer, lengths(args)[2], [])):
+        seqs, flags = c4_segments(args, window, seed, i, tokenizer.eos_id)
         pv = {k: tokenizer.decode(v[:64]) for k, v in seqs.items()}
         rows.append((dict(task='c4', id=f'c4-{split}-{i}', **pv, references=[pv['target']], category='c4'),
                      seqs, flags))
-    return rows, skipped
+    return rows, {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -829,56 +853,47 @@ def batches(data: dict, batch_size: int, seed: int, start_step: int = 0, process
         yield {k: data[k][mine, :w] for k, w in zip(FIELDS, widths)}
 
 
+def c4_passes(documents, where: str, process_index: int):
+    """The texts of this host's documents, pass after pass (datasets' epochs), without end."""
+    empty = 0
+    while empty < 2:   # one empty pass is a resume at the end of a pass; two: there is nothing
+        empty += 1
+        for text in c4_texts(documents, where):
+            empty = 0
+            yield text
+        documents.set_epoch(documents.epoch + 1)
+    raise DataError(f'{where}: no document for host {process_index}')
+
+
 def c4_stream(args: DataArgs, tokenizer, batch_size: int, process_index: int = 0, process_count: int = 1,
               state: dict | None = None):
-    """Yields (batch, state) without end: this host's share (batch_size // process_count rows) of the C4 train
-    documents, tokenized and cut as they are read (never all in memory), padded to the fixed widths of
-    `lengths`: every host has the same shapes without asking the others (and in a batch of 1024 documents cut
-    at random points some segment nearly always reaches its cap, so buckets would save little). `state` resumes
-    right after that batch's last document. Each host reads its own shards (split_dataset_by_node) in file
-    order, unshuffled: C4's documents are already in random order, and a shuffle buffer's content would not
-    survive a resume. Document n (counted over passes) of host h is cut with seed (seed, n * hosts + h)."""
-    import datasets
-    from datasets.distributed import split_dataset_by_node
-    files = c4_files(args, 'train')
-    where = files[0] + ', ...' if files else 'allenai/c4 (en) on the Hugging Face hub'
-    try:
-        if files:
-            ds = datasets.load_dataset('json', data_files=files, split='train', streaming=True)
-        else:
-            ds = datasets.load_dataset('allenai/c4', 'en', split='train', streaming=True)
-    except Exception as e:   # no network, no such dataset: one line, not a traceback
-        raise DataError(f'could not stream {where} ({type(e).__name__}: {e}); pass --data-dir with '
-                        'c4-*.json.gz shards') from None
-    ds = split_dataset_by_node(ds, rank=process_index, world_size=process_count)
-    n, empty = 0, 0
+    """Yields (batch, state) without end: this host's share (batch_size // process_count rows) of
+    the C4 train windows, read, tokenized and cut as they are used (never all in memory), padded to
+    the widths of `lengths` (every host has the same shapes without asking the others). `state`
+    resumes right after that batch's last window: the documents' position, and the tokens read past
+    that window. Each host reads its own shards (split_dataset_by_node) in file order, unshuffled:
+    C4's documents are already in random order, and a shuffle buffer's content would not survive a
+    resume. Window n (counted over passes) of host h is cut with seed (seed, n * hosts + h)."""
+    documents, where = c4_documents(args, 'train', process_index, process_count)
+    n, carry = 0, []
     if state:   # the epoch first: load_state_dict only applies to an iteration of the same epoch
-        ds.set_epoch(state['dataset']['epoch'])
-        ds.load_state_dict(state['dataset'])
-        n = state['documents']
+        documents.set_epoch(state['dataset']['epoch'])
+        documents.load_state_dict(state['dataset'])
+        n, carry = state['windows'], state['carry']
     share, widths, row = batch_size // process_count, lengths(args), 0
-    while True:
-        used = False   # whether this pass gave any document
-        try:
-            for doc in ds:
-                ids, n = tokenizer.encode(doc['text']), n + 1
-                if len(ids) < 3:   # too short for three segments, as build_c4 skips it
-                    continue
-                seqs, _ = c4_segments(args, ids, args.seed, (n - 1) * process_count + process_index,
-                                      tokenizer.eos_id)
-                if row == 0:
-                    batch = [np.full([share, w], tokenizer.pad_id, np.int32) for w in widths]
-                for arr, v in zip(batch, seqs.values()):
-                    arr[row, :len(v)] = v
-                row, used = (row + 1) % share, True
-                if row == 0:
-                    yield dict(zip(FIELDS, batch)), {'dataset': ds.state_dict(), 'documents': n}
-        except Exception as e:   # a damaged shard
-            raise DataError(f'reading {where}: {type(e).__name__}: {e}') from None
-        empty = 0 if used else empty + 1
-        if empty == 2:
-            raise DataError(f'{where}: no document of 3 tokens or more for host {process_index}')
-        ds.set_epoch(ds.epoch + 1)   # the next pass, from the start of this host's shards
+    texts = c4_passes(documents, where, process_index)
+    for window, carry in c4_windows(texts, tokenizer, widths[2], carry):
+        index = n * process_count + process_index
+        seqs, _ = c4_segments(args, window, args.seed, index, tokenizer.eos_id)
+        n += 1
+        if row == 0:
+            batch = [np.full([share, w], tokenizer.pad_id, np.int32) for w in widths]
+        for arr, v in zip(batch, seqs.values()):
+            arr[row, :len(v)] = v
+        row = (row + 1) % share
+        if row == 0:
+            state = {'dataset': documents.state_dict(), 'windows': n, 'carry': carry}
+            yield dict(zip(FIELDS, batch)), state
 
 
 def prefetch(iterator, size: int = 2):

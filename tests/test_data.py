@@ -550,8 +550,9 @@ def test_batches_process_shares():
 
 # ---------------------------------------------------------------------------------------------- C4
 
-DOCS = ['The quick brown fox jumps over the lazy dog.', 'x', 'ab', 'abc', 'Hello world, this is C4.',
-        'Lorem ipsum dolor sit amet, consectetur adipiscing elit.', '']
+LOREM = 'lorem ipsum dolor sit amet '
+DOCS = [f'Document {i}: ' + LOREM[:3 + 7 * i % 25] for i in range(40)] + ['', 'x']   # 1 to 40 bytes
+LENS = dict(instruction_len=16, input_len=16, target_len=16)   # windows of 16 tokens (bytes)
 
 
 def write_shard(path, docs):
@@ -564,47 +565,79 @@ def write_shard(path, docs):
 def c4dir(tmp_path):
     root = tmp_path / 'c4'
     root.mkdir()
-    write_shard(root / 'c4-train.00000-of-00002.json.gz', DOCS[:4])
-    write_shard(root / 'c4-train.00001-of-00002.json.gz', DOCS[4:])
-    write_shard(root / 'c4-validation.00000-of-00001.json.gz', ['Validation text here.', 'no'])
+    write_shard(root / 'c4-train.00000-of-00002.json.gz', DOCS[:20])
+    write_shard(root / 'c4-train.00001-of-00002.json.gz', DOCS[20:])
+    write_shard(root / 'c4-validation.00000-of-00001.json.gz', DOCS[:10])
     return root
 
 
-def test_c4_cuts(c4dir, tmp_path):
-    d = load(task='c4', data_dir=str(c4dir), seed=5)
-    assert d['skipped'] == {'too_short': 3}   # 'x', 'ab', '' cannot give three non-empty segments
-    kept = [t for t in DOCS if len(t) >= 3]
-    assert len(d['examples']) == len(kept) and d['truncated'] == {'instruction': 0, 'input': 0, 'target': 0}
-    cuts = set()
-    for n, text in enumerate(kept):
-        parts = [BYTE.decode(d[k][n]) for k in ('instruction', 'input', 'target')]
-        assert all(parts) and ''.join(parts) == text   # three consecutive, non-empty segments
-        cuts.add(len(parts[0]))
-        assert d['examples'][n]['target'] == parts[2][:64]
-    assert len(cuts) > 1
-    assert d['examples'] == load(task='c4', data_dir=str(c4dir), seed=5, cache_dir=str(tmp_path / 'x'))['examples']
-    assert [d2['id'] for d2 in load(task='c4', data_dir=str(c4dir), c4_documents=5)['examples']] == \
-        ['c4-train-0', 'c4-train-3', 'c4-train-4']
-    test = load('test', task='c4', data_dir=str(c4dir))
-    assert len(test['examples']) == 1 and test['skipped'] == {'too_short': 1}
-    full = load(task='c4', data_dir=str(c4dir), seed=5, format='full-input')
-    assert (full['instruction'] == 0).all()
-    assert [BYTE.decode(r) for r in full['input']] == [BYTE.decode(np.concatenate([a[a > 1], b]))
-                                                      for a, b in zip(d['instruction'], d['input'])]
+def unpadded(row):
+    return row[:int((row != 0).sum())].tolist()
+
+
+def windows_of(d):
+    """Each row's three parts without their EOS, one after the other."""
+    parts = zip(*(d[k] for k in ('instruction', 'input', 'target')))
+    return [sum((unpadded(p)[:-1] for p in row if unpadded(p)), []) for row in parts]
+
+
+def cut_points(d):
+    """[(instruction tokens, input tokens)] of each row, EOS not counted."""
+    pairs = zip(d['instruction'], d['input'])
+    return [(len(unpadded(a)) - 1, len(unpadded(b)) - 1) for a, b in pairs]
+
+
+def test_c4_rows_are_windows_of_the_document_stream(c4dir, tmp_path):
+    """t5's prefix-LM windows: the documents' tokens one after the other, cut into windows of 16
+    that cross document ends; each window cut in three, every part closed by EOS (an empty input
+    too)."""
+    stream = sum((BYTE.encode(doc) for doc in DOCS), [])
+    d = load(task='c4', data_dir=str(c4dir), seed=5, **LENS)
+    assert len(d['examples']) == len(stream) // 16
+    assert d['truncated'] == dict.fromkeys(data.FIELDS, 0)
+    assert windows_of(d) == [stream[i:i + 16] for i in range(0, len(stream) // 16 * 16, 16)]
+    cuts = cut_points(d)
+    assert all(a >= 1 and a + n <= 16 - 3 for a, n in cuts)   # a in [1, L-2), b = a + n in [a, L-2)
+    assert all(unpadded(row)[-1] == 1 for k in data.FIELDS for row in d[k])
+    assert len({a for a, _ in cuts}) > 5 and (0 in {n for _, n in cuts})   # the input may be empty
+    again = load(task='c4', data_dir=str(c4dir), seed=5, cache_dir=str(tmp_path / 'x'), **LENS)
+    assert again['examples'] == d['examples']
+    assert cut_points(load(task='c4', data_dir=str(c4dir), seed=6, **LENS)) != cuts
+    few = load(task='c4', data_dir=str(c4dir), seed=5, c4_documents=10, **LENS)   # the same windows
+    first10 = sum((BYTE.encode(doc) for doc in DOCS[:10]), [])
+    assert windows_of(few) == windows_of(d)[:len(first10) // 16]
+    assert (few['instruction'] == d['instruction'][:len(first10) // 16]).all()
+    test = load('test', task='c4', data_dir=str(c4dir), seed=5, **LENS)
+    seed0 = load('test', task='c4', data_dir=str(c4dir), seed=0, **LENS)
+    assert cut_points(test) == cut_points(seed0)   # the test split never depends on --seed
+    assert windows_of(test) == [first10[i:i + 16] for i in range(0, len(first10) // 16 * 16, 16)]
+    full = load(task='c4', data_dir=str(c4dir), seed=5, format='full-input', **LENS)
+    assert (full['instruction'] == 0).all() and (full['target'] == d['target']).all()
+    assert windows_of(full) == windows_of(d)   # input = window[:b]
+
+
+def test_c4_in_memory_and_streamed_windows_agree(c4dir):
+    args = data.DataArgs(task='c4', data_dir=str(c4dir), seed=5, cache_dir=CACHE, **LENS)
+    streamed = [b for b, _ in itertools.islice(data.c4_stream(args, BYTE, 4), 3)]
+    d = load(task='c4', data_dir=str(c4dir), seed=5, c4_documents=1000, **LENS)
+    for k in data.FIELDS:
+        np.testing.assert_array_equal(np.concatenate([b[k] for b in streamed]), d[k][:12])
 
 
 def test_c4_truncation_and_errors(c4dir, tmp_path):
-    lorem = DOCS[5]
-    d = load(task='c4', data_dir=str(c4dir), instruction_len=4, input_len=4, target_len=4, seed=5)
-    n = [e['id'] for e in d['examples']].index('c4-train-5')
-    a, b, c = data.c4_cut(BYTE.encode(lorem), 5, 5)
-    for key, seg in zip(('instruction', 'input', 'target'), (a, b, c)):
-        assert d[key][n].tolist() == (seg[:3] + [1] + [0] * 4)[:4]
+    d = load(task='c4', data_dir=str(c4dir), instruction_len=4, input_len=4, target_len=16, seed=5)
+    whole = load(task='c4', data_dir=str(c4dir), seed=5, **LENS)
+    for key in ('instruction', 'input'):   # each part keeps its first 3 tokens, then EOS
+        for row, cut in zip(whole[key], d[key]):
+            assert unpadded(cut) == unpadded(row)[:-1][:3] + [1]
+    assert d['truncated']['instruction'] > 0 and d['truncated']['target'] == 0
+    with pytest.raises(data.DataError, match='--target-len must be at least 4'):
+        load(task='c4', data_dir=str(c4dir), target_len=3)
     (c4dir / 'c4-train.00000-of-00002.json.gz').write_bytes(gzip.compress(b'{"text": "fine"}\n{"txt": 1}\n'))
-    with pytest.raises(data.DataError, match='c4-train.00000-of-00002.json.gz line 2'):
-        load(task='c4', data_dir=str(c4dir))
+    with pytest.raises(data.DataError, match='c4-train.00000-of-00002.json.gz.*without a "text"'):
+        load(task='c4', data_dir=str(c4dir), **LENS)
     (c4dir / 'c4-train.00000-of-00002.json.gz').write_bytes(b'not gzip')
-    with pytest.raises(data.DataError, match='cannot read gzip'):
-        load(task='c4', data_dir=str(c4dir))
+    with pytest.raises(data.DataError, match='c4-train.00000-of-00002.json.gz.*Not a gzipped file'):
+        load(task='c4', data_dir=str(c4dir), **LENS)
     with pytest.raises(data.DataError, match='no shards match'):
         load(task='c4', data_dir=str(tmp_path))
