@@ -3,8 +3,9 @@
 Every task yields the same thing (see HINT.md sections 5-6): an `instruction` for the hypernetwork, an `input`
 for the encoder and a `target` for the decoder, as 0-padded int32 arrays with EOS (1) closing each non-empty
 sequence. Text is always cut by TOKENS: at most L-1 tokens, then EOS, so it always fits in L.
-Format 'hint' splits instruction and instance; 'full-input' (the Tk-Instruct baseline) puts everything into
-the encoder and leaves a [N, 1] all-padding instruction. `batches` then serves a deterministic, resumable stream.
+Format 'hint' gives the instruction to the hypernetwork and the instance to the encoder ('split': SNI's
+Tk-Instruct text cut in two); 'full-input' (the Tk-Instruct baseline) puts everything into the encoder
+and leaves a [N, 1] all-padding instruction. `batches` then serves a deterministic, resumable stream.
 
     python data.py --task ni --data-dir natural-instructions --split test --shots 2 --show 3
 """
