@@ -16,7 +16,6 @@ import concurrent.futures
 import dataclasses
 import functools
 import glob
-import gzip
 import hashlib
 import itertools
 import json
@@ -860,7 +859,8 @@ def c4_passes(documents, where: str, process_index: int):
     while empty < 2:   # one empty pass is a resume at the end of a pass; two: there is nothing
         empty += 1
         for text in c4_texts(documents, where):
-            empty = 0
+            if text:
+                empty = 0
             yield text
         documents.set_epoch(documents.epoch + 1)
     raise DataError(f'{where}: no document for host {process_index}')

@@ -87,6 +87,12 @@ def test_each_host_reads_its_own_share(tmp_path, n_shards):
     assert mine[0] | mine[1] == every
 
 
+def test_a_host_without_documents_is_an_error(tmp_path):
+    root = write_shards(tmp_path / 'c4', 1, 1)   # one document: host 1 of 2 has none
+    with pytest.raises(data.DataError, match='no document for host 1'):
+        next(stream(root, process_index=1, process_count=2))
+
+
 def test_prefetch_keeps_order_and_raises_the_sources_error(tmp_path):
     assert list(data.prefetch(iter(range(50)), size=2)) == list(range(50))
 
