@@ -3,8 +3,9 @@
 Every task yields the same thing (see HINT.md sections 5-6): an `instruction` for the hypernetwork, an `input`
 for the encoder and a `target` for the decoder, as 0-padded int32 arrays with EOS (1) closing each non-empty
 sequence. Text is always cut by TOKENS: at most L-1 tokens, then EOS, so it always fits in L.
-Format 'hint' splits instruction and instance; 'full-input' (the Tk-Instruct baseline) puts everything into
-the encoder and leaves a [N, 1] all-padding instruction. `batches` then serves a deterministic, resumable stream.
+Format 'hint' gives the instruction to the hypernetwork and the instance to the encoder ('split': SNI's
+Tk-Instruct text cut in two); 'full-input' (the Tk-Instruct baseline) puts everything into the encoder
+and leaves a [N, 1] all-padding instruction. `batches` then serves a deterministic, resumable stream.
 
     python data.py --task ni --data-dir natural-instructions --split test --shots 2 --show 3
 """
@@ -16,7 +17,6 @@ import dataclasses
 import difflib
 import functools
 import glob
-import gzip
 import hashlib
 import itertools
 import json
@@ -46,15 +46,23 @@ class DataArgs:
     p3: a copy of bigscience/P3 ([data/]<configuration>/<split>-*.parquet; None: the files needed, from the hub)"""
     ni_source: str = 'https://github.com/allenai/natural-instructions'   # git URL for --task ni
     shots: int = 0                   # 0|1|2 positive examples in the instruction (p3: 0-5 demonstrations)
-    format: Literal['hint', 'full-input'] = 'hint'   # hint: instruction apart; full-input: all in the encoder
-    max_instances_per_task: int = 100    # the first ones of each task, in file order
+    format: Literal['hint', 'split', 'full-input'] = 'hint'
+    """hint: HINT's texts (ni: the definition, examples in front of it, to the hypernetwork; the
+    raw input to the encoder); split (ni only): Tk-Instruct's text split in two, definition +
+    examples to the hypernetwork, "Now complete the following example -..." to the encoder (the
+    original's natural_instructions_split_mimic_def); full-input: Tk-Instruct's whole text in the
+    encoder"""
+    max_instances_per_task: int = 100
+    """train: this many of each task after a shuffle seeded by --seed (Tk-Instruct's loader);
+    test: the first ones"""
     instruction_len: int | None = None   # in tokens; None: task default (see `lengths`)
     input_len: int | None = None         # in tokens; the limit of the whole text in full-input
     target_len: int | None = None        # in tokens
     tokenizer: str = ''              # '' = 'byte' for synthetic, google/t5-base-lm-adapt for ni/c4
     c4_documents: int = 0
-    """0: the C4 train split is streamed (its position saved with each checkpoint); N: its first N documents
-    are read into memory (tests, small runs). The test split holds the first N (0: 1,000) documents"""
+    """0: the C4 train split is streamed (its position saved with each checkpoint); N: the windows
+    of its first N documents are read into memory (tests, small runs). The test split: the windows
+    of the first N (0: 1,000)"""
     seed: int = 0                    # train split only: the test split never depends on it
     cache_dir: str = '.cache/data'   # tokenized splits, reused while arguments and source files are unchanged
     group_by_length: bool = False    # train batches of similar lengths (runs of 50 batches sorted by length)
@@ -107,6 +115,10 @@ def check_args(args: DataArgs):
     for name in ('instruction_len', 'input_len', 'target_len'):
         if getattr(args, name) is not None and getattr(args, name) < 2:
             raise DataError(f'--{name.replace("_", "-")} must be at least 2 (one token and EOS)')
+    if args.task == 'c4' and args.target_len is not None and args.target_len < 4:
+        raise DataError('--target-len must be at least 4 for --task c4 (the window length)')
+    if args.format == 'split' and args.task != 'ni':
+        raise DataError(f'--format split is for --task ni only, not {args.task}')
     if args.max_instances_per_task < 1 or args.c4_documents < 0:
         raise DataError('--max-instances-per-task must be at least 1 and --c4-documents at least 0')
 
@@ -257,19 +269,21 @@ def build_synthetic(args: DataArgs, split: str):
     for name, family, p, phrasing in tasks:
         demo_rng = random.Random(f'demo:{seed}:{name}')   # same demos for every shots: 1 shot is a prefix of 2
         demos = [_synthetic_pair(demo_rng, family, p) for _ in range(args.shots)]
-        instruction = instruction_text('synthetic', phrasing) + ''.join(
+        instruction = instruction_text('synthetic', phrasing, args.format, args.shots) + ''.join(
             f'Example {i} -\nInput: {a}\nOutput: {b}\n\n' for i, (a, b) in enumerate(demos, 1))
         n = SYN_TEST_PER_TASK if split == 'test' else max(1, SYN_TRAIN_PER_FAMILY // per_family[family])
         rng = random.Random(f'{split}:{seed}:{name}')
         for i in range(min(n, args.max_instances_per_task)):
             inp, out = _synthetic_pair(rng, family, p)
-            rows.append(dict(task=name, id=f'{name}-{i}', instruction=instruction, input=instance_text('synthetic', inp),
+            inp = instance_text('synthetic', inp, args.format)
+            rows.append(dict(task=name, id=f'{name}-{i}', instruction=instruction, input=inp,
                              target=out, references=[out], category=family))
     return rows, {}
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. Super-NaturalInstructions, exactly as Tk-Instruct builds its input (HINT.md section 6).
+# 2. Super-NaturalInstructions: HINT's texts, or Tk-Instruct's split in two or whole (HINT.md
+# section 6).
 
 NI_HELP = ('expected a clone of https://github.com/allenai/natural-instructions with splits/default/'
            'train_tasks.txt, splits/default/test_tasks.txt and tasks/<task>.json; get it with '
@@ -304,16 +318,23 @@ def dot(s: str) -> str:
     return s if s and s[-1] in string.punctuation else s + '.'
 
 
-def instruction_text(task: str, definition: str) -> str:
-    """The instruction's opening (its definition); demonstrations follow it."""
-    return 'Definition: ' + dot(definition.strip()) + '\n\n' if task == 'ni' else definition + '\n\n'
+def instruction_text(task: str, definition: str, fmt: str, shots: int) -> str:
+    """The instruction for a task definition, before any examples (eval.py's one-off mode uses it
+    too)."""
+    if task != 'ni':
+        return definition + '\n\n'
+    if fmt == 'hint':   # HINT's: the bare definition; with examples, "Definition: " and no dot
+        return 'Definition: ' + definition if shots else definition.strip()
+    return 'Definition: ' + dot(definition.strip()) + '\n\n'   # Tk-Instruct's
 
 
-def instance_text(task: str, text: str) -> str:
+def instance_text(task: str, text: str, fmt: str) -> str:
     """The encoder's text for one instance input (eval.py's one-off mode uses it too)."""
-    if task == 'ni':
-        return dot('Now complete the following example -\nInput: ' + text.strip()) + '\nOutput: '
-    return f'Input: {text}\nOutput:'
+    if task != 'ni':
+        return f'Input: {text}\nOutput:'
+    if fmt == 'hint':   # HINT's encoder reads the raw input
+        return text
+    return dot('Now complete the following example -\nInput: ' + text.strip()) + '\nOutput: '
 
 
 def ni_task_files(data_dir: str | None, split: str) -> tuple[str, list[tuple[str, str]]]:
@@ -362,26 +383,34 @@ def read_ni_task(path: str) -> dict:
     return task
 
 
-def ni_texts(task: dict, path: str, instance_input: str, shots: int, limit: int, tokenizer) -> tuple[str, str]:
-    """(definition + examples, instance part). Examples are added one at a time while the whole text still
-    fits `limit` tokens (including EOS), so hint and full-input choose the same ones at equal limits."""
-    definition = instruction_text('ni', task['Definition'][0])
-    instance = instance_text('ni', instance_input)
-    examples = ''
-    for i, ex in enumerate(task['Positive Examples'][:shots], 1):
+def ni_texts(task: dict, path: str, instance_input: str, args: DataArgs, limit: int, tokenizer):
+    """(instruction, instance part). Example i: " Positive Example i -\nInput: ..\n Output: ..\n".
+    hint: each example that fits `limit` tokens (with EOS) with the text so far goes IN FRONT
+    (example k, .., example 1, definition), as the original's natural_instruction_positive_example_
+    hyper_k. Otherwise (Tk-Instruct's): example + "\n" goes after, while the whole text with the
+    instance part fits, so split and full-input choose the same ones at equal limits."""
+    text = instruction_text('ni', task['Definition'][0], args.format, args.shots)
+    instance = instance_text('ni', instance_input, args.format)
+    for i, ex in enumerate(task['Positive Examples'][:args.shots], 1):
         where = f'{path}: Positive Examples[{i - 1}]'
-        text = (dot(f' Positive Example {i} -\nInput: ' + _field(ex, 'input', where, str).strip()) + '\n'
-                + dot(' Output: ' + _field(ex, 'output', where, str).strip()) + '\n' + '\n')
-        if len(tokenizer.encode(definition + examples + text + instance)) > limit - 1:
+        inp, out = _field(ex, 'input', where, str), _field(ex, 'output', where, str)
+        example = dot(f' Positive Example {i} -\nInput: ' + inp.strip()) + '\n'
+        example = dot(example + ' Output: ' + out.strip()) + '\n'
+        if args.format == 'hint':
+            if len(tokenizer.encode(text + example)) <= limit - 1:
+                text = example + text
+        elif len(tokenizer.encode(text + example + '\n' + instance)) <= limit - 1:
+            text += example + '\n'
+        else:
             break
-        examples += text
-    return definition + examples, instance
+    return text, instance
 
 
 def build_ni(args: DataArgs, split: str, tokenizer):
-    """Rows from the first max_instances_per_task instances of each task (file order). references: the
-    instance's whole output list, empty strings included, as Tk-Instruct evaluates (an instance whose
-    outputs are all empty is kept: it counts in the metrics' denominator, so none is skipped).
+    """Rows from max_instances_per_task instances of each task (train: after a shuffle seeded by
+    --seed, test: the first ones, as Tk-Instruct's loader). references: the instance's whole output
+    list, empty strings included, as Tk-Instruct evaluates (an instance whose outputs are all empty
+    is kept: it counts in the metrics' denominator, so none is skipped).
     target: train = a seeded random output (seed, instance id), as Tk-Instruct's collator picks
     random.choice(output); test = the first output. An empty target becomes EOS alone (tokenize_rows),
     so the model learns to stop at once, as with Tk-Instruct's tokenizer."""
@@ -393,8 +422,11 @@ def build_ni(args: DataArgs, split: str, tokenizer):
         task = read_ni_task(path)
         if not task['Instances']:   # listed in the split file, but nothing to learn or score
             skipped.setdefault('tasks_without_instances', []).append(name)
-        for k, inst in enumerate(task['Instances'][:args.max_instances_per_task]):
-            where = f'{path}: Instances[{k}]'
+        order = list(range(len(task['Instances'])))
+        if split == 'train':   # the same permutation as shuffling the instances themselves
+            random.Random(args.seed).shuffle(order)
+        for k in order[:args.max_instances_per_task]:
+            inst, where = task['Instances'][k], f'{path}: Instances[{k}]'
             iid = _field(inst, 'id', where, str)
             where = f'{path}: instance {iid}'
             outputs = _field(inst, 'output', where, list)
@@ -402,7 +434,8 @@ def build_ni(args: DataArgs, split: str, tokenizer):
                 raise DataError(f'{where}: field \'output\' is an empty list (no reference at all)')
             if not all(isinstance(o, str) for o in outputs):
                 raise DataError(f'{where}: field \'output\' must be a list of strings')
-            instruction, inp = ni_texts(task, path, _field(inst, 'input', where, str), args.shots, limit, tokenizer)
+            inp = _field(inst, 'input', where, str)
+            instruction, inp = ni_texts(task, path, inp, args, limit, tokenizer)
             if args.format == 'full-input':
                 instruction, inp = '', instruction + inp
             target = random.Random(f'{args.seed}:{iid}').choice(outputs) if split == 'train' else outputs[0]
@@ -412,76 +445,97 @@ def build_ni(args: DataArgs, split: str, tokenizer):
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. C4: each tokenized document is cut at two seeded random points (uniform over the document) into three
-# non-empty consecutive segments: instruction, input, target; each then keeps its first L-1 tokens.
+# 3. C4, as the original's c4_pretrain (t5's prefix-LM objective): the documents' tokens, one
+# after the other, are cut into windows of L = --target-len (512) tokens that cross document ends.
+# Window n is cut at a ~ U[1, L-2) and b ~ U[a, L-2) into instruction w[:a], input w[a:b] (may be
+# empty) and target w[b:], each closed by EOS: with widths of L, nothing is ever cut.
 
 
 def c4_files(args: DataArgs, split: str) -> list[str]:
     if args.data_dir is None:
         return []
-    pattern = os.path.join(args.data_dir, f'c4-{"train" if split == "train" else "validation"}*.json.gz')
+    name = 'train' if split == 'train' else 'validation'
+    pattern = os.path.join(args.data_dir, f'c4-{name}*.json.gz')
     files = sorted(glob.glob(pattern))
     if not files:
-        raise DataError(f'--task c4: no shards match {pattern} (expected files like c4-train.00000-of-01024.json'
-                        '.gz, one JSON object with "text" per line; or leave --data-dir unset to stream allenai/c4)')
+        raise DataError(f'--task c4: no shards match {pattern} (expected files like c4-train.'
+                        '00000-of-01024.json.gz, one JSON object with "text" per line; or leave '
+                        '--data-dir unset to stream allenai/c4)')
     return files
 
 
-def read_c4(args: DataArgs, split: str):
-    """Yields document texts: local shards in sorted order, else streamed from the hub."""
+def c4_documents(args: DataArgs, split: str, process_index: int = 0, process_count: int = 1):
+    """(documents, where): this host's share (split_dataset_by_node) of the split's documents as a
+    `datasets` IterableDataset: local shards in file order, or allenai/c4 (en) from the hub."""
+    import datasets
+    from datasets.distributed import split_dataset_by_node
     files = c4_files(args, split)
-    if not files:
-        try:
-            import datasets
+    where = files[0] + ', ...' if files else 'allenai/c4 (en) on the Hugging Face hub'
+    try:
+        if files:
+            ds = datasets.load_dataset('json', data_files=files, split='train', streaming=True)
+        else:
             name = 'train' if split == 'train' else 'validation'
-            yield from (row['text'] for row in datasets.load_dataset('allenai/c4', 'en', split=name, streaming=True))
-        except Exception as e:
-            raise DataError(f'could not stream allenai/c4 (en) from the Hugging Face hub ({type(e).__name__}: {e}); '
-                            'download c4-*.json.gz shards and pass --data-dir') from None
-    for path in files:
-        try:
-            with gzip.open(path, 'rt', encoding='utf-8') as f:
-                for lineno, line in enumerate(f, 1):
-                    try:
-                        yield json.loads(line)['text']
-                    except (json.JSONDecodeError, KeyError, TypeError) as e:
-                        raise DataError(f'{path} line {lineno}: expected a JSON object with "text" ({e!r})') from None
-        except (OSError, EOFError, UnicodeDecodeError) as e:
-            raise DataError(f'{path}: cannot read gzip text ({e})') from None
+            ds = datasets.load_dataset('allenai/c4', 'en', split=name, streaming=True)
+    except Exception as e:   # no network, no such dataset: one line, not a traceback
+        raise DataError(f'could not stream {where} ({type(e).__name__}: {e}); pass --data-dir with '
+                        'c4-*.json.gz shards') from None
+    return split_dataset_by_node(ds, rank=process_index, world_size=process_count), where
 
 
-def c4_cut(ids: list[int], seed: int, index: int):
-    """Three consecutive non-empty segments of `ids` (len >= 3), cut at two seeded random points."""
-    a, b = sorted(np.random.default_rng([seed, index]).choice(np.arange(1, len(ids)), 2, replace=False).tolist())
-    return ids[:a], ids[a:b], ids[b:]
+def c4_texts(documents, where: str):
+    """The text of each document; a damaged shard or a row without a "text" string: a DataError."""
+    try:
+        for doc in documents:
+            if not isinstance(doc.get('text'), str):
+                raise DataError(f'{where}: a row without a "text" string ({str(doc)[:60]})')
+            yield doc['text']
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f'reading {where}: {type(e).__name__}: {e}') from None
 
 
-def c4_segments(args: DataArgs, ids: list[int], seed: int, index: int, eos_id: int):
-    """({field: ids}, {field: was cut}): the three segments of a document (len >= 3), each closed by EOS."""
-    s1, s2, s3 = c4_cut(ids, seed, index)
+def c4_windows(texts, tokenizer, length: int, carry: list[int]):
+    """Yields (window, carry): the next `length` tokens of the texts' tokens one after the other,
+    and the tokens read after it (the stream's position within its current document)."""
+    tokens = list(carry)
+    for text in texts:
+        tokens = tokens + tokenizer.encode(text)   # a new list: the carry yielded stays as it is
+        while len(tokens) >= length:
+            window, tokens = tokens[:length], tokens[length:]
+            yield window, tokens
+
+
+def c4_segments(args: DataArgs, window: list[int], seed: int, index: int, eos_id: int):
+    """({field: ids}, {field: was cut}): window `index` cut at two seeded points, each part closed
+    by EOS (an empty input is EOS alone, as t5's append_eos leaves it)."""
+    rng = np.random.default_rng([seed, index])
+    a = int(rng.integers(1, len(window) - 2))   # high is exclusive: [1, L-2)
+    b = int(rng.integers(a, len(window) - 2))
+    parts = [window[:a], window[a:b], window[b:]]
     if args.format == 'full-input':
-        s1, s2 = [], s1 + s2
+        parts = [None, window[:b], window[b:]]   # no instruction
     seqs, flags = {}, {}
-    for key, seg, width in zip(FIELDS, (s1, s2, s3), lengths(args)):
-        seqs[key], flags[key] = seg[:width - 1] + [eos_id] if seg else [], len(seg) > width - 1
+    for key, part, width in zip(FIELDS, parts, lengths(args)):
+        seqs[key] = [] if part is None else part[:width - 1] + [eos_id]
+        flags[key] = part is not None and len(part) > width - 1
     return seqs, flags
 
 
 def build_c4(args: DataArgs, split: str, tokenizer):
-    """Returns token-id rows directly (no re-tokenizing of text); example texts are previews: the decoded
-    first 64 tokens of each (truncated) segment. At most --c4-documents documents (0: 1,000)."""
+    """Token-id rows: the windows of the split's first --c4-documents documents (0: 1,000), cut as
+    c4_stream cuts them (one host); example texts are previews: each part's first 64 tokens."""
     seed = args.seed if split == 'train' else 0
-    rows, skipped = [], {'too_short': 0}
-    for i, text in enumerate(itertools.islice(read_c4(args, split), args.c4_documents or 1000)):
-        ids = tokenizer.encode(text)
-        if len(ids) < 3:
-            skipped['too_short'] += 1
-            continue
-        seqs, flags = c4_segments(args, ids, seed, i, tokenizer.eos_id)
+    documents, where = c4_documents(args, split)
+    texts = c4_texts(itertools.islice(documents, args.c4_documents or 1000), where)
+    rows = []
+    for i, (window, _) in enumerate(c4_windows(texts, tokenizer, lengths(args)[2], [])):
+        seqs, flags = c4_segments(args, window, seed, i, tokenizer.eos_id)
         pv = {k: tokenizer.decode(v[:64]) for k, v in seqs.items()}
         rows.append((dict(task='c4', id=f'c4-{split}-{i}', **pv, references=[pv['target']], category='c4'),
                      seqs, flags))
-    return rows, skipped
+    return rows, {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1050,56 +1104,48 @@ def batches(data: dict, batch_size: int, seed: int, start_step: int = 0, process
         yield {k: data[k][mine, :w] for k, w in zip(FIELDS, widths)}
 
 
+def c4_passes(documents, where: str, process_index: int):
+    """The texts of this host's documents, pass after pass (datasets' epochs), without end."""
+    empty = 0
+    while empty < 2:   # one empty pass is a resume at the end of a pass; two: there is nothing
+        empty += 1
+        for text in c4_texts(documents, where):
+            if text:
+                empty = 0
+            yield text
+        documents.set_epoch(documents.epoch + 1)
+    raise DataError(f'{where}: no document for host {process_index}')
+
+
 def c4_stream(args: DataArgs, tokenizer, batch_size: int, process_index: int = 0, process_count: int = 1,
               state: dict | None = None):
-    """Yields (batch, state) without end: this host's share (batch_size // process_count rows) of the C4 train
-    documents, tokenized and cut as they are read (never all in memory), padded to the fixed widths of
-    `lengths`: every host has the same shapes without asking the others (and in a batch of 1024 documents cut
-    at random points some segment nearly always reaches its cap, so buckets would save little). `state` resumes
-    right after that batch's last document. Each host reads its own shards (split_dataset_by_node) in file
-    order, unshuffled: C4's documents are already in random order, and a shuffle buffer's content would not
-    survive a resume. Document n (counted over passes) of host h is cut with seed (seed, n * hosts + h)."""
-    import datasets
-    from datasets.distributed import split_dataset_by_node
-    files = c4_files(args, 'train')
-    where = files[0] + ', ...' if files else 'allenai/c4 (en) on the Hugging Face hub'
-    try:
-        if files:
-            ds = datasets.load_dataset('json', data_files=files, split='train', streaming=True)
-        else:
-            ds = datasets.load_dataset('allenai/c4', 'en', split='train', streaming=True)
-    except Exception as e:   # no network, no such dataset: one line, not a traceback
-        raise DataError(f'could not stream {where} ({type(e).__name__}: {e}); pass --data-dir with '
-                        'c4-*.json.gz shards') from None
-    ds = split_dataset_by_node(ds, rank=process_index, world_size=process_count)
-    n, empty = 0, 0
+    """Yields (batch, state) without end: this host's share (batch_size // process_count rows) of
+    the C4 train windows, read, tokenized and cut as they are used (never all in memory), padded to
+    the widths of `lengths` (every host has the same shapes without asking the others). `state`
+    resumes right after that batch's last window: the documents' position, and the tokens read past
+    that window. Each host reads its own shards (split_dataset_by_node) in file order, unshuffled:
+    C4's documents are already in random order, and a shuffle buffer's content would not survive a
+    resume. Window n (counted over passes) of host h is cut with seed (seed, n * hosts + h)."""
+    documents, where = c4_documents(args, 'train', process_index, process_count)
+    n, carry = 0, []
     if state:   # the epoch first: load_state_dict only applies to an iteration of the same epoch
-        ds.set_epoch(state['dataset']['epoch'])
-        ds.load_state_dict(state['dataset'])
-        n = state['documents']
+        documents.set_epoch(state['dataset']['epoch'])
+        documents.load_state_dict(state['dataset'])
+        n, carry = state['windows'], state['carry']
     share, widths, row = batch_size // process_count, lengths(args), 0
-    while True:
-        used = False   # whether this pass gave any document
-        try:
-            for doc in ds:
-                ids, n = tokenizer.encode(doc['text']), n + 1
-                if len(ids) < 3:   # too short for three segments, as build_c4 skips it
-                    continue
-                seqs, _ = c4_segments(args, ids, args.seed, (n - 1) * process_count + process_index,
-                                      tokenizer.eos_id)
-                if row == 0:
-                    batch = [np.full([share, w], tokenizer.pad_id, np.int32) for w in widths]
-                for arr, v in zip(batch, seqs.values()):
-                    arr[row, :len(v)] = v
-                row, used = (row + 1) % share, True
-                if row == 0:
-                    yield dict(zip(FIELDS, batch)), {'dataset': ds.state_dict(), 'documents': n}
-        except Exception as e:   # a damaged shard
-            raise DataError(f'reading {where}: {type(e).__name__}: {e}') from None
-        empty = 0 if used else empty + 1
-        if empty == 2:
-            raise DataError(f'{where}: no document of 3 tokens or more for host {process_index}')
-        ds.set_epoch(ds.epoch + 1)   # the next pass, from the start of this host's shards
+    texts = c4_passes(documents, where, process_index)
+    for window, carry in c4_windows(texts, tokenizer, widths[2], carry):
+        index = n * process_count + process_index
+        seqs, _ = c4_segments(args, window, args.seed, index, tokenizer.eos_id)
+        n += 1
+        if row == 0:
+            batch = [np.full([share, w], tokenizer.pad_id, np.int32) for w in widths]
+        for arr, v in zip(batch, seqs.values()):
+            arr[row, :len(v)] = v
+        row = (row + 1) % share
+        if row == 0:
+            state = {'dataset': documents.state_dict(), 'windows': n, 'carry': carry}
+            yield dict(zip(FIELDS, batch)), state
 
 
 def p3_stream(args: DataArgs, tokenizer, batch_size: int, process_index: int = 0,

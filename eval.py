@@ -339,8 +339,8 @@ class EvalArgs(data.DataArgs):
     eval_instances: int = 0         # only the first N instances (0: all)
     dtype: str = 'float32'          # compute dtype (bfloat16 on GPU/TPU halves memory)
     instruction: str | None = None
-    """one-off mode: this task definition (formatted as in training); instance inputs from stdin, one per
-    line"""
+    """one-off mode: this task definition (formatted as in training, without examples); instance
+    inputs from stdin, one per line"""
     task_state: str = ''            # one-off mode: a saved task state (.safetensors) instead of --instruction
     save_task_state: str = ''       # one-off mode: also save the instruction's task state here
     merge_into: str = ''
@@ -377,10 +377,13 @@ def one_off(args, cfg, hcfg, params, tokenizer, lines, itok=None):
     """Predictions for raw instance inputs under one instruction (or a saved task state). itok: the
     instruction encoder's own tokenizer, if it has one."""
     li, lx, ly = data.lengths(args)
-    full_input = args.format == 'full-input'
-    instruction = data.instruction_text(args.task, args.instruction) if args.instruction else ''
-    texts = [(instruction if full_input else '') + data.instance_text(args.task, x) for x in lines]
-    where = ' (with the instruction)' if full_input else ''
+    instruction = ''
+    if args.instruction:
+        instruction = data.instruction_text(args.task, args.instruction, args.format, args.shots)
+    texts = [data.instance_text(args.task, x, args.format) for x in lines]
+    if args.format == 'full-input':
+        texts = [instruction + x for x in texts]
+    where = ' (with the instruction)' if args.format == 'full-input' else ''
     inputs = np.stack([padded(tokenizer, x, lx, f'stdin line {n}{where}')
                        for n, x in enumerate(texts, 1)])
     mods = None
@@ -409,8 +412,8 @@ def merge_into(args):
     cfg, hcfg, params, meta = HN.load_run(args.checkpoint)
     tokenizer = M.load_tokenizer(meta['tokenizer'])
     itok = instruction_tokenizer(hcfg, meta['args'])
-    instruction = padded(M.load_tokenizer(itok) if itok else tokenizer,
-                         data.instruction_text(args.task, args.instruction), data.lengths(args)[0],
+    text = data.instruction_text(args.task, args.instruction, args.format, args.shots)
+    instruction = padded(M.load_tokenizer(itok) if itok else tokenizer, text, data.lengths(args)[0],
                          '--instruction')
     state = task_state(params, cfg, hcfg, instruction)   # as one-off mode encodes it
     M.save_t5(HN.merge_lora(params['t5'], state), cfg, args.merge_into)

@@ -67,7 +67,7 @@ class Args(data.DataArgs):
     remat: bool = False             # recompute each layer's activations in the backward pass (less memory)
     steps: int | None = None        # optimizer steps in all
     lr: float | None = None         # Adafactor learning rate, constant after --warmup
-    warmup: int = 100               # steps of linear warm-up
+    warmup: int | None = None       # steps of linear warm-up (ni, c4, p3: 0, as the original)
     momentum: float | None = None   # Adafactor first moment (paper: none); 0 = none
     param_scale: bool = True
     """Adafactor's step relative to each parameter's RMS (t5x default); from-scratch runs learn faster
@@ -92,12 +92,16 @@ class Args(data.DataArgs):
 # Paper recipe (HINT.md section 5) for ni and c4; the synthetic suite's defaults train a small model from
 # scratch on a laptop CPU in about five minutes (its larger step size suits random init).
 TASK_DEFAULTS = {
-    'synthetic': dict(init='mini', batch_size=16, steps=1500, lr=5e-3, momentum=0.9, adapter_dim=8, prefix_len=4, dropout=0.0),
-    'ni': dict(init='google/t5-base-lm-adapt', batch_size=1024, steps=1000, lr=1e-3, momentum=0.0, adapter_dim=64, prefix_len=30, dropout=0.1),
-    'c4': dict(init='google/t5-base-lm-adapt', batch_size=1024, steps=10000, lr=1e-3, momentum=0.0, adapter_dim=64, prefix_len=30, dropout=0.0),
+    'synthetic': dict(init='mini', batch_size=16, steps=1500, lr=5e-3, warmup=100, momentum=0.9,
+                      adapter_dim=8, prefix_len=4, dropout=0.0),
+    'ni': dict(init='google/t5-base-lm-adapt', batch_size=1024, steps=1000, lr=1e-3, warmup=0,
+               momentum=0.0, adapter_dim=64, prefix_len=30, dropout=0.1),
+    'c4': dict(init='google/t5-base-lm-adapt', batch_size=1024, steps=10000, lr=1e-3, warmup=0,
+               momentum=0.0, adapter_dim=64, prefix_len=30, dropout=0.0),
     # the paper's P3 model: T5-XL LM-adapted (3B), r 512. HINT.md gives no step count or dropout for P3:
     # 10,000 steps and SNI's dropout are this repo's assumptions (set --steps, --dropout)
-    'p3': dict(init='google/t5-xl-lm-adapt', batch_size=1024, steps=10000, lr=1e-3, momentum=0.0, adapter_dim=512, prefix_len=30, dropout=0.1),
+    'p3': dict(init='google/t5-xl-lm-adapt', batch_size=1024, steps=10000, lr=1e-3, warmup=0,
+               momentum=0.0, adapter_dim=512, prefix_len=30, dropout=0.1),
 }
 
 

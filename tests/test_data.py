@@ -7,6 +7,7 @@ import json
 import os
 import random
 import shutil
+import string
 import subprocess
 import sys
 
@@ -176,30 +177,116 @@ T1564_INST = ('Now complete the following example -\nInput: Question:Who was mar
 
 
 def first(d, task):
-    return next(e for e in d['examples'] if e['task'] == task)
+    """The row of the task's first instance in its file (train rows come in a seeded shuffle)."""
+    iid = read_task(task)['Instances'][0]['id']
+    return next(e for e in d['examples'] if e['id'] == iid)
 
 
 @pytest.mark.parametrize('task,definition,positives,instance,target', [
     ('task063_first_i_elements', T063_DEF, T063_POS, T063_INST, 'q, q, 6047, e, 4093, w, D'),
     ('task1564_triviaqa_answer_generation', T1564_DEF, T1564_POS, T1564_INST, 'bobby brown')])
-def test_ni_texts_written_by_hand(spiece, task, definition, positives, instance, target):
+def test_tk_instruct_texts_written_by_hand(spiece, task, definition, positives, instance, target):
     need(SNI)
     for shots in (0, 2):
-        hint = first(load(tokenizer=spiece, task='ni', data_dir=SNI, shots=shots), task)
-        full = first(load(tokenizer=spiece, task='ni', data_dir=SNI, shots=shots, format='full-input'), task)
+        kw = dict(tokenizer=spiece, task='ni', data_dir=SNI, shots=shots)
+        split = first(load(format='split', **kw), task)
+        full = first(load(format='full-input', **kw), task)
         instruction = definition + (positives if shots else '')
-        assert (hint['instruction'], hint['input'], hint['target']) == (instruction, instance, target)
-        assert (full['instruction'], full['input'], full['target']) == ('', instruction + instance, target)
-        assert hint['id'] == full['id'] and hint['references'] == [target]
-    assert hint['category'] == {'task063_first_i_elements': 'Program Execution'}.get(task, 'Question Answering')
+        assert (split['instruction'], split['input']) == (instruction, instance)
+        assert (full['instruction'], full['input']) == ('', instruction + instance)
+        assert split['target'] == full['target'] == target
+        assert split['id'] == full['id'] and split['references'] == [target]
+    category = {'task063_first_i_elements': 'Program Execution'}.get(task, 'Question Answering')
+    assert split['category'] == category
 
 
-def test_ni_formats_agree_and_arrays(spiece):
+def hint_instruction(task: dict, shots: int, limit: int, tokenizer) -> str:
+    """HINT.md section 6, written out from its words (not from data.py)."""
+    def dot(s):
+        return s if s[-1] in string.punctuation else s + '.'
+    if shots == 0:
+        return task['Definition'][0].strip()
+    text = 'Definition: ' + task['Definition'][0]
+    for i, ex in enumerate(task['Positive Examples'][:shots], 1):
+        e = dot(f' Positive Example {i} -\nInput: ' + ex['input'].strip()) + '\n'
+        e = dot(e + ' Output: ' + ex['output'].strip()) + '\n'
+        if len(tokenizer.encode(text + e)) + 1 <= limit:   # + EOS
+            text = e + text
+    return text
+
+
+def read_task(name: str) -> dict:
+    with open(os.path.join(SNI, 'tasks', name + '.json')) as f:
+        return json.load(f)
+
+
+def test_hint_texts_are_the_originals(spiece):
+    """--format hint, every row of both splits: the hypernetwork reads Def / Def+1Pos / Def+2Pos as
+    the original's natural_instructions(_positive_example_hyper_k), the encoder the raw input."""
+    need(SNI)
+    loaded = {}
+    for split, shots in itertools.product(('train', 'test'), (0, 1, 2)):
+        d = load(split, tokenizer=spiece, task='ni', data_dir=SNI, shots=shots)
+        check_arrays(d, data.DataArgs(task='ni'), spiece)
+        for ex in d['examples']:
+            task = read_task(ex['task'])
+            inst = next(i for i in task['Instances'] if i['id'] == ex['id'])
+            assert ex['input'] == inst['input']
+            assert ex['instruction'] == hint_instruction(task, shots, 1024, spiece)
+            assert ex['instruction'].count('Positive Example') == shots   # the sample's fit 1024
+        loaded[split, shots] = d
+    t1564 = [first(loaded['train', k], 'task1564_triviaqa_answer_generation') for k in (0, 1, 2)]
+    definition = ('In this task you are given a question. You need to generate an answer to the '
+                  'question.')
+    pos1 = (' Positive Example 1 -\nInput: Question:Who was the man behind The Chipmunks?\n'
+            ' Output: David Seville.\n')
+    pos2 = (' Positive Example 2 -\nInput: Question:What star sign is Jamie Lee Curtis?\n'
+            ' Output: Scorpio.\n')
+    assert [e['instruction'] for e in t1564] == [definition, pos1 + 'Definition: ' + definition,
+                                                 pos2 + pos1 + 'Definition: ' + definition]
+    assert t1564[0]['input'] == 'Question:Who was married to Whitney Houston from 1992 to 2007?'
+
+
+def test_hint_examples_go_in_front_while_they_fit(spiece):
+    """Each example goes in front when text + example fits the instruction length; one that does
+    not fit is left out and the next one is still tried."""
+    need(SNI)
+    name = 'task1564_triviaqa_answer_generation'
+    task = read_task(name)
+    two = len(spiece.encode(hint_instruction(task, 2, 1024, spiece))) + 1
+    one = len(spiece.encode(hint_instruction(task, 1, 1024, spiece))) + 1
+    # (examples kept): at one - 1, example 1 does not fit, and the shorter example 2 still does
+    for limit, kept in ((two, [2, 1]), (two - 1, [1]), (one, [1]), (one - 1, [2])):
+        kw = dict(tokenizer=spiece, task='ni', data_dir=SNI, shots=2, instruction_len=limit)
+        ex = first(load(**kw), name)
+        assert ex['instruction'] == hint_instruction(task, 2, limit, spiece)
+        assert [k for k in (2, 1) if f'Positive Example {k} -' in ex['instruction']] == kept
+
+
+def test_ni_train_instances_are_a_seeded_shuffle():
+    need(SNI)
+    def ids(split, seed, name):
+        d = load(split, task='ni', data_dir=SNI, seed=seed, max_instances_per_task=5)
+        return [e['id'] for e in d['examples'] if e['task'] == name]
+    name = 'task082_babi_t1_single_supporting_fact_question_generation'   # train, 27 instances
+    in_file = [i['id'] for i in read_task(name)['Instances']]
+    train = ids('train', 0, name)
+    assert len(train) == 5 and train == ids('train', 0, name) and set(train) <= set(in_file)
+    assert train != ids('train', 1, name) and train != in_file[:5]
+    order = list(range(len(in_file)))
+    random.Random(0).shuffle(order)   # Tk-Instruct's loader: random.Random(seed).shuffle, then [:N]
+    assert train == [in_file[k] for k in order[:5]]
+    name = 'task1409_dart_text_generation'   # the test split: the first ones, whatever the seed
+    in_file = [i['id'] for i in read_task(name)['Instances']]
+    assert ids('test', 1, name) == ids('test', 0, name) == in_file[:5]
+
+
+def test_ni_split_and_full_input_agree_and_arrays(spiece):
     need(SNI)
     for split, n in (('train', 413), ('test', 248)):
         for limit in (1024, 200):   # at 200 some examples are dropped (and some texts truncated)
             kw = dict(task='ni', data_dir=SNI, shots=2, instruction_len=limit, input_len=limit, split=split)
-            hint = load(tokenizer=spiece, **kw)
+            hint = load(tokenizer=spiece, format='split', **kw)
             full = load(tokenizer=spiece, format='full-input', **kw)
             assert len(hint['examples']) == n and hint['skipped'] == {}
             check_arrays(hint, data.DataArgs(task='ni', instruction_len=limit, input_len=limit), spiece)
@@ -222,7 +309,8 @@ def test_ni_examples_added_only_while_they_fit(spiece):
     fits1 = len(spiece.encode(T1564_DEF + pos1 + T1564_INST)) + 1   # + EOS
     assert len(spiece.encode(T1564_DEF + T1564_POS + T1564_INST)) + 1 > fits1
     for limit, expected in ((fits1, pos1), (fits1 - 1, '')):
-        hint = first(load(tokenizer=spiece, task='ni', data_dir=SNI, shots=2, instruction_len=limit), task)
+        hint = first(load(tokenizer=spiece, task='ni', data_dir=SNI, shots=2, instruction_len=limit,
+                          format='split'), task)
         full = first(load(tokenizer=spiece, task='ni', data_dir=SNI, shots=2, input_len=limit,
                           format='full-input'), task)
         assert hint['instruction'] == T1564_DEF + expected and hint['input'] == T1564_INST
@@ -231,7 +319,8 @@ def test_ni_examples_added_only_while_they_fit(spiece):
 
 def test_ni_truncates_by_tokens(spiece):
     need(SNI)
-    d = load(tokenizer=spiece, task='ni', data_dir=SNI, instruction_len=16, input_len=12, target_len=4)
+    d = load(tokenizer=spiece, task='ni', data_dir=SNI, format='split', instruction_len=16,
+             input_len=12, target_len=4)
     n = d['examples'].index(first(d, 'task063_first_i_elements'))
     for key, text, width in (('instruction', T063_DEF, 16), ('input', T063_INST, 12)):
         ids = spiece.encode(text)
@@ -355,9 +444,11 @@ def test_ni_empty_outputs_are_kept_as_references(clone, capsys):
     for seed in (0, 1, 2, 3):
         d = load('train', task='ni', data_dir=str(clone), seed=seed)
         assert d['skipped'] == {} and len(d['examples']) == 413
-        ex = [(n, e) for n, e in enumerate(d['examples']) if e['task'] == 'task1564_triviaqa_answer_generation']
-        assert [e['references'] for _, e in ex[:2]] == [['', ' '], ['', 'yes']]
-        for n, e in ex[:2]:
+        with open(clone / 'tasks' / 'task1564_triviaqa_answer_generation.json') as f:
+            edited = [i['id'] for i in json.load(f)['Instances'][:2]]   # train rows come shuffled
+        ex = [next((n, e) for n, e in enumerate(d['examples']) if e['id'] == iid) for iid in edited]
+        assert [e['references'] for _, e in ex] == [['', ' '], ['', 'yes']]
+        for n, e in ex:
             assert e['target'] == random.Random(f'{seed}:{e["id"]}').choice(e['references'])
             if e['target'] == '':   # '' -> EOS alone, as Tk-Instruct's tokenizer gives
                 assert d['target'][n].tolist() == [1] + [0] * (d['target'].shape[1] - 1)
@@ -459,8 +550,9 @@ def test_batches_process_shares():
 
 # ---------------------------------------------------------------------------------------------- C4
 
-DOCS = ['The quick brown fox jumps over the lazy dog.', 'x', 'ab', 'abc', 'Hello world, this is C4.',
-        'Lorem ipsum dolor sit amet, consectetur adipiscing elit.', '']
+LOREM = 'lorem ipsum dolor sit amet '
+DOCS = [f'Document {i}: ' + LOREM[:3 + 7 * i % 25] for i in range(40)] + ['', 'x']   # 1 to 40 bytes
+LENS = dict(instruction_len=16, input_len=16, target_len=16)   # windows of 16 tokens (bytes)
 
 
 def write_shard(path, docs):
@@ -473,47 +565,79 @@ def write_shard(path, docs):
 def c4dir(tmp_path):
     root = tmp_path / 'c4'
     root.mkdir()
-    write_shard(root / 'c4-train.00000-of-00002.json.gz', DOCS[:4])
-    write_shard(root / 'c4-train.00001-of-00002.json.gz', DOCS[4:])
-    write_shard(root / 'c4-validation.00000-of-00001.json.gz', ['Validation text here.', 'no'])
+    write_shard(root / 'c4-train.00000-of-00002.json.gz', DOCS[:20])
+    write_shard(root / 'c4-train.00001-of-00002.json.gz', DOCS[20:])
+    write_shard(root / 'c4-validation.00000-of-00001.json.gz', DOCS[:10])
     return root
 
 
-def test_c4_cuts(c4dir, tmp_path):
-    d = load(task='c4', data_dir=str(c4dir), seed=5)
-    assert d['skipped'] == {'too_short': 3}   # 'x', 'ab', '' cannot give three non-empty segments
-    kept = [t for t in DOCS if len(t) >= 3]
-    assert len(d['examples']) == len(kept) and d['truncated'] == {'instruction': 0, 'input': 0, 'target': 0}
-    cuts = set()
-    for n, text in enumerate(kept):
-        parts = [BYTE.decode(d[k][n]) for k in ('instruction', 'input', 'target')]
-        assert all(parts) and ''.join(parts) == text   # three consecutive, non-empty segments
-        cuts.add(len(parts[0]))
-        assert d['examples'][n]['target'] == parts[2][:64]
-    assert len(cuts) > 1
-    assert d['examples'] == load(task='c4', data_dir=str(c4dir), seed=5, cache_dir=str(tmp_path / 'x'))['examples']
-    assert [d2['id'] for d2 in load(task='c4', data_dir=str(c4dir), c4_documents=5)['examples']] == \
-        ['c4-train-0', 'c4-train-3', 'c4-train-4']
-    test = load('test', task='c4', data_dir=str(c4dir))
-    assert len(test['examples']) == 1 and test['skipped'] == {'too_short': 1}
-    full = load(task='c4', data_dir=str(c4dir), seed=5, format='full-input')
-    assert (full['instruction'] == 0).all()
-    assert [BYTE.decode(r) for r in full['input']] == [BYTE.decode(np.concatenate([a[a > 1], b]))
-                                                      for a, b in zip(d['instruction'], d['input'])]
+def unpadded(row):
+    return row[:int((row != 0).sum())].tolist()
+
+
+def windows_of(d):
+    """Each row's three parts without their EOS, one after the other."""
+    parts = zip(*(d[k] for k in ('instruction', 'input', 'target')))
+    return [sum((unpadded(p)[:-1] for p in row if unpadded(p)), []) for row in parts]
+
+
+def cut_points(d):
+    """[(instruction tokens, input tokens)] of each row, EOS not counted."""
+    pairs = zip(d['instruction'], d['input'])
+    return [(len(unpadded(a)) - 1, len(unpadded(b)) - 1) for a, b in pairs]
+
+
+def test_c4_rows_are_windows_of_the_document_stream(c4dir, tmp_path):
+    """t5's prefix-LM windows: the documents' tokens one after the other, cut into windows of 16
+    that cross document ends; each window cut in three, every part closed by EOS (an empty input
+    too)."""
+    stream = sum((BYTE.encode(doc) for doc in DOCS), [])
+    d = load(task='c4', data_dir=str(c4dir), seed=5, **LENS)
+    assert len(d['examples']) == len(stream) // 16
+    assert d['truncated'] == dict.fromkeys(data.FIELDS, 0)
+    assert windows_of(d) == [stream[i:i + 16] for i in range(0, len(stream) // 16 * 16, 16)]
+    cuts = cut_points(d)
+    assert all(a >= 1 and a + n <= 16 - 3 for a, n in cuts)   # a in [1, L-2), b = a + n in [a, L-2)
+    assert all(unpadded(row)[-1] == 1 for k in data.FIELDS for row in d[k])
+    assert len({a for a, _ in cuts}) > 5 and (0 in {n for _, n in cuts})   # the input may be empty
+    again = load(task='c4', data_dir=str(c4dir), seed=5, cache_dir=str(tmp_path / 'x'), **LENS)
+    assert again['examples'] == d['examples']
+    assert cut_points(load(task='c4', data_dir=str(c4dir), seed=6, **LENS)) != cuts
+    few = load(task='c4', data_dir=str(c4dir), seed=5, c4_documents=10, **LENS)   # the same windows
+    first10 = sum((BYTE.encode(doc) for doc in DOCS[:10]), [])
+    assert windows_of(few) == windows_of(d)[:len(first10) // 16]
+    assert (few['instruction'] == d['instruction'][:len(first10) // 16]).all()
+    test = load('test', task='c4', data_dir=str(c4dir), seed=5, **LENS)
+    seed0 = load('test', task='c4', data_dir=str(c4dir), seed=0, **LENS)
+    assert cut_points(test) == cut_points(seed0)   # the test split never depends on --seed
+    assert windows_of(test) == [first10[i:i + 16] for i in range(0, len(first10) // 16 * 16, 16)]
+    full = load(task='c4', data_dir=str(c4dir), seed=5, format='full-input', **LENS)
+    assert (full['instruction'] == 0).all() and (full['target'] == d['target']).all()
+    assert windows_of(full) == windows_of(d)   # input = window[:b]
+
+
+def test_c4_in_memory_and_streamed_windows_agree(c4dir):
+    args = data.DataArgs(task='c4', data_dir=str(c4dir), seed=5, cache_dir=CACHE, **LENS)
+    streamed = [b for b, _ in itertools.islice(data.c4_stream(args, BYTE, 4), 3)]
+    d = load(task='c4', data_dir=str(c4dir), seed=5, c4_documents=1000, **LENS)
+    for k in data.FIELDS:
+        np.testing.assert_array_equal(np.concatenate([b[k] for b in streamed]), d[k][:12])
 
 
 def test_c4_truncation_and_errors(c4dir, tmp_path):
-    lorem = DOCS[5]
-    d = load(task='c4', data_dir=str(c4dir), instruction_len=4, input_len=4, target_len=4, seed=5)
-    n = [e['id'] for e in d['examples']].index('c4-train-5')
-    a, b, c = data.c4_cut(BYTE.encode(lorem), 5, 5)
-    for key, seg in zip(('instruction', 'input', 'target'), (a, b, c)):
-        assert d[key][n].tolist() == (seg[:3] + [1] + [0] * 4)[:4]
+    d = load(task='c4', data_dir=str(c4dir), instruction_len=4, input_len=4, target_len=16, seed=5)
+    whole = load(task='c4', data_dir=str(c4dir), seed=5, **LENS)
+    for key in ('instruction', 'input'):   # each part keeps its first 3 tokens, then EOS
+        for row, cut in zip(whole[key], d[key]):
+            assert unpadded(cut) == unpadded(row)[:-1][:3] + [1]
+    assert d['truncated']['instruction'] > 0 and d['truncated']['target'] == 0
+    with pytest.raises(data.DataError, match='--target-len must be at least 4'):
+        load(task='c4', data_dir=str(c4dir), target_len=3)
     (c4dir / 'c4-train.00000-of-00002.json.gz').write_bytes(gzip.compress(b'{"text": "fine"}\n{"txt": 1}\n'))
-    with pytest.raises(data.DataError, match='c4-train.00000-of-00002.json.gz line 2'):
-        load(task='c4', data_dir=str(c4dir))
+    with pytest.raises(data.DataError, match='c4-train.00000-of-00002.json.gz.*without a "text"'):
+        load(task='c4', data_dir=str(c4dir), **LENS)
     (c4dir / 'c4-train.00000-of-00002.json.gz').write_bytes(b'not gzip')
-    with pytest.raises(data.DataError, match='cannot read gzip'):
-        load(task='c4', data_dir=str(c4dir))
+    with pytest.raises(data.DataError, match='c4-train.00000-of-00002.json.gz.*Not a gzipped file'):
+        load(task='c4', data_dir=str(c4dir), **LENS)
     with pytest.raises(data.DataError, match='no shards match'):
         load(task='c4', data_dir=str(tmp_path))

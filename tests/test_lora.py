@@ -153,7 +153,8 @@ def test_merge_into_through_eval_cli(tmp_path, monkeypatch):
     # the folder is the run's T5 with this instruction's LoRA: the same logits as the run itself
     cfg, hcfg, params, meta = HN.load_run(run)
     tok, li = M.load_tokenizer(SPIECE), data.lengths(data.DataArgs())[0]
-    row = data.encode(tok, data.instruction_text('synthetic', 'Reverse the list.'), li)[0]
+    text = data.instruction_text('synthetic', 'Reverse the list.', 'hint', 0)
+    row = data.encode(tok, text, li)[0]
     ins = jnp.asarray([row + [0] * (li - len(row))], jnp.int32)
     inp = ids(8, (2, 8), [8, 5], cfg.vocab_size)
     dec = M.shift_right(ids(9, (2, 5), [5, 3], cfg.vocab_size))

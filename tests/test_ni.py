@@ -127,6 +127,23 @@ def test_eval_one_off_mode_reads_stdin(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.splitlines() == first  # the saved task state serves the same predictions
 
 
+@needs_shared
+@pytest.mark.parametrize('fmt', ['hint', 'split', 'full-input'])
+def test_eval_one_off_mode_formats_as_training(tmp_path, monkeypatch, capsys, fmt):
+    """One-off mode builds the run's own texts: a test task's definition and the raw inputs of its
+    first instances give the predictions the run's evaluation made on them."""
+    baseline = 'full-input' if fmt == 'full-input' else 'none'
+    T.main(ni_args(tmp_path, 'run', format=fmt, baseline=baseline, steps=1, eval_instances=4))
+    rows = [json.loads(l) for l in open(tmp_path / 'run' / 'predictions.jsonl')]
+    with open(os.path.join(SNI, 'tasks', rows[0]['task'] + '.json')) as f:
+        task = json.load(f)
+    inputs = {i['id']: i['input'] for i in task['Instances']}
+    capsys.readouterr()                                   # drop the training log
+    monkeypatch.setattr(sys, 'stdin', io.StringIO(''.join(inputs[r['id']] + '\n' for r in rows)))
+    E.cli(['--checkpoint', str(tmp_path / 'run'), '--instruction', task['Definition'][0]])
+    assert capsys.readouterr().out.splitlines() == [r['prediction'] for r in rows]
+
+
 def write_c4(folder, texts, split):
     os.makedirs(folder, exist_ok=True)
     with gzip.open(os.path.join(folder, f'c4-{split}.00000-of-00001.json.gz'), 'wt', encoding='utf-8') as f:
@@ -160,3 +177,12 @@ def test_ni_errors_are_clear(tmp_path):
         T.main(ni_args(tmp_path, 'x', data_dir=str(tmp_path)))
     with pytest.raises(ValueError, match='--tokenizer'):
         T.main(ni_args(tmp_path, 'y', tokenizer=''))
+
+
+def test_paper_recipes_have_a_constant_lr_without_warmup():
+    """The original's LR is a constant 1e-3 from the first step (ni, c4, p3); synthetic warms up."""
+    for task in ('ni', 'c4', 'p3'):
+        _, schedule = T.make_optimizer(T.fill_defaults(T.Args(task=task)))
+        assert float(schedule(0)) == float(schedule(5000)) == pytest.approx(1e-3)
+    _, schedule = T.make_optimizer(T.fill_defaults(T.Args()))
+    assert float(schedule(0)) < float(schedule(99)) == pytest.approx(5e-3)

@@ -163,6 +163,8 @@ def test_empty_and_non_utf8_split_files(sni_copy, tmp_path):
     (['train.py', '--batch-size', '0'], ['--batch-size must be at least 1']),
     (['train.py', '--batch-size', '6', '--grad-accum', '4'], ['--batch-size 6 must divide']),
     (['train.py', '--shots', '3'], ['--shots must be 0, 1 or 2']),
+    (['train.py', '--format', 'split'], ['--format split is for --task ni only']),
+    (['data.py', '--task', 'c4', '--target-len', '3'], ['--target-len must be at least 4 for --task c4']),
     (['train.py', '--task', 'ni', '--init', 'tiny'], ['needs --tokenizer']),
     (['train.py', '--task', 'ni', '--data-dir', '/nonexistent', '--tokenizer', 'byte', '--init', 'tiny'],
      ['/nonexistent: not a natural-instructions clone']),

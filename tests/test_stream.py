@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import re
 import signal
 import time
 
@@ -20,8 +21,8 @@ TINY_LENS = dict(instruction_len=16, input_len=16, target_len=16)
 
 
 def write_shards(root, n_shards, per_shard, short_every=0):
-    """c4-train.0000i-of-0000n.json.gz: short documents (never truncated at width 16), every
-    `short_every`-th one too short to cut (skipped); and one validation shard."""
+    """c4-train.0000i-of-0000n.json.gz: documents of 12 bytes, every `short_every`-th one of 2; and
+    one validation shard."""
     root.mkdir(exist_ok=True)
     for s in range(n_shards):
         with gzip.open(root / f'c4-train.{s:05d}-of-{n_shards:05d}.json.gz', 'wt', encoding='utf-8') as f:
@@ -39,17 +40,19 @@ def stream(root, batch_size=4, **kw):
     return data.c4_stream(args, BYTE, batch_size, **kw)
 
 
-def documents(batch):
-    """The document text of each row: its three segments joined (EOS and padding dropped)."""
+def windows(batch):
+    """The window of each row: its three parts joined (EOS and padding dropped)."""
     return [BYTE.decode(np.concatenate([r[r > 2] for r in rows])) for rows in zip(*batch.values())]
 
 
-def test_stream_resumes_at_the_same_document(tmp_path):
-    root = write_shards(tmp_path / 'c4', 2, 7, short_every=3)   # 10 documents a pass (4 too short)
+def test_stream_resumes_at_the_same_window(tmp_path):
+    root = write_shards(tmp_path / 'c4', 2, 7, short_every=3)   # 128 bytes a pass: 8 windows of 16
     whole = list(itertools.islice(stream(root), 6))
+    passes = ''.join(w for batch, _ in whole for w in windows(batch))
     for batch, _ in whole:
         assert all(v.shape == (4, 16) and v.dtype == np.int32 for v in batch.values())
-        assert all(doc.startswith('doc ') for doc in documents(batch))   # 'ab' is never used
+    assert passes == 3 * ''.join(f'doc {s} {i:02d} xyz' if i % 3 != 1 else 'ab' for s in (0, 1)
+                                 for i in range(7))   # one token stream, windows across documents
     state = json.loads(json.dumps(whole[2][1]))   # as the checkpoint's meta stores it
     resumed = list(itertools.islice(stream(root, state=state), 3))
     # a resumed run that stops and resumes again (datasets' inner state after a resume may be written
@@ -58,14 +61,14 @@ def test_stream_resumes_at_the_same_document(tmp_path):
     for (batch, after), (again, after_again) in zip(whole[3:], resumed):
         for k in data.FIELDS:
             np.testing.assert_array_equal(again[k], batch[k])
-        assert after_again['documents'] == after['documents']
+        assert (after_again['windows'], after_again['carry']) == (after['windows'], after['carry'])
     for (batch, _), (again, _) in zip(whole[4:], twice):
         for k in data.FIELDS:
             np.testing.assert_array_equal(again[k], batch[k])
-    # a later pass over the same documents cuts them anew
-    first = {d: b['instruction'][i].tolist() for b, _ in whole[:2] for i, d in enumerate(documents(b))}
-    later = {d: b['instruction'][i].tolist() for b, _ in whole[3:] for i, d in enumerate(documents(b))}
-    assert any(first[d] != later[d] for d in first.keys() & later.keys())
+    # a later pass over the same documents cuts the same windows anew
+    first, second = [windows(whole[i][0]) + windows(whole[i + 1][0]) for i in (0, 2)]
+    assert first == second
+    assert any((whole[0][0][k] != whole[2][0][k]).any() for k in data.FIELDS)
     with pytest.raises(data.DataError, match='--c4-documents at least 0'):
         data.check_args(data.DataArgs(task='c4', c4_documents=-1))
 
@@ -73,13 +76,21 @@ def test_stream_resumes_at_the_same_document(tmp_path):
 @pytest.mark.parametrize('n_shards', [2, 3])   # split by shards, or (3 over 2 hosts) by examples
 def test_each_host_reads_its_own_share(tmp_path, n_shards):
     root = write_shards(tmp_path / 'c4', n_shards, 24 // n_shards)
-    one = [documents(b) for b, _ in itertools.islice(stream(root), 6)]   # one pass: 24 documents
-    hosts = [[documents(b) for b, _ in itertools.islice(stream(root, process_index=h, process_count=2), 6)]
-             for h in range(2)]
+    hosts = []   # 6 batches of 2 rows: 192 bytes, a pass over its 12 documents (144 bytes) and more
+    for h in range(2):
+        share = itertools.islice(stream(root, process_index=h, process_count=2), 6)
+        hosts.append([windows(b) for b, _ in share])
     assert all(len(rows) == 2 for share in hosts for rows in share)   # batch_size // process_count rows
-    mine = [{d for rows in share for d in rows} for share in hosts]
+    mine = [set(re.findall(r'doc \d \d\d xyz', ''.join(sum(share, [])))) for share in hosts]
     assert len(mine[0]) == len(mine[1]) == 12 and not mine[0] & mine[1]
-    assert mine[0] | mine[1] == {d for rows in one for d in rows}
+    every = {f'doc {s} {i:02d} xyz' for s in range(n_shards) for i in range(24 // n_shards)}
+    assert mine[0] | mine[1] == every
+
+
+def test_a_host_without_documents_is_an_error(tmp_path):
+    root = write_shards(tmp_path / 'c4', 1, 1)   # one document: host 1 of 2 has none
+    with pytest.raises(data.DataError, match='no document for host 1'):
+        next(stream(root, process_index=1, process_count=2))
 
 
 def test_prefetch_keeps_order_and_raises_the_sources_error(tmp_path):
@@ -138,7 +149,7 @@ def test_train_resumes_the_stream_after_a_kill(tmp_path, monkeypatch):
     kill = True
     train(tmp_path / 'cut')
     meta = HN.read_meta(HN.checkpoints(str(tmp_path / 'cut'))[-1])
-    assert meta['step'] == 3 and meta['stream'][0]['documents'] == 12
+    assert meta['step'] == 3 and meta['stream'][0]['windows'] == 12
     kill = False
     train(tmp_path / 'cut', resume=True)
     assert sorted(losses) == list(range(1, 7))
@@ -165,6 +176,6 @@ def test_streamed_c4_through_train_py(tmp_path):
         assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
         return r.stdout
     assert 'streamed train' in train('--steps', '2')
-    assert HN.read_meta(HN.checkpoints(out)[-1])['stream'][0]['documents'] == 8
+    assert HN.read_meta(HN.checkpoints(out)[-1])['stream'][0]['windows'] == 8
     assert 'resumed from' in train('--steps', '4', '--resume')
-    assert HN.read_meta(HN.checkpoints(out)[-1])['stream'][0]['documents'] == 16
+    assert HN.read_meta(HN.checkpoints(out)[-1])['stream'][0]['windows'] == 16
