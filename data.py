@@ -812,9 +812,6 @@ def p3_draws(args: DataArgs, configs, groups, state: dict):
     a copy of it resumes the stream."""
     rates = p3_rates(args, configs, groups)
     sizes = [sum(n for *_, n in g) for g in groups]
-    empty = [c for (_, c, *_), n in zip(configs, sizes) if not n]
-    if empty:
-        raise DataError(f'configuration {empty[0]}: no training rows')
 
     @functools.lru_cache(maxsize=1024)
     def order(t, e, g=None):   # template t's row groups in pass e, their first draws; or g's rows
@@ -851,15 +848,22 @@ def p3_row(configs, texts: dict, groups, t: int, g: int, j: int) -> dict:
 
 
 def p3_mixture(args: DataArgs, tokenizer, state: dict | None = None):
-    """(configurations, texts, groups, draws, state) of T0's training mixture, from `state`."""
+    """(configurations, texts, groups, draws, state, skipped) of T0's training mixture, from
+    `state`. A configuration without rows is left out, and counted in `skipped`."""
     configs = p3_configs(args, 'train')
-    texts = p3_texts(args, 'train', configs, tokenizer)
     groups = [p3_groups(files) for _, _, files, _ in configs]
+    sizes = [sum(n for *_, n in g) for g in groups]
+    skipped = {'empty_configurations': [c for (_, c, *_), n in zip(configs, sizes) if not n]}
+    configs = [c for c, n in zip(configs, sizes) if n]
+    groups = [g for g in groups if sum(n for *_, n in g)]
+    if not configs:
+        raise DataError(f'{args.data_dir}: no training rows in any selected P3 configuration')
+    texts = p3_texts(args, 'train', configs, tokenizer)
     state = json.loads(json.dumps(state)) if state else {'draws': 0, 'counts': [0] * len(configs)}
     if len(state['counts']) != len(configs):
         raise DataError(f'the saved P3 stream position counts {len(state["counts"])} templates, the '
                         f'data has {len(configs)}: resume with the same --data-dir and --p3-datasets')
-    return configs, texts, groups, p3_draws(args, configs, groups, state), state
+    return configs, texts, groups, p3_draws(args, configs, groups, state), state, skipped
 
 
 def build_p3(args: DataArgs, split: str, tokenizer):
@@ -869,9 +873,9 @@ def build_p3(args: DataArgs, split: str, tokenizer):
     hypernetwork reads the template (p3_texts), the encoder the prompted input."""
     import pyarrow.parquet as pq
     if split == 'train':
-        configs, texts, groups, draws, _ = p3_mixture(args, tokenizer)
+        configs, texts, groups, draws, _, skipped = p3_mixture(args, tokenizer)
         draws = itertools.islice(draws, args.p3_examples or 1000)
-        return [p3_row(configs, texts, groups, *d) for d in draws], {}
+        return [p3_row(configs, texts, groups, *d) for d in draws], skipped
     configs = p3_configs(args, split)
     skipped = {'templates_not_original_task': [c for _, c, *_ in configs if c in P3_NOT_ORIGINAL],
                'templates_without_answer_choices': []}
@@ -1154,7 +1158,9 @@ def p3_stream(args: DataArgs, tokenizer, batch_size: int, process_index: int = 0
     T0's training mixture, read and tokenized as it is used. Step s's global batch is draws
     [s B, (s+1) B): every host follows the whole stream, reads and tokenizes only its own rows.
     Widths: the bucket of the longest row on one host, the fixed `lengths` on several hosts."""
-    configs, texts, groups, draws, state = p3_mixture(args, tokenizer, state)
+    configs, texts, groups, draws, state, skipped = p3_mixture(args, tokenizer, state)
+    print(f'data: p3/train: streamed from {len(configs)} templates; skipped '
+          f'{count_skipped(skipped)}', file=sys.stderr)
     (li, lx, ly), share, memo = lengths(args), batch_size // process_count, {}
     while True:
         mine = list(itertools.islice(draws, batch_size))[process_index * share:][:share]
