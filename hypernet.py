@@ -43,6 +43,7 @@ class HyperConfig:
     instruction_encoder: str = 'shared'   # shared (the T5 encoder itself) | t5 (a separate copy) | roberta
     roberta: M.RobertaConfig | None = None
     lora_rank: int = 0             # R: a generated LoRA on every attention's q and v (beyond the paper)
+    pool_slots: int = 0            # slots pooled at once (hypernet.pool); 0 = from a memory budget
 
 
 def dense_init(rng, n_in, n_out):
@@ -104,34 +105,28 @@ def encode_task(params, cfg: M.T5Config, hcfg: HyperConfig, instruction_ids, rng
     E, mask = encode_instruction(hyper, params['t5'], cfg, hcfg, instruction_ids, rng)
     state = {'encoder': {}, 'decoder': {}, 'memory': {'E': E, 'mask': mask} if hcfg.fusion else None}
 
-    # Pooling: one multi-head attention, queries = the learned slot rows, keys/values = E.
-    tables = [hyper[n] for n in ('adapter_queries', 'prefix_queries', 'lora_queries') if n in hyper]
-    if not tables:
-        return state
-    Z = jnp.concatenate([t.reshape(-1, D) for t in tables])                       # [Q, D]
+    # Pooling: one multi-head attention, queries = the learned slot rows, keys/values = E; then the
+    # generators, one MLP per component kind. pool() runs both a few slots at a time.
     w = hyper['pool']
-    q = jnp.broadcast_to((Z @ w['q']).reshape(1, -1, H, K), (B, Z.shape[0], H, K)) * K ** -0.5
-    k, v = ((E @ w[n]).reshape(B, -1, H, K) for n in 'kv')
-    G = M.attend(q, k, v, M.mask_bias(mask)[:, None, None, :]) @ w['o']             # [B, Q, D]
+    k, v = ((E @ w[n]).reshape(B, -1, H, K) for n in 'kv')                         # [B, n, H, K]
+    bias = M.mask_bias(mask)[:, None, None, :]
     gen = lambda name, rows: mlp(hyper['gen'][name], rows) / np.sqrt(D)            # every output / sqrt(d)
-    layer_major = lambda x: jnp.moveaxis(x, 1, 0)                                          # [B, S, ...] -> [S, B, ...]
+    pooled = functools.partial(pool, w, k, v, bias, hcfg.pool_slots)
 
     if 'adapter_queries' in hyper:
-        n = hyper['adapter_queries'].size // D
-        A, G = G[:, :n].reshape(B, Le + Ld, 2 * r + 2, D), G[:, n:]
-        ad = {'down': jnp.swapaxes(gen('down', A[:, :, :r]), -1, -2),            # [B, Sa, D, r]
-              'up': gen('up', A[:, :, r:2 * r]),                                  # [B, Sa, r, D]
-              'down_bias': gen('down_bias', A[:, :, 2 * r]),                      # [B, Sa, r]
-              'up_bias': gen('up_bias', A[:, :, 2 * r + 1])}                      # [B, Sa, D]
-        ad = jax.tree.map(layer_major, ad)
+        def adapter(G):   # one slot's pooled rows G [B, 2r+2, D]
+            return {'down': jnp.swapaxes(gen('down', G[:, :r]), -1, -2),             # [B, D, r]
+                    'up': gen('up', G[:, r:2 * r]),                                   # [B, r, D]
+                    'down_bias': gen('down_bias', G[:, 2 * r]),                       # [B, r]
+                    'up_bias': gen('up_bias', G[:, 2 * r + 1])}                       # [B, D]
+        ad = pooled(hyper['adapter_queries'], adapter)                      # [Le + Ld, B, ...]
         state['encoder']['adapter'] = jax.tree.map(lambda x: x[:Le], ad)
         state['decoder']['adapter'] = jax.tree.map(lambda x: x[Le:], ad)
     if 'prefix_queries' in hyper:
-        n = hyper['prefix_queries'].size // D
-        P, G = G[:, :n].reshape(B, Le + 2 * Ld, 2 * p, D), G[:, n:]
-        pre = {'k': gen('prefix_k', P[:, :, :p]).reshape(B, -1, p, H, K),         # [B, S, p, H, K]
-               'v': gen('prefix_v', P[:, :, p:]).reshape(B, -1, p, H, K)}
-        pre = jax.tree.map(layer_major, pre)
+        def prefix(G):    # G [B, 2p, D]
+            return {'k': gen('prefix_k', G[:, :p]).reshape(-1, p, H, K),              # [B, p, H, K]
+                    'v': gen('prefix_v', G[:, p:]).reshape(-1, p, H, K)}
+        pre = pooled(hyper['prefix_queries'], prefix)                             # [S, B, p, H, K]
         # the key names tell the T5 stacks how to attend them (model.attend)
         how = '' if hcfg.prefix_attention == 'joint' else '_separate'
         state['encoder']['prefix' + how] = jax.tree.map(lambda x: x[:Le], pre)
@@ -139,16 +134,38 @@ def encode_task(params, cfg: M.T5Config, hcfg: HyperConfig, instruction_ids, rng
         state['decoder']['cross_prefix' + how] = jax.tree.map(lambda x: x[Le + 1::2], pre)  # slot Le + 2j + 1
     if 'lora_queries' in hyper:  # a generated LoRA on q and v, (h A) B added to h W (beyond the paper)
         R = hcfg.lora_rank
-        Y = G.reshape(B, Le + 2 * Ld, 4 * R, D)                                       # [B, S, 4R, D]
-        lo = {'q_a': jnp.swapaxes(gen('lora_a', Y[:, :, :R]), -1, -2),               # [B, S, D, R]
-              'q_b': gen('lora_b', Y[:, :, R:2 * R]),                                 # [B, S, R, HK]
-              'v_a': jnp.swapaxes(gen('lora_a', Y[:, :, 2 * R:3 * R]), -1, -2),
-              'v_b': gen('lora_b', Y[:, :, 3 * R:])}
-        lo = jax.tree.map(layer_major, lo)
+        def lora(G):      # G [B, 4R, D]
+            return {'q_a': jnp.swapaxes(gen('lora_a', G[:, :R]), -1, -2),             # [B, D, R]
+                    'q_b': gen('lora_b', G[:, R:2 * R]),                              # [B, R, HK]
+                    'v_a': jnp.swapaxes(gen('lora_a', G[:, 2 * R:3 * R]), -1, -2),
+                    'v_b': gen('lora_b', G[:, 3 * R:])}
+        lo = pooled(hyper['lora_queries'], lora)                                      # [S, B, ...]
         state['encoder']['lora'] = jax.tree.map(lambda x: x[:Le], lo)
         state['decoder']['self_lora'] = jax.tree.map(lambda x: x[Le::2], lo)
         state['decoder']['cross_lora'] = jax.tree.map(lambda x: x[Le + 1::2], lo)
     return state
+
+
+POOL_BYTES = 2 ** 28   # the float32 pooling scores of one block of slots: 256 MiB
+
+
+def pool(w, k, v, bias, slots, table, generate):
+    """The pooling attention of a query table [S, C, D] over the instruction (k, v [B, n, H, K]),
+    then generate(G [B, C, D]) -> the slot's modules, a block of slots at a time: the [B, H, C, n]
+    scores of the other blocks are never alive, forward or backward (jax.checkpoint: the backward
+    pass recomputes one block's). Block: `slots` slots, 0 = as many as keep its scores within
+    POOL_BYTES. Returns the generated modules layer-major, [S, B, ...]."""
+    B, n, H, K = k.shape
+    C, D = table.shape[1:]
+    slots = slots or max(1, POOL_BYTES // (B * H * C * n * 4))
+
+    @jax.checkpoint
+    def one_slot(rows):                                                              # [C, D]
+        q = (rows @ w['q']).reshape(1, C, H, K) * K ** -0.5
+        G = M.attend(jnp.broadcast_to(q, (B, C, H, K)), k, v, bias) @ w['o']          # [B, C, D]
+        return generate(G)
+
+    return jax.lax.map(one_slot, table, batch_size=min(slots, table.shape[0]))
 
 
 def select_task(state, i):

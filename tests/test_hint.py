@@ -103,6 +103,36 @@ def test_switches_remove_modules():
         assert all(v is not None for k, v in present.items() if k != field)
 
 
+def relative_difference(a, b):
+    return float(jnp.linalg.norm(a - b.astype(a.dtype)) / jnp.maximum(jnp.linalg.norm(a), 1e-30))
+
+
+def test_pooling_in_blocks_of_slots_equals_all_at_once():
+    """hypernet.pool: blocks of 1 or 3 slots (3 leaves a remainder block) give the task state and
+    the gradients of pooling every slot at once (relative error |a - b| / |a| of each tensor), with
+    adapters, prefixes and a LoRA; rows 0 and 2 share an instruction (pooled once)."""
+    hcfg = dataclasses.replace(HCFG, lora_rank=3)
+    params = hint_params(hcfg=hcfg)
+    instruction = INS.at[2].set(INS[0])
+
+    def run(slots):
+        h = dataclasses.replace(hcfg, pool_slots=slots)
+        state = HN.encode_task(params, CFG, h, instruction)
+
+        def loss(p):
+            logits = HN.hint_forward(p, CFG, h, instruction, INP, M.shift_right(TGT),
+                                     task_ids=jnp.array([0, 1, 0]), n_tasks=2)
+            return T.token_losses(logits, TGT)[0]
+        return state, jax.grad(loss)(params)
+
+    whole = run(100)
+    whole[0]['memory']['mask'] = whole[0]['memory']['mask'].astype(jnp.float32)   # to subtract
+    for slots in (1, 3):
+        diff = jax.tree.map(relative_difference, whole, run(slots))
+        assert max(jax.tree.leaves(diff)) <= 1e-6, slots
+    assert float(jnp.abs(whole[1]['hyper']['lora_queries']).min(axis=-1).max()) > 0   # not zero
+
+
 def test_shared_task_state_equals_one_by_one():
     params = hint_params()
     state = HN.encode_task(params, CFG, HCFG, INS[:1])
