@@ -114,18 +114,19 @@ def encode_task(params, cfg: M.T5Config, hcfg: HyperConfig, instruction_ids, rng
     pooled = functools.partial(pool, w, k, v, bias, hcfg.pool_slots)
 
     if 'adapter_queries' in hyper:
-        def adapter(G):   # one slot's pooled rows G [B, 2r+2, D]
-            return {'down': jnp.swapaxes(gen('down', G[:, :r]), -1, -2),             # [B, D, r]
-                    'up': gen('up', G[:, r:2 * r]),                                   # [B, r, D]
-                    'down_bias': gen('down_bias', G[:, 2 * r]),                       # [B, r]
-                    'up_bias': gen('up_bias', G[:, 2 * r + 1])}                       # [B, D]
+        def adapter(G):   # pooled rows G [B, s, 2r+2, D] of s slots
+            return {'down': jnp.swapaxes(gen('down', G[..., :r, :]), -1, -2),        # [B, s, D, r]
+                    'up': gen('up', G[..., r:2 * r, :]),                              # [B, s, r, D]
+                    'down_bias': gen('down_bias', G[..., 2 * r, :]),                  # [B, s, r]
+                    'up_bias': gen('up_bias', G[..., 2 * r + 1, :])}                  # [B, s, D]
         ad = pooled(hyper['adapter_queries'], adapter)                      # [Le + Ld, B, ...]
         state['encoder']['adapter'] = jax.tree.map(lambda x: x[:Le], ad)
         state['decoder']['adapter'] = jax.tree.map(lambda x: x[Le:], ad)
     if 'prefix_queries' in hyper:
-        def prefix(G):    # G [B, 2p, D]
-            return {'k': gen('prefix_k', G[:, :p]).reshape(-1, p, H, K),              # [B, p, H, K]
-                    'v': gen('prefix_v', G[:, p:]).reshape(-1, p, H, K)}
+        def prefix(G):    # G [B, s, 2p, D]
+            B_s = G.shape[:2]   # [B, s]
+            return {'k': gen('prefix_k', G[..., :p, :]).reshape(*B_s, p, H, K),  # [B, s, p, H, K]
+                    'v': gen('prefix_v', G[..., p:, :]).reshape(*B_s, p, H, K)}
         pre = pooled(hyper['prefix_queries'], prefix)                             # [S, B, p, H, K]
         # the key names tell the T5 stacks how to attend them (model.attend)
         how = '' if hcfg.prefix_attention == 'joint' else '_separate'
@@ -134,11 +135,11 @@ def encode_task(params, cfg: M.T5Config, hcfg: HyperConfig, instruction_ids, rng
         state['decoder']['cross_prefix' + how] = jax.tree.map(lambda x: x[Le + 1::2], pre)  # slot Le + 2j + 1
     if 'lora_queries' in hyper:  # a generated LoRA on q and v, (h A) B added to h W (beyond the paper)
         R = hcfg.lora_rank
-        def lora(G):      # G [B, 4R, D]
-            return {'q_a': jnp.swapaxes(gen('lora_a', G[:, :R]), -1, -2),             # [B, D, R]
-                    'q_b': gen('lora_b', G[:, R:2 * R]),                              # [B, R, HK]
-                    'v_a': jnp.swapaxes(gen('lora_a', G[:, 2 * R:3 * R]), -1, -2),
-                    'v_b': gen('lora_b', G[:, 3 * R:])}
+        def lora(G):      # G [B, s, 4R, D]
+            return {'q_a': jnp.swapaxes(gen('lora_a', G[..., :R, :]), -1, -2),        # [B, s, D, R]
+                    'q_b': gen('lora_b', G[..., R:2 * R, :]),                        # [B, s, R, HK]
+                    'v_a': jnp.swapaxes(gen('lora_a', G[..., 2 * R:3 * R, :]), -1, -2),
+                    'v_b': gen('lora_b', G[..., 3 * R:, :])}
         lo = pooled(hyper['lora_queries'], lora)                                      # [S, B, ...]
         state['encoder']['lora'] = jax.tree.map(lambda x: x[:Le], lo)
         state['decoder']['self_lora'] = jax.tree.map(lambda x: x[Le::2], lo)
@@ -146,26 +147,31 @@ def encode_task(params, cfg: M.T5Config, hcfg: HyperConfig, instruction_ids, rng
     return state
 
 
-POOL_BYTES = 2 ** 28   # the float32 pooling scores of one block of slots: 256 MiB
+POOL_BYTES = 2 ** 25   # float32 pooling scores per instruction in one block of slots: 32 MiB
 
 
 def pool(w, k, v, bias, slots, table, generate):
     """The pooling attention of a query table [S, C, D] over the instruction (k, v [B, n, H, K]),
-    then generate(G [B, C, D]) -> the slot's modules, a block of slots at a time: the [B, H, C, n]
+    then generate(G [B, s, C, D]) -> the modules of s slots, one block of s slots at a time: the
     scores of the other blocks are never alive, forward or backward (jax.checkpoint: the backward
-    pass recomputes one block's). Block: `slots` slots, 0 = as many as keep its scores within
-    POOL_BYTES. Returns the generated modules layer-major, [S, B, ...]."""
+    pass recomputes one block's). s: `slots`, 0 = as many as keep a block's scores [B, H, s C, n]
+    within POOL_BYTES per instruction; a divisor of S. Returns the modules, layer-major [S, B, ...].
+    """
     B, n, H, K = k.shape
-    C, D = table.shape[1:]
-    slots = slots or max(1, POOL_BYTES // (B * H * C * n * 4))
+    S, C, D = table.shape
+    s = min(slots or max(1, POOL_BYTES // (H * C * n * 4)), S)
+    s = max(d for d in range(1, s + 1) if S % d == 0)
 
     @jax.checkpoint
-    def one_slot(rows):                                                              # [C, D]
-        q = (rows @ w['q']).reshape(1, C, H, K) * K ** -0.5
-        G = M.attend(jnp.broadcast_to(q, (B, C, H, K)), k, v, bias) @ w['o']          # [B, C, D]
-        return generate(G)
+    def block(rows):                                                                # [s, C, D]
+        q = (rows.reshape(s * C, D) @ w['q']).reshape(s * C, H, K) * K ** -0.5
+        scores = jnp.einsum('qhk,bnhk->bhqn', q, k) + bias                          # [B, H, sC, n]
+        G = jnp.einsum('bhqn,bnhk->bqhk', jax.nn.softmax(scores, axis=-1), v)
+        G = G.reshape(B, s, C, H * K) @ w['o']                                        # [B, s, C, D]
+        return jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1), generate(G))           # [s, B, ...]
 
-    return jax.lax.map(one_slot, table, batch_size=min(slots, table.shape[0]))
+    out = jax.lax.map(block, table.reshape(S // s, s, C, D))                      # [S/s, s, B, ...]
+    return jax.tree.map(lambda x: x.reshape(S, *x.shape[2:]), out)
 
 
 def select_task(state, i):

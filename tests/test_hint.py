@@ -108,7 +108,7 @@ def relative_difference(a, b):
 
 
 def test_pooling_in_blocks_of_slots_equals_all_at_once():
-    """hypernet.pool: blocks of 1 or 3 slots (3 leaves a remainder block) give the task state and
+    """hypernet.pool: blocks of 1 or 2-3 slots (divisors of 4 and 6 slots) give the task state and
     the gradients of pooling every slot at once (relative error |a - b| / |a| of each tensor), with
     adapters, prefixes and a LoRA; rows 0 and 2 share an instruction (pooled once)."""
     hcfg = dataclasses.replace(HCFG, lora_rank=3)
