@@ -250,3 +250,31 @@ def test_hint_trains_in_bfloat16():
         return HN.hint_forward(p, cfg, HCFG, ids, ids, ids).sum()
     grads = jax.eval_shape(jax.grad(loss), params)   # fails to trace if the layer scan's carry changes dtype
     assert jax.tree.structure(grads) == jax.tree.structure(params)
+
+
+def test_warning_when_the_step_will_not_fit_the_device(monkeypatch, capsys):
+    """train.warn_if_too_big: measured from the compiled step, against the memory JAX reports; silent
+    where it reports none (CPU) or where the step fits."""
+    mesh = jax.make_mesh((1, 1), ('data', 'fsdp'), devices=jax.devices()[:1],
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    optimizer, schedule = T.make_optimizer(T.Args(lr=1e-3))
+    params = hint_params()
+    state = {'params': params, 'opt': optimizer.init(params), 'step': jnp.int32(0)}
+    batch = {'instruction': INS, 'input': INP, 'target': TGT}
+    step_fn = T.make_train_step(CFG, HCFG, optimizer, schedule, mesh, 1, 0)
+    need = T.step_bytes(step_fn.lower(state, batch).compile())
+
+    class Device:   # a device that reports its memory, as GPUs and TPUs do
+        device_kind = 'test device'
+
+        def __init__(self, limit):
+            self.limit = limit
+
+        def memory_stats(self):
+            return {'bytes_limit': self.limit}
+
+    for limit, warned in ((None, False), (need, True), (2 * need, False)):
+        if limit is not None:
+            monkeypatch.setattr(jax, 'devices', lambda: [Device(limit)])
+        T.warn_if_too_big(step_fn, state, batch, None)
+        assert ('warning: a train step needs' in capsys.readouterr().err) == warned, limit
