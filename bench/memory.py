@@ -34,7 +34,7 @@ import tyro
 class Args:
     models: tuple[str, ...] = ('base', 'xl', 'xxl')   # model.PRESETS names
     adapter_dims: tuple[int, ...] = ()   # r per model (default: the paper's, base 64, xl/xxl 512)
-    devices: tuple[int, ...] = (8, 32, 64, 128, 256)   # rows: device counts (= --fsdp)
+    devices: tuple[int, ...] = (1, 8, 32, 64, 128, 256)   # rows: device counts (= --fsdp)
     memory: tuple[int, ...] = (16, 32, 80, 95)   # rows: GiB per device
     batch_size: int = 1024          # global
     lengths: tuple[int, int, int] = (1024, 1024, 256)   # instruction, input, target (SNI)
@@ -56,6 +56,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 
 import jax
 import jax.numpy as jnp
+from jax.extend.core import jaxprs_in_params
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -174,23 +175,43 @@ if args.check:   # the real program over fake devices, all FSDP, at reduced dept
               f'{gib(T.step_bytes(compiled))} GiB per device; composed {gib(total(part, n, b))} '
               f'({time.time() - t0:.0f} s)')
 
-if args.flops:   # forward + backward FLOPs of one sequence, as XLA counts the lowered programs
-    (m, r), ids = next(iter(parts)), batch_of(1)
+def matmul_flops(jaxpr):
+    """2 x the multiply-adds of every matrix product in a jaxpr, a scan's body times its length
+    (XLA's cost_analysis() counts a loop body once: the scanned layers would count once)."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == 'dot_general':
+            (contracted, _), _ = eqn.params['dimension_numbers']
+            lhs = eqn.invars[0].aval.shape
+            total += 2 * np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs[d] for d in contracted])
+        times = eqn.params['length'] if eqn.primitive.name == 'scan' else 1
+        total += times * sum(matmul_flops(sub) for sub in jaxprs_in_params(eqn.params))
+    return total
+
+
+if args.flops:   # forward + backward (+ --remat's recomputation) of one sequence
+    (m, r), batch = next(iter(parts)), batch_of(1)
     cfg, hcfg = configs(m, r)
     params = jax.eval_shape(lambda: HN.init_params(cfg, hcfg, jax.random.PRNGKey(0)))
 
-    def hyper_loss(params, batch):   # instruction encoding + pooling + generators
-        state = HN.encode_task(params, cfg, hcfg, batch['instruction'])
-        floats = [x for x in jax.tree.leaves(state) if x.dtype != bool]
-        return sum(jnp.sum(x.astype(jnp.float32)) for x in floats)
+    def total_of(tree):
+        return sum(jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(tree) if x.dtype != bool)
+
+    def encoding_loss(params, batch):   # the instruction encoding alone
+        E, _ = HN.encode_instruction(params['hyper'], params['t5'], cfg, hcfg, batch['instruction'])
+        return total_of(E)
+
+    def hyper_loss(params, batch):      # + pooling and generators
+        return total_of(HN.encode_task(params, cfg, hcfg, batch['instruction']))
 
     def step_loss(params, batch):
         logits = HN.hint_forward(params, cfg, hcfg, batch['instruction'], batch['input'],
                                  M.shift_right(batch['target']))
         return T.token_losses(logits, batch['target'])[0]
 
-    hyper, step = (jax.jit(jax.grad(f)).lower(params, ids).cost_analysis()['flops']
-                   for f in (hyper_loss, step_loss))
-    print(f'\nFLOPs per sequence, {m} r {r}, forward + backward (no --remat recomputation): '
-          f'hypernetwork {hyper:.3g} of {step:.3g} in the train step ({hyper / step:.1%})')
+    enc, hyper, step = (matmul_flops(jax.make_jaxpr(jax.grad(f))(params, batch).jaxpr)
+                        for f in (encoding_loss, hyper_loss, step_loss))
+    print(f"\nTraining FLOPs per sequence (matrix products, with --remat), {m} r {r}: "
+          f'step {step:.3g}; hypernetwork {hyper:.3g} = {hyper / step:.1%} (instruction encoding '
+          f'{enc / step:.1%}, pooling and generators {(hyper - enc) / step:.1%})')
 print(f'\nran {time.time() - t_start:.0f} s')
