@@ -428,7 +428,7 @@ def step_bytes(compiled):
 def warn_if_too_big(step_fn, state, batch, n_tasks):
     """Warn when the first step will not fit the device's memory, where JAX reports it (not on CPU).
     The compile is the step's own: its first call reuses it."""
-    device = jax.devices()[0]
+    device = jax.local_devices()[0]
     limit = (device.memory_stats() or {}).get('bytes_limit')
     if not limit:
         return

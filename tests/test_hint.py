@@ -275,6 +275,6 @@ def test_warning_when_the_step_will_not_fit_the_device(monkeypatch, capsys):
 
     for limit, warned in ((None, False), (need, True), (2 * need, False)):
         if limit is not None:
-            monkeypatch.setattr(jax, 'devices', lambda: [Device(limit)])
+            monkeypatch.setattr(jax, 'local_devices', lambda: [Device(limit)])
         T.warn_if_too_big(step_fn, state, batch, None)
         assert ('warning: a train step needs' in capsys.readouterr().err) == warned, limit
