@@ -150,17 +150,22 @@ def encode_task(params, cfg: M.T5Config, hcfg: HyperConfig, instruction_ids, rng
 POOL_BYTES = 2 ** 25   # float32 pooling scores per instruction in one block of slots: 32 MiB
 
 
+def block_slots(S, C, H, n, slots=0):
+    """Slots per pooling block: `slots`, or as many as keep the scores [H, s C, n] of one
+    instruction within POOL_BYTES; a divisor of S."""
+    s = min(slots or max(1, POOL_BYTES // (H * C * n * 4)), S)
+    return max(d for d in range(1, s + 1) if S % d == 0)
+
+
 def pool(w, k, v, bias, slots, table, generate):
     """The pooling attention of a query table [S, C, D] over the instruction (k, v [B, n, H, K]),
     then generate(G [B, s, C, D]) -> the modules of s slots, one block of s slots at a time: the
     scores of the other blocks are never alive, forward or backward (jax.checkpoint: the backward
-    pass recomputes one block's). s: `slots`, 0 = as many as keep a block's scores [B, H, s C, n]
-    within POOL_BYTES per instruction; a divisor of S. Returns the modules, layer-major [S, B, ...].
+    pass recomputes one block's). s: block_slots(). Returns the modules, layer-major [S, B, ...].
     """
     B, n, H, K = k.shape
     S, C, D = table.shape
-    s = min(slots or max(1, POOL_BYTES // (H * C * n * 4)), S)
-    s = max(d for d in range(1, s + 1) if S % d == 0)
+    s = block_slots(S, C, H, n, slots)
 
     @jax.checkpoint
     def block(rows):                                                                # [s, C, D]

@@ -118,11 +118,11 @@ def measure(name, r, layers=0):
           file=sys.stderr, flush=True)
     state = abstract_state(cfg, hcfg)
     layer = state['params']['t5']['decoder']['layers']
-    C = 2 * r + 2   # the widest query table's rows per slot: the adapters'
-    slot = cfg.num_heads * C * args.lengths[0] * 4   # one slot's float32 pooling scores
+    C, n, H = 2 * r + 2, args.lengths[0], cfg.num_heads   # the widest query table: the adapters'
+    slot = H * C * n * 4   # one slot's float32 pooling scores
     return {'state': state, 'F': max(2 * t1 - t2, 0), 's': t2 - t1,
             'gathered': 2 * per_device(layer, 1) // cfg.num_decoder_layers,
-            'pool': slot * max(1, HN.POOL_BYTES // slot)}
+            'pool': slot * HN.block_slots(cfg.num_layers + cfg.num_decoder_layers, C, H, n)}
 
 
 def total(part, n, b):
@@ -143,11 +143,12 @@ parts = {(m, r): measure(m, r) for m, r in zip(args.models, rs)}
 gib = lambda x: f'{x / GiB:,.2f}'
 print(f'\nHINT training memory, lengths {"/".join(map(str, args.lengths))}, global batch '
       f'{args.batch_size}, --remat, bfloat16 compute, Adafactor, --fsdp = devices. GiB.\n')
-print('| model, r | params + Adafactor (all) | F: grads, optimizer temps (all) | gathered layer '
-      '| per sequence | of it, pooling block |')
-print('|---|---|---|---|---|---|')
+print('| model, r | params (all) | Adafactor (all) | F: grads, optimizer temps (all) '
+      '| gathered layer | per sequence | of it, pooling block |')
+print('|---|---|---|---|---|---|---|')
 for (m, r), part in parts.items():
-    cells = [per_device(part['state'], 1), part['F'], part['gathered'], part['s'], part['pool']]
+    cells = [per_device(part['state']['params'], 1), per_device(part['state']['opt'], 1), part['F'],
+             part['gathered'], part['s'], part['pool']]
     print(f'| {m}, {r} | ' + ' | '.join(gib(x) for x in cells) + ' |')
 print('\nThe smallest --grad-accum that fits (90% of the memory), or no:\n')
 print('| devices x GiB | ' + ' | '.join(f'{m}, r {r}' for m, r in parts) + ' |')
