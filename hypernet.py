@@ -43,6 +43,7 @@ class HyperConfig:
     instruction_encoder: str = 'shared'   # shared (the T5 encoder itself) | t5 (a separate copy) | roberta
     roberta: M.RobertaConfig | None = None
     lora_rank: int = 0             # R: a generated LoRA on every attention's q and v (beyond the paper)
+    pool_slots: int = 0            # slots pooled at once (hypernet.pool); 0 = from a memory budget
 
 
 def dense_init(rng, n_in, n_out):
@@ -104,34 +105,29 @@ def encode_task(params, cfg: M.T5Config, hcfg: HyperConfig, instruction_ids, rng
     E, mask = encode_instruction(hyper, params['t5'], cfg, hcfg, instruction_ids, rng)
     state = {'encoder': {}, 'decoder': {}, 'memory': {'E': E, 'mask': mask} if hcfg.fusion else None}
 
-    # Pooling: one multi-head attention, queries = the learned slot rows, keys/values = E.
-    tables = [hyper[n] for n in ('adapter_queries', 'prefix_queries', 'lora_queries') if n in hyper]
-    if not tables:
-        return state
-    Z = jnp.concatenate([t.reshape(-1, D) for t in tables])                       # [Q, D]
+    # Pooling: one multi-head attention, queries = the learned slot rows, keys/values = E; then the
+    # generators, one MLP per component kind. pool() runs both a few slots at a time.
     w = hyper['pool']
-    q = jnp.broadcast_to((Z @ w['q']).reshape(1, -1, H, K), (B, Z.shape[0], H, K)) * K ** -0.5
-    k, v = ((E @ w[n]).reshape(B, -1, H, K) for n in 'kv')
-    G = M.attend(q, k, v, M.mask_bias(mask)[:, None, None, :]) @ w['o']             # [B, Q, D]
+    k, v = ((E @ w[n]).reshape(B, -1, H, K) for n in 'kv')                         # [B, n, H, K]
+    bias = M.mask_bias(mask)[:, None, None, :]
     gen = lambda name, rows: mlp(hyper['gen'][name], rows) / np.sqrt(D)            # every output / sqrt(d)
-    layer_major = lambda x: jnp.moveaxis(x, 1, 0)                                          # [B, S, ...] -> [S, B, ...]
+    pooled = functools.partial(pool, w, k, v, bias, hcfg.pool_slots)
 
     if 'adapter_queries' in hyper:
-        n = hyper['adapter_queries'].size // D
-        A, G = G[:, :n].reshape(B, Le + Ld, 2 * r + 2, D), G[:, n:]
-        ad = {'down': jnp.swapaxes(gen('down', A[:, :, :r]), -1, -2),            # [B, Sa, D, r]
-              'up': gen('up', A[:, :, r:2 * r]),                                  # [B, Sa, r, D]
-              'down_bias': gen('down_bias', A[:, :, 2 * r]),                      # [B, Sa, r]
-              'up_bias': gen('up_bias', A[:, :, 2 * r + 1])}                      # [B, Sa, D]
-        ad = jax.tree.map(layer_major, ad)
+        def adapter(G):   # pooled rows G [B, s, 2r+2, D] of s slots
+            return {'down': jnp.swapaxes(gen('down', G[..., :r, :]), -1, -2),        # [B, s, D, r]
+                    'up': gen('up', G[..., r:2 * r, :]),                              # [B, s, r, D]
+                    'down_bias': gen('down_bias', G[..., 2 * r, :]),                  # [B, s, r]
+                    'up_bias': gen('up_bias', G[..., 2 * r + 1, :])}                  # [B, s, D]
+        ad = pooled(hyper['adapter_queries'], adapter)                      # [Le + Ld, B, ...]
         state['encoder']['adapter'] = jax.tree.map(lambda x: x[:Le], ad)
         state['decoder']['adapter'] = jax.tree.map(lambda x: x[Le:], ad)
     if 'prefix_queries' in hyper:
-        n = hyper['prefix_queries'].size // D
-        P, G = G[:, :n].reshape(B, Le + 2 * Ld, 2 * p, D), G[:, n:]
-        pre = {'k': gen('prefix_k', P[:, :, :p]).reshape(B, -1, p, H, K),         # [B, S, p, H, K]
-               'v': gen('prefix_v', P[:, :, p:]).reshape(B, -1, p, H, K)}
-        pre = jax.tree.map(layer_major, pre)
+        def prefix(G):    # G [B, s, 2p, D]
+            B_s = G.shape[:2]   # [B, s]
+            return {'k': gen('prefix_k', G[..., :p, :]).reshape(*B_s, p, H, K),  # [B, s, p, H, K]
+                    'v': gen('prefix_v', G[..., p:, :]).reshape(*B_s, p, H, K)}
+        pre = pooled(hyper['prefix_queries'], prefix)                             # [S, B, p, H, K]
         # the key names tell the T5 stacks how to attend them (model.attend)
         how = '' if hcfg.prefix_attention == 'joint' else '_separate'
         state['encoder']['prefix' + how] = jax.tree.map(lambda x: x[:Le], pre)
@@ -139,16 +135,48 @@ def encode_task(params, cfg: M.T5Config, hcfg: HyperConfig, instruction_ids, rng
         state['decoder']['cross_prefix' + how] = jax.tree.map(lambda x: x[Le + 1::2], pre)  # slot Le + 2j + 1
     if 'lora_queries' in hyper:  # a generated LoRA on q and v, (h A) B added to h W (beyond the paper)
         R = hcfg.lora_rank
-        Y = G.reshape(B, Le + 2 * Ld, 4 * R, D)                                       # [B, S, 4R, D]
-        lo = {'q_a': jnp.swapaxes(gen('lora_a', Y[:, :, :R]), -1, -2),               # [B, S, D, R]
-              'q_b': gen('lora_b', Y[:, :, R:2 * R]),                                 # [B, S, R, HK]
-              'v_a': jnp.swapaxes(gen('lora_a', Y[:, :, 2 * R:3 * R]), -1, -2),
-              'v_b': gen('lora_b', Y[:, :, 3 * R:])}
-        lo = jax.tree.map(layer_major, lo)
+        def lora(G):      # G [B, s, 4R, D]
+            return {'q_a': jnp.swapaxes(gen('lora_a', G[..., :R, :]), -1, -2),        # [B, s, D, R]
+                    'q_b': gen('lora_b', G[..., R:2 * R, :]),                        # [B, s, R, HK]
+                    'v_a': jnp.swapaxes(gen('lora_a', G[..., 2 * R:3 * R, :]), -1, -2),
+                    'v_b': gen('lora_b', G[..., 3 * R:, :])}
+        lo = pooled(hyper['lora_queries'], lora)                                      # [S, B, ...]
         state['encoder']['lora'] = jax.tree.map(lambda x: x[:Le], lo)
         state['decoder']['self_lora'] = jax.tree.map(lambda x: x[Le::2], lo)
         state['decoder']['cross_lora'] = jax.tree.map(lambda x: x[Le + 1::2], lo)
     return state
+
+
+POOL_BYTES = 2 ** 25   # float32 pooling scores per instruction in one block of slots: 32 MiB
+
+
+def block_slots(S, C, H, n, slots=0):
+    """Slots per pooling block: `slots`, or as many as keep the scores [H, s C, n] of one
+    instruction within POOL_BYTES; a divisor of S."""
+    s = min(slots or max(1, POOL_BYTES // (H * C * n * 4)), S)
+    return max(d for d in range(1, s + 1) if S % d == 0)
+
+
+def pool(w, k, v, bias, slots, table, generate):
+    """The pooling attention of a query table [S, C, D] over the instruction (k, v [B, n, H, K]),
+    then generate(G [B, s, C, D]) -> the modules of s slots, one block of s slots at a time: the
+    scores of the other blocks are never alive, forward or backward (jax.checkpoint: the backward
+    pass recomputes one block's). s: block_slots(). Returns the modules, layer-major [S, B, ...].
+    """
+    B, n, H, K = k.shape
+    S, C, D = table.shape
+    s = block_slots(S, C, H, n, slots)
+
+    @jax.checkpoint
+    def block(rows):                                                                # [s, C, D]
+        q = (rows.reshape(s * C, D) @ w['q']).reshape(s * C, H, K) * K ** -0.5
+        scores = jnp.einsum('qhk,bnhk->bhqn', q, k) + bias                          # [B, H, sC, n]
+        G = jnp.einsum('bhqn,bnhk->bqhk', jax.nn.softmax(scores, axis=-1), v)
+        G = G.reshape(B, s, C, H * K) @ w['o']                                        # [B, s, C, D]
+        return jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1), generate(G))           # [s, B, ...]
+
+    out = jax.lax.map(block, table.reshape(S // s, s, C, D))                      # [S/s, s, B, ...]
+    return jax.tree.map(lambda x: x.reshape(S, *x.shape[2:]), out)
 
 
 def select_task(state, i):

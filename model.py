@@ -340,7 +340,8 @@ def t5_encode(params, cfg, ids, mods=None, rng=None):
     dt, eps = jnp.dtype(cfg.dtype), cfg.layer_norm_epsilon
     rate = cfg.dropout_rate if rng is not None else 0.0
     pos = jnp.arange(ids.shape[1])
-    bias = position_bias(params['encoder']['rel_bias'], pos, pos, True, cfg) + mask_bias(ids != PAD_ID)[:, None, None, :]
+    pos_bias = position_bias(params['encoder']['rel_bias'], pos, pos, True, cfg)       # [1, H, S, S]
+    pad_bias = mask_bias(ids != PAD_ID)[:, None, None, :]                            # [B, 1, 1, S]
     x = dropout(params['embed'][ids].astype(dt), rate, sub(rng, 0))
     layer_mods = (mods or {}).get('encoder') or {}
 
@@ -349,6 +350,7 @@ def t5_encode(params, cfg, ids, mods=None, rng=None):
         a = p['self_attn']
         h = rms_norm(x, a['norm'], eps)
         q, k, v = (project(h, a, n, m.get('lora'), cfg) for n in 'qkv')
+        bias = pos_bias + pad_bias   # [B, H, S, S], made in the layer: --remat does not keep it
         o = attend(q, k, v, bias, joined(m, 'prefix'), m.get('prefix_separate'), rate, sub(r, 0))
         o = o @ a['o'].astype(dt)
         x = x + dropout(o, rate, sub(r, 1))

@@ -474,6 +474,34 @@ def step_flops(cache, step_fn, state, batch, n_tasks, fsdp, peak):
     return cache[key]
 
 
+HEADROOM = 0.9   # a run fits a device when it needs at most 90% of its memory (bench/memory.py too)
+
+
+def fits(need, limit):
+    return need <= HEADROOM * limit
+
+
+def step_bytes(compiled):
+    """Bytes per device of a compiled step: arguments, outputs (less donated ones), temporaries."""
+    m = compiled.memory_analysis()
+    outputs = m.output_size_in_bytes - m.alias_size_in_bytes
+    return m.argument_size_in_bytes + outputs + m.temp_size_in_bytes
+
+
+def warn_if_too_big(step_fn, state, batch, n_tasks):
+    """Warn when the first step will not fit the device's memory, where JAX reports it (not on CPU).
+    The compile is the step's own: its first call reuses it."""
+    device = jax.local_devices()[0]
+    limit = (device.memory_stats() or {}).get('bytes_limit')
+    if not limit:
+        return
+    need = step_bytes(step_fn.lower(state, batch, n_tasks).compile())
+    if not fits(need, limit):
+        print(f'warning: a train step needs {need / 2 ** 30:.1f} GiB per device, over {HEADROOM:.0%} '
+              f'of the {limit / 2 ** 30:.1f} GiB of a {device.device_kind}: raise --grad-accum (or '
+              '--fsdp); see README, Memory', file=sys.stderr)
+
+
 # Dense bfloat16 peak FLOP/s of one chip (vendor data sheets) by jax's device_kind, first match
 # wins (v5e reports 'TPU v5 lite', v5p 'TPU v5p'): the MFU of the progress line.
 PEAK_FLOPS = [('TPU v3', 123e12), ('TPU v4', 275e12), ('TPU v5 lite', 197e12), ('TPU v5', 459e12),
@@ -628,6 +656,8 @@ def main(args: Args):
                 n_tasks = agreed_max(n_tasks)
             batch = to_global(batch)
             host += time.time() - t_host
+            if step == start:
+                warn_if_too_big(step_fn, state, batch, n_tasks)
             flops += step_flops(shapes, step_fn, state, batch, n_tasks, args.fsdp, peak)
             state, metrics = step_fn(state, batch, n_tasks)
             done = step + 1

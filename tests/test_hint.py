@@ -103,6 +103,36 @@ def test_switches_remove_modules():
         assert all(v is not None for k, v in present.items() if k != field)
 
 
+def relative_difference(a, b):
+    return float(jnp.linalg.norm(a - b.astype(a.dtype)) / jnp.maximum(jnp.linalg.norm(a), 1e-30))
+
+
+def test_pooling_in_blocks_of_slots_equals_all_at_once():
+    """hypernet.pool: blocks of 1 or 2-3 slots (divisors of 4 and 6 slots) give the task state and
+    the gradients of pooling every slot at once (relative error |a - b| / |a| of each tensor), with
+    adapters, prefixes and a LoRA; rows 0 and 2 share an instruction (pooled once)."""
+    hcfg = dataclasses.replace(HCFG, lora_rank=3)
+    params = hint_params(hcfg=hcfg)
+    instruction = INS.at[2].set(INS[0])
+
+    def run(slots):
+        h = dataclasses.replace(hcfg, pool_slots=slots)
+        state = HN.encode_task(params, CFG, h, instruction)
+
+        def loss(p):
+            logits = HN.hint_forward(p, CFG, h, instruction, INP, M.shift_right(TGT),
+                                     task_ids=jnp.array([0, 1, 0]), n_tasks=2)
+            return T.token_losses(logits, TGT)[0]
+        return state, jax.grad(loss)(params)
+
+    whole = run(100)
+    whole[0]['memory']['mask'] = whole[0]['memory']['mask'].astype(jnp.float32)   # to subtract
+    for slots in (1, 3):
+        diff = jax.tree.map(relative_difference, whole, run(slots))
+        assert max(jax.tree.leaves(diff)) <= 1e-6, slots
+    assert float(jnp.abs(whole[1]['hyper']['lora_queries']).min(axis=-1).max()) > 0   # not zero
+
+
 def test_shared_task_state_equals_one_by_one():
     params = hint_params()
     state = HN.encode_task(params, CFG, HCFG, INS[:1])
@@ -220,3 +250,31 @@ def test_hint_trains_in_bfloat16():
         return HN.hint_forward(p, cfg, HCFG, ids, ids, ids).sum()
     grads = jax.eval_shape(jax.grad(loss), params)   # fails to trace if the layer scan's carry changes dtype
     assert jax.tree.structure(grads) == jax.tree.structure(params)
+
+
+def test_warning_when_the_step_will_not_fit_the_device(monkeypatch, capsys):
+    """train.warn_if_too_big: measured from the compiled step, against the memory JAX reports; silent
+    where it reports none (CPU) or where the step fits."""
+    mesh = jax.make_mesh((1, 1), ('data', 'fsdp'), devices=jax.devices()[:1],
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    optimizer, schedule = T.make_optimizer(T.Args(lr=1e-3))
+    params = hint_params()
+    state = {'params': params, 'opt': optimizer.init(params), 'step': jnp.int32(0)}
+    batch = {'instruction': INS, 'input': INP, 'target': TGT}
+    step_fn = T.make_train_step(CFG, HCFG, optimizer, schedule, mesh, 1, 0)
+    need = T.step_bytes(step_fn.lower(state, batch).compile())
+
+    class Device:   # a device that reports its memory, as GPUs and TPUs do
+        device_kind = 'test device'
+
+        def __init__(self, limit):
+            self.limit = limit
+
+        def memory_stats(self):
+            return {'bytes_limit': self.limit}
+
+    for limit, warned in ((None, False), (need, True), (2 * need, False)):
+        if limit is not None:
+            monkeypatch.setattr(jax, 'local_devices', lambda: [Device(limit)])
+        T.warn_if_too_big(step_fn, state, batch, None)
+        assert ('warning: a train step needs' in capsys.readouterr().err) == warned, limit
