@@ -68,7 +68,7 @@ import train as T
 GiB = 2 ** 30
 PAPER_R = {'base': 64, 'xl': 512, 'xxl': 512}   # adapter dim r (HINT.md section 5)
 AUTO = (jax.sharding.AxisType.Auto,) * 2
-optimizer, schedule = T.make_optimizer(types.SimpleNamespace(lr=1e-3, warmup=100, momentum=0.0,
+optimizer, schedule = T.make_optimizer(types.SimpleNamespace(lr=1e-3, warmup=0, momentum=0.0,
                                                              param_scale=True))
 
 

@@ -19,6 +19,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
 SMALL = '--steps 4 --save-every 2 --log-every 2 --eval-instances 4'   # the default run, shorter
+TINY = '--init tiny --batch-size 4 --adapter-dim 4 --prefix-len 2 ' + SMALL   # as test_workflow's
 
 
 @pytest.fixture(scope='module')
@@ -50,7 +51,8 @@ def test_train_saves_and_resumes_with_the_default_out_dir(clone):
 
 
 def test_init_from_a_relative_run(clone):
-    r = typed(clone, f'python train.py --init runs/synthetic --out-dir runs/ft {SMALL}')
+    r = typed(clone, 'python train.py --init runs/synthetic --out-dir runs/ft --steps 1 '
+                     '--eval-instances 4')
     assert (clone / 'runs' / 'ft' / 'metrics.json').is_file()
     assert 'T5 ' in r.stdout and 'runs/synthetic' in r.stdout   # the run it started from
 
@@ -70,14 +72,14 @@ def test_eval_and_one_off_with_relative_paths(clone):
 
 def test_merge_into_a_relative_folder(clone):
     typed(clone, f'python train.py --lora-rank 2 --no-adapters --no-prefixes --no-fusion '
-                 f'--out-dir runs/lora {SMALL}')
+                 f'--out-dir runs/lora {TINY}')
     typed(clone, 'python eval.py --checkpoint runs/lora --instruction "Reverse the list." '
                  '--merge-into merged/x')
     assert {'config.json', 'model.safetensors'} <= set(os.listdir(clone / 'merged' / 'x'))
 
 
 def test_eval_uses_the_run_arguments_and_never_overwrites_its_metrics(clone):
-    typed(clone, f'python train.py --shots 1 --out-dir runs/one {SMALL}')
+    typed(clone, f'python train.py --shots 1 --out-dir runs/one {TINY}')
     run = clone / 'runs' / 'one'
     trained = (run / 'metrics.json').read_text()
     os.remove(run / 'args.json')   # the checkpoints' meta holds the run's arguments

@@ -257,7 +257,7 @@ def test_warning_when_the_step_will_not_fit_the_device(monkeypatch, capsys):
     where it reports none (CPU) or where the step fits."""
     mesh = jax.make_mesh((1, 1), ('data', 'fsdp'), devices=jax.devices()[:1],
                          axis_types=(jax.sharding.AxisType.Auto,) * 2)
-    optimizer, schedule = T.make_optimizer(T.Args(lr=1e-3))
+    optimizer, schedule = T.make_optimizer(T.Args(lr=1e-3, warmup=100))
     params = hint_params()
     state = {'params': params, 'opt': optimizer.init(params), 'step': jnp.int32(0)}
     batch = {'instruction': INS, 'input': INP, 'target': TGT}
