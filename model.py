@@ -95,7 +95,7 @@ def resolve_dir(name_or_dir: str) -> str:
         except Exception:
             raise FileNotFoundError(
                 f'{name_or_dir!r} is neither a local directory nor a reachable/cached Hugging Face '
-                f'hub model ({type(e).__name__}: {e})') from None
+                f'hub model ({type(e).__name__}: {str(e).splitlines()[0]})') from None
 
 
 def load_tokenizer(name_or_dir: str):

@@ -159,6 +159,10 @@ def check_args(args):
         raise data.DataError('--instruction-encoder roberta needs --instruction-encoder-init (e.g. roberta-base)')
     if args.init not in PRESETS and os.path.isfile(args.init):
         raise data.DataError(f'--init {args.init}: is a file; expected a preset, a checkpoint folder or a hub name')
+    if os.path.isdir(args.init) and not is_run(args.init) and not os.path.isfile(
+            os.path.join(args.init, 'config.json')):
+        raise data.DataError(f'--init {args.init}: neither a run (no complete ckpt-*/ in it) nor a '
+                             'transformers checkpoint (no config.json)')
 
 
 # Sizes beyond model.PRESETS used by the default synthetic run.

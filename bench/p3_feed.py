@@ -2,8 +2,8 @@
 parquet row groups read, rows drawn at T0's rates, tokenized with T5's SentencePiece, padded)
 against tokens/s of the training step on the same batches, side by side on this machine.
 
-    python bench/p3_feed.py                         # T5 v1.1-small shapes, batch 32
-    python bench/p3_feed.py --size base --batch-size 64
+    python bench/p3_feed.py                         # T5 v1.1-small shapes, batch 8 (fits 24 GB)
+    python bench/p3_feed.py --size base --batch-size 64   # on an accelerator
 
 The fixture is written to a temporary folder in bigscience/P3's layout: 20 templates of 4 datasets
 (one above the 500,000 stand-in cap), prompted inputs of about 150-400 words, as P3's reading tasks.
@@ -39,7 +39,7 @@ from speed import jax_step_seconds
 @dataclasses.dataclass
 class FeedArgs:
     size: str = 'small'        # T5 v1.1 shape of the timed step (model.PRESETS)
-    batch_size: int = 32
+    batch_size: int = 8        # batch 32 at small size needs over 40 GB on a CPU
     batches: int = 50          # feed batches timed
     steps: int = 3             # train steps timed
     tokenizer: str = os.path.join(ROOT, '..', 'shared', 'assets', 't5_tokenizer', 'spiece.model')

@@ -371,4 +371,9 @@ def main(args: BenchArgs):
 
 
 if __name__ == '__main__':
-    main(tyro.cli(BenchArgs))
+    bench_args = tyro.cli(BenchArgs)
+    for path in (bench_args.tokenizer, bench_args.data_dir):
+        if not os.path.isdir(path):
+            sys.exit(f'error: {path}: not found (the T5 tokenizer and the SNI sample of ../shared); '
+                     'pass --tokenizer and --data-dir')
+    main(bench_args)

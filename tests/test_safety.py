@@ -172,6 +172,7 @@ def test_empty_and_non_utf8_split_files(sni_copy, tmp_path):
      ['could not clone /nonexistent/repo', 'pass --data-dir']),
     (['train.py', '--instruction-encoder', 'roberta'], ['needs --instruction-encoder-init']),
     (['train.py', '--init', '/nonexistent/t5'], ['/nonexistent/t5']),
+    (['train.py', '--init', 'tests'], ['/tests: neither a run', 'nor a transformers checkpoint']),
     (['eval.py'], ['--checkpoint is required']),
     (['eval.py', '--checkpoint', '/nonexistent/run'], ['/nonexistent/run: no checkpoint']),
 ])
