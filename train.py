@@ -467,14 +467,29 @@ def make_train_step(cfg, hcfg, optimizer, schedule, mesh, accum, seed):
     return jax.jit(step, donate_argnums=0, static_argnames='n_tasks')
 
 
+def matmul_flops(jaxpr):
+    """2 x the multiply-adds of every matrix product in a jaxpr, a scan's body times its length
+    (XLA's cost_analysis() counts a loop body once: the scanned layers would count once)."""
+    from jax.extend.core import jaxprs_in_params
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == 'dot_general':
+            (contracted, _), _ = eqn.params['dimension_numbers']
+            lhs = eqn.invars[0].aval.shape
+            total += 2 * np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs[d] for d in contracted])
+        times = eqn.params['length'] if eqn.primitive.name == 'scan' else 1
+        total += times * sum(matmul_flops(sub) for sub in jaxprs_in_params(eqn.params))
+    return float(total)
+
+
 def step_flops(cache, step_fn, state, batch, n_tasks, fsdp, peak):
-    """FLOPs per device of a train step at this batch's shapes, as XLA counts the lowered step (one
-    data shard's, split over its fsdp devices; --remat's recomputation included); once per shape, and
-    only counted (lowered a second time) on a device of known peak, where the MFU is shown."""
+    """Matrix-product FLOPs per device of a train step at this batch's shapes, from its jaxpr (one
+    data shard's inside the shard_map, split over its fsdp devices; --remat's recomputation
+    included); once per shape, and only on a device of known peak, where the MFU is shown."""
     key = (tuple((k, v.shape) for k, v in batch.items()), n_tasks)
     if key not in cache:
-        cost = step_fn.lower(state, batch, n_tasks).cost_analysis() if peak else None
-        cache[key] = (cost or {}).get('flops', 0.0) / fsdp
+        jaxpr = step_fn.trace(state, batch, n_tasks).jaxpr.jaxpr if peak else None
+        cache[key] = matmul_flops(jaxpr) / fsdp if peak else 0.0
     return cache[key]
 
 

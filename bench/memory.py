@@ -56,7 +56,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 
 import jax
 import jax.numpy as jnp
-from jax.extend.core import jaxprs_in_params
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -176,20 +175,6 @@ if args.check:   # the real program over fake devices, all FSDP, at reduced dept
               f'{gib(T.step_bytes(compiled))} GiB per device; composed {gib(total(part, n, b))} '
               f'({time.time() - t0:.0f} s)')
 
-def matmul_flops(jaxpr):
-    """2 x the multiply-adds of every matrix product in a jaxpr, a scan's body times its length
-    (XLA's cost_analysis() counts a loop body once: the scanned layers would count once)."""
-    total = 0
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == 'dot_general':
-            (contracted, _), _ = eqn.params['dimension_numbers']
-            lhs = eqn.invars[0].aval.shape
-            total += 2 * np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs[d] for d in contracted])
-        times = eqn.params['length'] if eqn.primitive.name == 'scan' else 1
-        total += times * sum(matmul_flops(sub) for sub in jaxprs_in_params(eqn.params))
-    return total
-
-
 if args.flops:   # forward + backward (+ --remat's recomputation) of one sequence
     (m, r), batch = next(iter(parts)), batch_of(1)
     cfg, hcfg = configs(m, r)
@@ -210,7 +195,7 @@ if args.flops:   # forward + backward (+ --remat's recomputation) of one sequenc
                                  M.shift_right(batch['target']))
         return T.token_losses(logits, batch['target'])[0]
 
-    enc, hyper, step = (matmul_flops(jax.make_jaxpr(jax.grad(f))(params, batch).jaxpr)
+    enc, hyper, step = (T.matmul_flops(jax.make_jaxpr(jax.grad(f))(params, batch).jaxpr)
                         for f in (encoding_loss, hyper_loss, step_loss))
     print(f"\nTraining FLOPs per sequence (matrix products, with --remat), {m} r {r}: "
           f'step {step:.3g}; hypernetwork {hyper:.3g} = {hyper / step:.1%} (instruction encoding '

@@ -153,3 +153,26 @@ def test_mfu_peak_table_matches_device_kinds():
              'NVIDIA H200': 989e12, 'cpu': None}
     for kind, peak in kinds.items():
         assert T.peak_flops(types.SimpleNamespace(device_kind=kind)) == peak, kind
+
+
+def test_mfu_flops_count_every_scanned_layer():
+    """The MFU's FLOPs come from the step's jaxpr: a scan's body counts once per iteration (XLA's
+    cost_analysis() counts it once, which left the T5 layers out of the MFU), and the count of
+    the real train step grows with depth as the layers' matrix products do."""
+    def layers(x, ws):
+        return jax.lax.scan(lambda h, w: (h @ w, None), x, ws)[0]
+    x, ws = jnp.ones((4, 8)), jnp.ones((5, 8, 8))
+    assert T.matmul_flops(jax.make_jaxpr(layers)(x, ws).jaxpr) == 5 * 2 * 4 * 8 * 8
+    counts = {}
+    for depth in (2, 4):
+        cfg = dataclasses.replace(M.PRESETS['tiny'], num_layers=depth, num_decoder_layers=depth)
+        hcfg = HN.HyperConfig(adapter_dim=4, prefix_len=2)
+        params = HN.init_params(cfg, hcfg, jax.random.PRNGKey(0))
+        optimizer, schedule = T.make_optimizer(T.Args(lr=1e-3, warmup=0))
+        mesh = jax.make_mesh((1, 1), ('data', 'fsdp'), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+        step = T.make_train_step(cfg, hcfg, optimizer, schedule, mesh, 1, 0)
+        state = {'params': params, 'opt': optimizer.init(params), 'step': jnp.int32(0)}
+        batch = {k: jnp.ones((4, 16), jnp.int32) for k in data.FIELDS}
+        counts[depth] = T.step_flops({}, step, state, batch, None, 1, peak=1.0)
+    assert counts[4] > 1.8 * counts[2] > 0
+    assert T.step_flops({}, step, state, batch, None, 1, peak=None) == 0.0   # unknown peak: no count
