@@ -26,9 +26,14 @@ ARGS = ['--init', 'tiny', '--batch-size', '16', '--adapter-dim', '4', '--prefix-
         '--log-every', '1', '--save-every', '2', '--keep-checkpoints', '2']
 
 
+# On a 2-core machine the threads of 8 fake devices can reach a collective more than XLA's 40 s
+# apart, and XLA then aborts the process: give them longer.
+SLOW_COLLECTIVES = '--xla_cpu_collective_call_terminate_timeout_seconds=600'
+
+
 def env(devices):
     return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
-                XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+                XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} {SLOW_COLLECTIVES}')
 
 
 def free_port():
