@@ -32,6 +32,8 @@ from typing import Literal
 
 import numpy as np
 
+import model as M
+
 
 class DataError(ValueError):
     """Bad data on disk or bad arguments: the message names the file and the field."""
@@ -166,6 +168,80 @@ def encode(tokenizer, text: str, length: int) -> tuple[list[int], bool]:
     if getattr(tokenizer, 'bos_id', None) is not None:
         ids = [tokenizer.bos_id] + ids
     return ids[:length - 1] + [tokenizer.eos_id], len(ids) > length - 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizers: encode(text) -> ids without EOS, decode(ids) -> text (stops at EOS).
+
+
+def until_eos(ids, eos_id) -> list[int]:
+    ids = [int(i) for i in ids]
+    return ids[:ids.index(eos_id)] if eos_id in ids else ids
+
+
+class ByteTokenizer:
+    """ByT5's ids: pad 0, eos 1, unk 2, byte b -> b + 3. Needs no file at all."""
+    name = 'byte'
+    pad_id, eos_id, vocab_size = M.PAD_ID, M.EOS_ID, 259
+
+    def encode(self, text: str) -> list[int]:
+        return [b + 3 for b in text.encode('utf-8')]
+
+    def decode(self, ids) -> str:   # ids past the byte range (vocab padding) are dropped
+        return bytes(i - 3 for i in until_eos(ids, self.eos_id) if 3 <= i < 259).decode('utf-8', 'ignore')
+
+
+class SentencePieceTokenizer:
+    """T5's tokenizer (spiece.model): pad 0, eos 1, unk 2."""
+
+    def __init__(self, path: str):
+        import sentencepiece as spm
+        self.name = os.path.abspath(path)
+        self.sp = spm.SentencePieceProcessor(model_file=path)
+        self.pad_id, self.eos_id = self.sp.pad_id(), self.sp.eos_id()
+        self.vocab_size = self.sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids) -> str:
+        ids = until_eos(ids, self.eos_id)
+        return self.sp.decode([i for i in ids if i != self.pad_id and i < self.vocab_size])
+
+
+class HFTokenizer:
+    """A `tokenizers` tokenizer.json (RoBERTa's BPE): encode adds no special tokens."""
+
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer
+        self.name = os.path.abspath(path)
+        self.tok = Tokenizer.from_file(path)
+        get = self.tok.token_to_id
+        self.pad_id = get('<pad>') if get('<pad>') is not None else M.PAD_ID
+        self.eos_id = get('</s>') if get('</s>') is not None else M.EOS_ID
+        self.bos_id = get('<s>')
+        self.vocab_size = self.tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(until_eos(ids, self.eos_id), skip_special_tokens=True)
+
+
+
+def load_tokenizer(name_or_dir: str):
+    """'byte' -> ByteTokenizer; a spiece.model / tokenizer.json file or a checkpoint dir / hub name."""
+    if name_or_dir == 'byte':
+        return ByteTokenizer()
+    if os.path.isfile(name_or_dir):
+        return (SentencePieceTokenizer(name_or_dir) if name_or_dir.endswith('.model')
+                else HFTokenizer(name_or_dir))
+    d = M.resolve_dir(name_or_dir)
+    for fname, cls in (('spiece.model', SentencePieceTokenizer), ('tokenizer.json', HFTokenizer)):
+        if os.path.exists(os.path.join(d, fname)):
+            return cls(os.path.join(d, fname))
+    raise FileNotFoundError(f'{d}: no tokenizer found (expected spiece.model or tokenizer.json)')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,6 +413,14 @@ def instance_text(task: str, text: str, fmt: str) -> str:
     return dot('Now complete the following example -\nInput: ' + text.strip()) + '\nOutput: '
 
 
+def arrange(fmt: str, instruction: str, text: str) -> tuple[str, str]:
+    """(hypernetwork text, encoder text): full-input puts the instruction in front of the encoder's
+    text and gives the hypernetwork nothing."""
+    if fmt == 'full-input':
+        return '', instruction + text
+    return instruction, text
+
+
 def ni_task_files(data_dir: str | None, split: str) -> tuple[str, list[tuple[str, str]]]:
     """The split file and [(task, path)] listed in it; every path checked to exist."""
     split_file = os.path.join(data_dir, 'splits', 'default', f'{split}_tasks.txt')
@@ -436,8 +520,7 @@ def build_ni(args: DataArgs, split: str, tokenizer):
                 raise DataError(f'{where}: field \'output\' must be a list of strings')
             inp = _field(inst, 'input', where, str)
             instruction, inp = ni_texts(task, path, inp, args, limit, tokenizer)
-            if args.format == 'full-input':
-                instruction, inp = '', instruction + inp
+            instruction, inp = arrange(args.format, instruction, inp)
             target = random.Random(f'{args.seed}:{iid}').choice(outputs) if split == 'train' else outputs[0]
             rows.append(dict(task=name, id=iid, instruction=instruction, input=inp, target=target,
                              references=list(outputs), category=task['Categories'][0]))
@@ -1048,9 +1131,9 @@ def load_split(args: DataArgs, split: str, tokenizer) -> dict:
             build = {'synthetic': build_synthetic, 'ni': functools.partial(build_ni, tokenizer=tokenizer),
                      'p3': functools.partial(build_p3, tokenizer=tokenizer)}[args.task]
             texts, skipped = build(args, split)
-            if args.format == 'full-input' and args.task == 'synthetic':
+            if args.task == 'synthetic':
                 for ex in texts:
-                    ex['instruction'], ex['input'] = '', ex['instruction'] + ex['input']
+                    ex['instruction'], ex['input'] = arrange(args.format, ex['instruction'], ex['input'])
             rows = list(tokenize_rows(texts, args, tokenizer))
         data, how = pack(rows, args, skipped, tokenizer.pad_id), f'built {path}'
         if not data['examples']:
@@ -1077,9 +1160,14 @@ def row_lengths(x, pad_id: int = 0):
     return np.max((x != pad_id) * np.arange(1, x.shape[1] + 1), axis=1)
 
 
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1): rounding sizes up keeps the shapes to compile few."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def bucket(n: int, cap: int) -> int:
     """The width for rows of at most n tokens: a power of two >= 16 (few shapes to compile), at most cap."""
-    return min(cap, max(16, 1 << max(n - 1, 0).bit_length()))
+    return min(cap, max(16, next_pow2(n)))
 
 
 def batches(data: dict, batch_size: int, seed: int, start_step: int = 0, process_index: int = 0,
@@ -1206,7 +1294,6 @@ class ShowArgs(DataArgs):
 
 
 def main(args: ShowArgs):
-    from model import load_tokenizer
     check_args(args)
     if args.task in ('ni', 'p3') and not args.data_dir:
         args.data_dir = fetch_ni(args) if args.task == 'ni' else fetch_p3(args)

@@ -140,7 +140,7 @@ def task_state(params, cfg, hcfg, instruction):
     (rounded up to a data.bucket): right padding changes no result, it only costs time."""
     if hcfg is None:
         return None
-    pad = hcfg.roberta.pad_token_id if hcfg.instruction_encoder == 'roberta' else M.PAD_ID
+    pad = HN.instruction_pad_id(hcfg)
     width = data.bucket(int(data.row_lengths(instruction[None], pad)[0]), len(instruction))
     return _encode_task(params, jnp.asarray(instruction[:width]), cfg, hcfg)
 
@@ -154,7 +154,7 @@ def predict_ids(params, cfg, mods, inputs, max_len, batch_size):
         rows = order[i:i + batch_size]
         width = data.bucket(int(lengths[rows].max()), inputs.shape[1])
         # rows padded to a power of two with copies of its own rows, which stop decoding when those do
-        x = inputs[np.resize(rows, min(batch_size, 1 << (len(rows) - 1).bit_length())), :width]   # [b, width]
+        x = inputs[np.resize(rows, min(batch_size, data.next_pow2(len(rows)))), :width]   # [b, width]
         out[rows] = np.asarray(M.t5_generate(params['t5'], cfg, jnp.asarray(x), max_len, mods))[:len(rows)]
     return out
 
@@ -165,7 +165,7 @@ def load_split(args, split, tokenizer, itok=None):
     out = data.load_split(args, split, tokenizer)
     if itok:
         own = dataclasses.replace(args, tokenizer=itok)
-        theirs = data.load_split(own, split, M.load_tokenizer(itok))
+        theirs = data.load_split(own, split, data.load_tokenizer(itok))
         out['instruction'], out['lengths'][:, 0] = theirs['instruction'], theirs['lengths'][:, 0]
     return out
 
@@ -265,7 +265,7 @@ def rank_classify(params, cfg, hcfg, split, batch_size=64):
     scores = [None] * n
     for idx in chunks:
         # rows padded to a power of two with copies of its own rows: few shapes to compile
-        take = np.resize(idx, 1 << (len(idx) - 1).bit_length())
+        take = np.resize(idx, data.next_pow2(len(idx)))
         wi = width(int(lens[idx, 0].max()), split['instruction'].shape[1])
         wx = width(int(lens[idx, 1].max()), split['input'].shape[1])
         wc = width(int(clen[idx].max()), choices.shape[2])
@@ -381,8 +381,7 @@ def one_off(args, cfg, hcfg, params, tokenizer, lines, itok=None):
     if args.instruction:
         instruction = data.instruction_text(args.task, args.instruction, args.format, args.shots)
     texts = [data.instance_text(args.task, x, args.format) for x in lines]
-    if args.format == 'full-input':
-        texts = [instruction + x for x in texts]
+    texts = [data.arrange(args.format, instruction, x)[1] for x in texts]
     where = ' (with the instruction)' if args.format == 'full-input' else ''
     inputs = np.stack([padded(tokenizer, x, lx, f'stdin line {n}{where}')
                        for n, x in enumerate(texts, 1)])
@@ -410,14 +409,14 @@ def merge_into(args):
             raise data.DataError(f'--merge-into: {args.checkpoint} is not a LoRA-only run: only a run '
                                  'trained with --lora-rank R --no-adapters --no-prefixes --no-fusion merges')
     cfg, hcfg, params, meta = HN.load_run(args.checkpoint)
-    tokenizer = M.load_tokenizer(meta['tokenizer'])
+    tokenizer = data.load_tokenizer(meta['tokenizer'])
     itok = instruction_tokenizer(hcfg, meta['args'])
     text = data.instruction_text(args.task, args.instruction, args.format, args.shots)
-    instruction = padded(M.load_tokenizer(itok) if itok else tokenizer, text, data.lengths(args)[0],
+    instruction = padded(data.load_tokenizer(itok) if itok else tokenizer, text, data.lengths(args)[0],
                          '--instruction')
     state = task_state(params, cfg, hcfg, instruction)   # as one-off mode encodes it
     M.save_t5(HN.merge_lora(params['t5'], state), cfg, args.merge_into)
-    if isinstance(tokenizer, M.SentencePieceTokenizer):
+    if isinstance(tokenizer, data.SentencePieceTokenizer):
         shutil.copy(tokenizer.name, os.path.join(args.merge_into, 'spiece.model'))
     print(f'{args.merge_into}: T5 with the task\'s LoRA merged in (transformers T5ForConditionalGeneration)')
 
@@ -439,12 +438,12 @@ def main(args: EvalArgs, run=None):
         if empty and newest and HN.read_meta(newest[0])['hyper_config']:
             raise data.DataError('--instruction is empty: a HINT run needs the task\'s instruction')
     cfg, hcfg, params, meta = HN.load_run(args.checkpoint, args.dtype)
-    tokenizer = M.load_tokenizer(meta['tokenizer'])
+    tokenizer = data.load_tokenizer(meta['tokenizer'])
     itok = instruction_tokenizer(hcfg, meta['args'])   # a name (RoBERTa's) or None
     if one_off_mode:
         if hcfg is None and args.format != 'full-input' and args.instruction:
             print('note: an input-only baseline ignores the instruction', file=sys.stderr)
-        own = M.load_tokenizer(itok) if itok else None
+        own = data.load_tokenizer(itok) if itok else None
         for pred in one_off(args, cfg, hcfg, params, tokenizer, lines, own):
             print(pred)
         return None

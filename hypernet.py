@@ -79,11 +79,18 @@ def init_hyper(cfg: M.T5Config, hcfg: HyperConfig, rng, t5_params=None, encoder_
     return h
 
 
+def instruction_pad_id(hcfg):
+    """The padding id of the instruction encoder's vocabulary (RoBERTa's is 1, T5's 0)."""
+    if hcfg is not None and hcfg.instruction_encoder == 'roberta':
+        return hcfg.roberta.pad_token_id
+    return M.PAD_ID
+
+
 def encode_instruction(hyper, t5_params, cfg, hcfg, ids, rng=None):
     """E [B, n, D] with padding rows zeroed, and the mask [B, n]."""
     if hcfg.instruction_encoder == 'roberta':
         E = M.roberta_forward(hyper['encoder'], hcfg.roberta, ids).astype(jnp.float32)
-        mask = ids != hcfg.roberta.pad_token_id
+        mask = ids != instruction_pad_id(hcfg)
         if 'proj' in hyper:
             E = E @ hyper['proj']['w'] + hyper['proj']['b']
     else:

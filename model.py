@@ -21,62 +21,7 @@ import numpy as np
 PAD_ID, EOS_ID = 0, 1  # shared by T5's SentencePiece vocabulary and the byte tokenizer
 
 # ----------------------------------------------------------------------------------------------
-# Tokenizers: encode(text) -> ids without EOS, decode(ids) -> text (stops at EOS).
-
-
-def until_eos(ids, eos_id) -> list[int]:
-    ids = [int(i) for i in ids]
-    return ids[:ids.index(eos_id)] if eos_id in ids else ids
-
-
-class ByteTokenizer:
-    """ByT5's ids: pad 0, eos 1, unk 2, byte b -> b + 3. Needs no file at all."""
-    name = 'byte'
-    pad_id, eos_id, vocab_size = PAD_ID, EOS_ID, 259
-
-    def encode(self, text: str) -> list[int]:
-        return [b + 3 for b in text.encode('utf-8')]
-
-    def decode(self, ids) -> str:   # ids past the byte range (vocab padding) are dropped
-        return bytes(i - 3 for i in until_eos(ids, self.eos_id) if 3 <= i < 259).decode('utf-8', 'ignore')
-
-
-class SentencePieceTokenizer:
-    """T5's tokenizer (spiece.model): pad 0, eos 1, unk 2."""
-
-    def __init__(self, path: str):
-        import sentencepiece as spm
-        self.name = os.path.abspath(path)
-        self.sp = spm.SentencePieceProcessor(model_file=path)
-        self.pad_id, self.eos_id = self.sp.pad_id(), self.sp.eos_id()
-        self.vocab_size = self.sp.get_piece_size()
-
-    def encode(self, text: str) -> list[int]:
-        return self.sp.encode(text)
-
-    def decode(self, ids) -> str:
-        ids = until_eos(ids, self.eos_id)
-        return self.sp.decode([i for i in ids if i != self.pad_id and i < self.vocab_size])
-
-
-class HFTokenizer:
-    """A `tokenizers` tokenizer.json (RoBERTa's BPE): encode adds no special tokens."""
-
-    def __init__(self, path: str):
-        from tokenizers import Tokenizer
-        self.name = os.path.abspath(path)
-        self.tok = Tokenizer.from_file(path)
-        get = self.tok.token_to_id
-        self.pad_id = get('<pad>') if get('<pad>') is not None else PAD_ID
-        self.eos_id = get('</s>') if get('</s>') is not None else EOS_ID
-        self.bos_id = get('<s>')
-        self.vocab_size = self.tok.get_vocab_size()
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids) -> str:
-        return self.tok.decode(until_eos(ids, self.eos_id), skip_special_tokens=True)
+# Hugging Face hub: a local folder as it is, else a hub name (data.py reads tokenizers with it too).
 
 
 def resolve_dir(name_or_dir: str) -> str:
@@ -97,19 +42,6 @@ def resolve_dir(name_or_dir: str) -> str:
                 f'{name_or_dir!r} is neither a local directory nor a reachable/cached Hugging Face '
                 f'hub model ({type(e).__name__}: {str(e).splitlines()[0]})') from None
 
-
-def load_tokenizer(name_or_dir: str):
-    """'byte' -> ByteTokenizer; a spiece.model / tokenizer.json file or a checkpoint dir / hub name."""
-    if name_or_dir == 'byte':
-        return ByteTokenizer()
-    if os.path.isfile(name_or_dir):
-        return (SentencePieceTokenizer(name_or_dir) if name_or_dir.endswith('.model')
-                else HFTokenizer(name_or_dir))
-    d = resolve_dir(name_or_dir)
-    for fname, cls in (('spiece.model', SentencePieceTokenizer), ('tokenizer.json', HFTokenizer)):
-        if os.path.exists(os.path.join(d, fname)):
-            return cls(os.path.join(d, fname))
-    raise FileNotFoundError(f'{d}: no tokenizer found (expected spiece.model or tokenizer.json)')
 
 
 # ----------------------------------------------------------------------------------------------

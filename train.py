@@ -541,7 +541,7 @@ def task_ids(instruction, per_micro, accum):
         return ids, per_micro
     chunks = ids.reshape(-1, per_micro, accum).transpose(0, 2, 1).reshape(-1, per_micro)   # [shards * A, b]
     most = max(len(np.unique(chunk)) for chunk in chunks)
-    return ids, min(per_micro, 1 << (most - 1).bit_length())
+    return ids, min(per_micro, data.next_pow2(most))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -599,7 +599,7 @@ def main(args: Args):
     lock = prepare_out_dir(args, lead)   # held to the end of the run
     data.check_writable(args.cache_dir, '--cache-dir')
     args.tokenizer = tokenizer_for(args)
-    tokenizer = M.load_tokenizer(args.tokenizer)
+    tokenizer = data.load_tokenizer(args.tokenizer)
     itok = E.instruction_tokenizer(hyper_config(args), dataclasses.asdict(args))   # RoBERTa's, if so
     # C4's train split and T0's mixture are read as they are used
     stream = {'c4': not args.c4_documents, 'p3': not args.p3_examples}.get(args.task, False)
@@ -632,9 +632,7 @@ def main(args: Args):
     sharded = NamedSharding(mesh, P(('data', 'fsdp')))   # batches: rows over all devices
     step_fn = make_train_step(cfg, hcfg, optimizer, schedule, mesh, args.grad_accum, args.seed)
     per_micro = args.batch_size // mesh.shape['data'] // args.grad_accum   # rows of a device's micro-batch
-    pad_ids = {k: M.PAD_ID for k in data.FIELDS}   # for the non-padding tokens/s; RoBERTa pads with 1
-    if hcfg is not None and hcfg.roberta is not None:
-        pad_ids['instruction'] = hcfg.roberta.pad_token_id
+    pad_ids = {'instruction': HN.instruction_pad_id(hcfg), 'input': M.PAD_ID, 'target': M.PAD_ID}
     start = int(state['step'])
     if stream:   # (batch, stream position after it); each process resumes at its own saved position
         positions = (old_meta or {}).get('stream') or []

@@ -63,7 +63,7 @@ def write_fixture(root, rows=1000):
 
 
 def main(args: FeedArgs):
-    tok = M.load_tokenizer(args.tokenizer if os.path.isfile(args.tokenizer) else 'byte')
+    tok = data.load_tokenizer(args.tokenizer if os.path.isfile(args.tokenizer) else 'byte')
     with tempfile.TemporaryDirectory() as tmp:
         dargs = data.DataArgs(task='p3', data_dir=write_fixture(tmp), tokenizer=tok.name,
                               p3_datasets=('imdb', 'quail', 'xsum', 'cosmos_qa'),

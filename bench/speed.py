@@ -78,7 +78,7 @@ root, opts = sys.argv[1], json.loads(sys.argv[2])
 sys.path.insert(0, root)
 import jax
 import data, eval as E, hypernet as HN, model as M
-tok = M.load_tokenizer(opts['tokenizer'])
+tok = data.load_tokenizer(opts['tokenizer'])
 args = data.DataArgs(task='ni', data_dir=opts['data_dir'], tokenizer=opts['tokenizer'], shots=2,
                      cache_dir=opts['cache_dir'])
 split = E.first(data.load_split(args, 'test', tok), opts['limit'])
@@ -363,7 +363,7 @@ def main(args: BenchArgs):
     if args.eval:
         bench_eval(args)
     if args.hint:
-        results = bench_hint(args, M.load_tokenizer(args.tokenizer))
+        results = bench_hint(args, data.load_tokenizer(args.tokenizer))
         if args.plot:
             plot(results, args.png)
     if args.train:

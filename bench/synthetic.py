@@ -60,7 +60,7 @@ def main(args: BenchArgs):
         state, _ = T.main(run)
         train_s = time.time() - t0
         cfg, hcfg, params, meta = HN.load_run(run.out_dir)
-        tokenizer = M.load_tokenizer(meta['tokenizer'])
+        tokenizer = data.load_tokenizer(meta['tokenizer'])
         split = data.load_split(dataclasses.replace(run, **{k: meta['args'][k] for k in ('format', 'tokenizer')}), 'test', tokenizer)
         t0 = time.time()
         metrics, _ = E.evaluate(params, cfg, hcfg, split, tokenizer, args.eval_batch_size)

@@ -17,7 +17,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import data  # noqa: E402
-from model import load_tokenizer  # noqa: E402
+from data import load_tokenizer  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(__file__), '..', '..', 'shared')
 SNI = os.path.join(SHARED, 'data', 'sni_sample')

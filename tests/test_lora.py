@@ -149,10 +149,10 @@ def test_merge_into_through_eval_cli(tmp_path, monkeypatch):
     out = str(tmp_path / 'merged')
     merge_cli(run, out, monkeypatch)
     assert sorted(os.listdir(out)) == ['config.json', 'model.safetensors', 'spiece.model']
-    assert isinstance(M.load_tokenizer(out), M.SentencePieceTokenizer)
+    assert isinstance(data.load_tokenizer(out), data.SentencePieceTokenizer)
     # the folder is the run's T5 with this instruction's LoRA: the same logits as the run itself
     cfg, hcfg, params, meta = HN.load_run(run)
-    tok, li = M.load_tokenizer(SPIECE), data.lengths(data.DataArgs())[0]
+    tok, li = data.load_tokenizer(SPIECE), data.lengths(data.DataArgs())[0]
     text = data.instruction_text('synthetic', 'Reverse the list.', 'hint', 0)
     row = data.encode(tok, text, li)[0]
     ins = jnp.asarray([row + [0] * (li - len(row))], jnp.int32)

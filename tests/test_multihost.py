@@ -112,7 +112,7 @@ def restored_on_4_devices(run, cache):
     script = f"""
 import numpy as np, jax, train as T
 args = T.fill_defaults(T.Args(init='tiny', adapter_dim=4, prefix_len=2, cache_dir={str(cache)!r}))
-cfg, hcfg, params = T.build_model(args, T.M.load_tokenizer('byte'))
+cfg, hcfg, params = T.build_model(args, T.data.load_tokenizer('byte'))
 optimizer, _ = T.make_optimizer(args)
 mesh = jax.make_mesh((4,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
 state = jax.device_put({{'params': params, 'opt': optimizer.init(params)}}, jax.NamedSharding(mesh, jax.P()))
@@ -179,7 +179,7 @@ def restored_under_fsdp(run, cache, n):
     script = f"""
 import functools, json, numpy as np, jax, train as T
 args = T.fill_defaults(T.Args(init='tiny', adapter_dim=4, prefix_len=2, cache_dir={str(cache)!r}))
-cfg, hcfg, params = T.build_model(args, T.M.load_tokenizer('byte'))
+cfg, hcfg, params = T.build_model(args, T.data.load_tokenizer('byte'))
 optimizer, _ = T.make_optimizer(args)
 mesh = jax.make_mesh((8 // {n}, {n}), ('data', 'fsdp'), axis_types=(jax.sharding.AxisType.Auto,) * 2)
 state = {{'params': params, 'opt': optimizer.init(params)}}

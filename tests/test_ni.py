@@ -161,7 +161,7 @@ def test_c4_pretraining_then_sni_finetuning(tmp_path):
                             input_len=64, target_len=16, steps=2, eval_instances=4))
     # fine-tuning starts from the pretrained HINT model (T5 and hypernetwork), tokenizer taken from the run
     args = ni_args(tmp_path, 'ft', init=str(tmp_path / 'pre'), tokenizer='', shots=2, steps=2, eval_instances=8)
-    tok = T.M.load_tokenizer(TOK)
+    tok = T.data.load_tokenizer(TOK)
     cfg, hcfg, params = T.build_model(args, tok)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(pre['params'])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

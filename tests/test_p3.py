@@ -118,7 +118,7 @@ def test_template_derivation():
 
 
 def test_templates_and_demonstrations(p3_dir, tmp_path):
-    tok = M.load_tokenizer('byte')
+    tok = data.load_tokenizer('byte')
     rows, _ = data.build_p3(p3_args(p3_dir, tmp_path, p3_examples=200), 'train', tok)
     for r in rows:   # the hypernetwork reads the template (one for all rows), the encoder the input
         assert r['instruction'] == f'{r["task"]}: Question: [X]\nContext: [X]\nAnswer?'
@@ -140,7 +140,7 @@ def test_templates_and_demonstrations(p3_dir, tmp_path):
 
 
 def test_template_file(p3_dir, tmp_path):
-    tok = M.load_tokenizer('byte')
+    tok = data.load_tokenizer('byte')
     path = tmp_path / 'prompts.txt'   # the original's format; keys are lower-cased
     blocks = ['Super_Glue_RTE\t||||\tA\t||||\tDoes [PREMISE]\n\nimply [HYPOTHESIS]?',
               'super_glue_rte\t||||\tb\t||||\tIs [HYPOTHESIS] true?',
@@ -179,7 +179,7 @@ def test_mixture_rates_and_whole_splits(p3_dir, tmp_path):
 
 
 def test_stream_resumes(p3_dir, tmp_path):
-    tok = M.load_tokenizer('byte')
+    tok = data.load_tokenizer('byte')
     args = p3_args(p3_dir, tmp_path, p3_datasets=('imdb', 'wiki_qa', 'wiki_hop_original'))
     stream = data.p3_stream(args, tok, 8)
     first = [next(stream) for _ in range(5)]
@@ -201,7 +201,7 @@ def test_stream_resumes(p3_dir, tmp_path):
 
 
 def test_held_out_split_exclusions_and_cache(p3_dir, tmp_path):
-    tok = M.load_tokenizer('byte')
+    tok = data.load_tokenizer('byte')
     args = p3_args(p3_dir, tmp_path, shots=1)
     built = data.load_split(args, 'test', tok)
     cached = data.load_split(args, 'test', tok)
@@ -278,7 +278,7 @@ def test_rank_classification_matches_hand_computation(hint, monkeypatch):
             logp = np.asarray(jax.nn.log_softmax(logits, -1))[0, np.arange(lc), y[0]]
             assert abs(scores[i, j] - (logp * (y[0] != 0)).sum()) < 1e-4
     assert scores[1, 0] == scores[1, 1]
-    metrics, rows = E.evaluate(params, cfg, hcfg, split, M.load_tokenizer('byte'), batch_size=64)
+    metrics, rows = E.evaluate(params, cfg, hcfg, split, data.load_tokenizer('byte'), batch_size=64)
     assert [r['prediction'] for r in rows][1] == 'a' and rows[1]['correct'] is False
     assert [r['prediction'] for r in rows] == [['a', 'b', 'c'][int(np.argmax(s))] for s in scores]
     assert metrics['left_out'] == split['skipped']
@@ -299,7 +299,7 @@ def test_p3_metrics_aggregation():
 
 
 def test_bad_data_errors(tmp_path):
-    tok = M.load_tokenizer('byte')
+    tok = data.load_tokenizer('byte')
     root = make_p3(tmp_path / 'p3')
 
     def error(split, **kw):

@@ -23,7 +23,8 @@ pytest.importorskip('transformers')
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from model import (load_roberta, load_t5, load_tokenizer, roberta_forward, t5_encode,  # noqa: E402
+from data import load_tokenizer  # noqa: E402
+from model import (load_roberta, load_t5, roberta_forward, t5_encode,  # noqa: E402
                    shift_right, t5_forward, t5_generate)
 
 TOL = 1e-4

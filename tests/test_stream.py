@@ -14,7 +14,7 @@ import pytest
 
 import data
 import hypernet as HN
-from model import load_tokenizer
+from data import load_tokenizer  # noqa: E402
 
 BYTE = load_tokenizer('byte')
 TINY_LENS = dict(instruction_len=16, input_len=16, target_len=16)
