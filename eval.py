@@ -30,6 +30,7 @@ from etils import epath
 import data
 import hypernet as HN
 import model as M
+import runs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -388,12 +389,12 @@ def one_off(args, cfg, hcfg, params, tokenizer, lines, itok=None):
     mods = None
     if hcfg is not None:
         if args.task_state:
-            mods = HN.load_task_state(args.task_state)
+            mods = runs.load_task_state(args.task_state)
         else:
             ids = padded(itok or tokenizer, instruction, li, '--instruction')
             mods = task_state(params, cfg, hcfg, ids)
         if args.save_task_state:
-            HN.save_task_state(args.save_task_state, mods)
+            runs.save_task_state(args.save_task_state, mods)
     return [tokenizer.decode(row) for row in predict_ids(params, cfg, mods, inputs, ly, args.batch_size)]
 
 
@@ -403,12 +404,11 @@ def merge_into(args):
     import shutil
     if not args.instruction:
         raise data.DataError('--merge-into needs --instruction: the task whose LoRA to merge')
-    for ckpt in HN.newest_first(args.checkpoint)[:1]:   # its config, checked before any weights are read
-        h = HN.read_meta(ckpt)['hyper_config'] or {}
-        if not h.get('lora_rank') or h['adapters'] or h['prefixes'] or h['fusion']:
-            raise data.DataError(f'--merge-into: {args.checkpoint} is not a LoRA-only run: only a run '
-                                 'trained with --lora-rank R --no-adapters --no-prefixes --no-fusion merges')
-    cfg, hcfg, params, meta = HN.load_run(args.checkpoint)
+    h = runs.newest_loadable(args.checkpoint, runs.read_meta)[1]['hyper_config'] or {}
+    if not h.get('lora_rank') or h['adapters'] or h['prefixes'] or h['fusion']:
+        raise data.DataError(f'--merge-into: {args.checkpoint} is not a LoRA-only run: only a run '
+                             'trained with --lora-rank R --no-adapters --no-prefixes --no-fusion merges')
+    cfg, hcfg, params, meta = runs.load_run(args.checkpoint)
     tokenizer = data.load_tokenizer(meta['tokenizer'])
     itok = instruction_tokenizer(hcfg, meta['args'])
     text = data.instruction_text(args.task, args.instruction, args.format, args.shots)
@@ -433,11 +433,10 @@ def main(args: EvalArgs, run=None):
         if not lines:
             raise data.DataError('one-off mode: no instance inputs on stdin (one per line)')
         # HINT knows the task by its instruction only
-        newest = HN.newest_first(args.checkpoint)[:1]
         empty = not (args.task_state or args.instruction.strip())
-        if empty and newest and HN.read_meta(newest[0])['hyper_config']:
+        if empty and runs.newest_loadable(args.checkpoint, runs.read_meta)[1]['hyper_config']:
             raise data.DataError('--instruction is empty: a HINT run needs the task\'s instruction')
-    cfg, hcfg, params, meta = HN.load_run(args.checkpoint, args.dtype)
+    cfg, hcfg, params, meta = runs.load_run(args.checkpoint, args.dtype)
     tokenizer = data.load_tokenizer(meta['tokenizer'])
     itok = instruction_tokenizer(hcfg, meta['args'])   # a name (RoBERTa's) or None
     if one_off_mode:
@@ -464,13 +463,11 @@ SETTINGS = tuple(f.name for f in dataclasses.fields(data.DataArgs) if f.name != 
 def run_args(checkpoint):
     """The arguments of the run that wrote `checkpoint` (its newest checkpoint's meta that reads;
     JSON lists as tuples), {} when none has them."""
-    for ckpt in HN.newest_first(checkpoint):
-        try:
-            saved = HN.read_meta(ckpt).get('args') or {}
-        except HN.CheckpointError:
-            continue
-        return {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
-    return {}
+    try:
+        saved = runs.newest_loadable(checkpoint, runs.read_meta, quiet=True)[1].get('args') or {}
+    except runs.CheckpointError:
+        return {}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
 
 
 def results_dir(args, run):
@@ -484,8 +481,8 @@ def results_dir(args, run):
         differs['split'] = args.split
     if not run:
         differs['settings'] = 'unknown'
-    if HN.is_checkpoint(folder):   # one checkpoint, perhaps not the one the run evaluated
-        differs['ckpt'], folder = int(folder.name.split('-')[1]), folder.parent
+    if runs.is_checkpoint(folder):   # one checkpoint, perhaps not the one the run evaluated
+        differs['ckpt'], folder = runs.step_of(folder), folder.parent
     if not differs:
         return str(folder)
     parts = []
@@ -517,6 +514,7 @@ def cli(argv=None):
 
 
 if __name__ == '__main__':
+    runs.quiet_libraries()
     try:
         cli()
     except (ValueError, OSError) as e:   # bad arguments, data or checkpoints (DataError, CheckpointError)

@@ -16,7 +16,7 @@ the sequences of one micro-batch on one device:
   ways as under FSDP; s is one sequence's activations, the hypernetwork's pooling block included.
 - gathered layer: one decoder layer's float32 weights and gradient, which FSDP gathers where used.
 A cell is the smallest power-of-two --grad-accum whose total fits in 90% of the device's memory
-(train.fits, the rule train.py warns by), or "no". XLA:CPU's buffer assignment and scheduling differ
+(runs.fits, the rule train.py warns by), or "no". XLA:CPU's buffer assignment and scheduling differ
 from a TPU's; --check compiles the real FSDP step over N fake CPU devices to compare.
 """
 from __future__ import annotations
@@ -63,6 +63,7 @@ import data
 import hypernet as HN
 import model as M
 import train as T
+import runs
 
 GiB = 2 ** 30
 PAPER_R = {'base': 64, 'xl': 512, 'xxl': 512}   # adapter dim r (HINT.md section 5)
@@ -131,7 +132,7 @@ def total(part, n, b):
 def smallest_accum(part, n, memory_gib):
     per_dev = args.batch_size // n
     for accum in (2 ** i for i in range(per_dev.bit_length())):
-        if per_dev % accum == 0 and T.fits(total(part, n, per_dev // accum), memory_gib * GiB):
+        if per_dev % accum == 0 and runs.fits(total(part, n, per_dev // accum), memory_gib * GiB):
             return str(accum)
     return 'no'
 
@@ -172,7 +173,7 @@ if args.check:   # the real program over fake devices, all FSDP, at reduced dept
         t0 = time.time()
         compiled = step.lower(placed, batch_of(b * n, rows)).compile()
         print(f'check: {m} r {r}, {L}+{L} layers, {b} seqs/device, FSDP over {n} CPU devices: '
-              f'{gib(T.step_bytes(compiled))} GiB per device; composed {gib(total(part, n, b))} '
+              f'{gib(runs.step_bytes(compiled))} GiB per device; composed {gib(total(part, n, b))} '
               f'({time.time() - t0:.0f} s)')
 
 if args.flops:   # forward + backward (+ --remat's recomputation) of one sequence
@@ -195,7 +196,7 @@ if args.flops:   # forward + backward (+ --remat's recomputation) of one sequenc
                                  M.shift_right(batch['target']))
         return T.token_losses(logits, batch['target'])[0]
 
-    enc, hyper, step = (T.matmul_flops(jax.make_jaxpr(jax.grad(f))(params, batch).jaxpr)
+    enc, hyper, step = (runs.matmul_flops(jax.make_jaxpr(jax.grad(f))(params, batch).jaxpr)
                         for f in (encoding_loss, hyper_loss, step_loss))
     print(f"\nTraining FLOPs per sequence (matrix products, with --remat), {m} r {r}: "
           f'step {step:.3g}; hypernetwork {hyper:.3g} = {hyper / step:.1%} (instruction encoding '

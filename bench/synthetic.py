@@ -26,6 +26,7 @@ import eval as E
 import hypernet as HN
 import model as M
 import train as T
+import runs
 
 
 @dataclasses.dataclass
@@ -59,7 +60,7 @@ def main(args: BenchArgs):
         t0 = time.time()
         state, _ = T.main(run)
         train_s = time.time() - t0
-        cfg, hcfg, params, meta = HN.load_run(run.out_dir)
+        cfg, hcfg, params, meta = runs.load_run(run.out_dir)
         tokenizer = data.load_tokenizer(meta['tokenizer'])
         split = data.load_split(dataclasses.replace(run, **{k: meta['args'][k] for k in ('format', 'tokenizer')}), 'test', tokenizer)
         t0 = time.time()

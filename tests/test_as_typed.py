@@ -43,11 +43,11 @@ def typed(folder, command, stdin=''):
 def test_train_saves_and_resumes_with_the_default_out_dir(clone):
     typed(clone, f'python train.py {SMALL}')
     run = clone / 'runs' / 'synthetic'
-    assert (run / 'ckpt-0000004').is_dir() and (run / 'metrics.json').is_file()
+    assert (run / 'ckpt_0000004').is_dir() and (run / 'metrics.json').is_file()
     assert json.loads((run / 'args.json').read_text())['out_dir'] == 'runs/synthetic'   # as typed
     r = typed(clone, 'python train.py --steps 6 --save-every 2 --log-every 2 --eval-instances 4 '
                      '--resume')
-    assert 'resumed from' in r.stdout and (run / 'ckpt-0000006').is_dir()
+    assert 'resumed from' in r.stdout and (run / 'ckpt_0000006').is_dir()
 
 
 def test_init_from_a_relative_run(clone):
@@ -89,6 +89,6 @@ def test_eval_uses_the_run_arguments_and_never_overwrites_its_metrics(clone):
     other = run / 'eval-shots-0' / 'metrics.json'
     assert '(hint, 0 shots)' in r.stderr and 'eval-shots-0' in r.stderr + r.stdout
     assert other.is_file() and (run / 'metrics.json').read_text() == trained
-    r = typed(clone, 'python eval.py --checkpoint runs/one/ckpt-0000002')   # not the run's final one
+    r = typed(clone, 'python eval.py --checkpoint runs/one/ckpt_0000002')   # not the run's final one
     assert (run / 'eval-ckpt-2' / 'metrics.json').is_file()
     assert (run / 'metrics.json').read_text() == trained

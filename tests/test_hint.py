@@ -13,6 +13,7 @@ import pytest
 import hypernet as HN
 import model as M
 import train as T
+import runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = dataclasses.replace(M.PRESETS['tiny'], dropout_rate=0.0)
@@ -163,8 +164,8 @@ def test_generation_matches_teacher_forcing_with_modules():
 def test_task_state_save_and_load(tmp_path):
     params = hint_params()
     state = HN.select_task(HN.encode_task(params, CFG, HCFG, INS[:1]), 0)
-    HN.save_task_state(str(tmp_path / 'task.safetensors'), state)
-    loaded = HN.load_task_state(str(tmp_path / 'task.safetensors'))
+    runs.save_task_state(str(tmp_path / 'task.safetensors'), state)
+    loaded = runs.load_task_state(str(tmp_path / 'task.safetensors'))
     a = M.t5_generate(params['t5'], CFG, INP, 8, state)
     b = M.t5_generate(params['t5'], CFG, INP, 8, loaded)
     np.testing.assert_array_equal(a, b)
@@ -222,7 +223,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     full, _ = run_train(tmp_path, 'full', steps=6, save_every=3)
     run_train(tmp_path, 'cut', steps=6, save_every=3)
     import shutil
-    shutil.rmtree(tmp_path / 'cut' / 'ckpt-0000006')   # killed after step 3's checkpoint
+    shutil.rmtree(tmp_path / 'cut' / 'ckpt_0000006')   # killed after step 3's checkpoint
     resumed, metrics = run_train(tmp_path, 'cut', steps=6, save_every=3, resume=True)
     for a, b in zip(jax.tree.leaves(full['params']), jax.tree.leaves(resumed['params'])):
         assert float(jnp.abs(a - b).max()) <= 1e-6
@@ -234,10 +235,10 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 def test_checkpoint_that_does_not_match_the_config(tmp_path):
     run_train(tmp_path, 'run', steps=1, save_every=1)
-    ckpt = HN.checkpoints(str(tmp_path / 'run'))[-1]
+    ckpt = runs.checkpoints(str(tmp_path / 'run'))[-1]
     other = jax.eval_shape(lambda: HN.init_params(CFG, dataclasses.replace(HCFG, adapter_dim=4), jax.random.PRNGKey(0)))
     with pytest.raises(ValueError, match=r"adapter_queries.*shape"):
-        HN.read_items(ckpt, {'params': other})
+        runs.read_items(ckpt, {'params': other})
 
 
 def test_hint_trains_in_bfloat16():
@@ -253,7 +254,7 @@ def test_hint_trains_in_bfloat16():
 
 
 def test_warning_when_the_step_will_not_fit_the_device(monkeypatch, capsys):
-    """train.warn_if_too_big: measured from the compiled step, against the memory JAX reports; silent
+    """runs.warn_if_too_big: measured from the compiled step, against the memory JAX reports; silent
     where it reports none (CPU) or where the step fits."""
     mesh = jax.make_mesh((1, 1), ('data', 'fsdp'), devices=jax.devices()[:1],
                          axis_types=(jax.sharding.AxisType.Auto,) * 2)
@@ -262,7 +263,7 @@ def test_warning_when_the_step_will_not_fit_the_device(monkeypatch, capsys):
     state = {'params': params, 'opt': optimizer.init(params), 'step': jnp.int32(0)}
     batch = {'instruction': INS, 'input': INP, 'target': TGT}
     step_fn = T.make_train_step(CFG, HCFG, optimizer, schedule, mesh, 1, 0)
-    need = T.step_bytes(step_fn.lower(state, batch).compile())
+    need = runs.step_bytes(step_fn.lower(state, batch).compile())
 
     class Device:   # a device that reports its memory, as GPUs and TPUs do
         device_kind = 'test device'
@@ -276,5 +277,5 @@ def test_warning_when_the_step_will_not_fit_the_device(monkeypatch, capsys):
     for limit, warned in ((None, False), (need, True), (2 * need, False)):
         if limit is not None:
             monkeypatch.setattr(jax, 'local_devices', lambda: [Device(limit)])
-        T.warn_if_too_big(step_fn, state, batch, None)
+        runs.warn_if_too_big(step_fn, state, batch, None)
         assert ('warning: a train step needs' in capsys.readouterr().err) == warned, limit

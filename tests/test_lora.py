@@ -17,6 +17,7 @@ import eval as E
 import hypernet as HN
 import model as M
 import train as T
+import runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPIECE = os.path.join(ROOT, '..', 'shared', 'assets', 't5_tokenizer', 'spiece.model')
@@ -151,7 +152,7 @@ def test_merge_into_through_eval_cli(tmp_path, monkeypatch):
     assert sorted(os.listdir(out)) == ['config.json', 'model.safetensors', 'spiece.model']
     assert isinstance(data.load_tokenizer(out), data.SentencePieceTokenizer)
     # the folder is the run's T5 with this instruction's LoRA: the same logits as the run itself
-    cfg, hcfg, params, meta = HN.load_run(run)
+    cfg, hcfg, params, meta = runs.load_run(run)
     tok, li = data.load_tokenizer(SPIECE), data.lengths(data.DataArgs())[0]
     text = data.instruction_text('synthetic', 'Reverse the list.', 'hint', 0)
     row = data.encode(tok, text, li)[0]

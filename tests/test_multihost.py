@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import hypernet as HN
+import runs
 
 pytestmark = pytest.mark.slow   # several processes, each compiling: deselect with -m 'not slow'
 
@@ -80,7 +81,7 @@ def test_two_processes_match_one_process(tmp_path, dp_run):
     print('1 process x 8 devices:', single, '\n2 processes x 4 devices:', multi)
     assert len(single) == len(multi) == 4
     assert max(abs(a - b) for a, b in zip(single, multi)) <= 1e-5
-    a, b = HN.load_run(str(tmp_path / 'one'))[2], HN.load_run(str(tmp_path / 'two'))[2]   # onto 1 device
+    a, b = runs.load_run(str(tmp_path / 'one'))[2], runs.load_run(str(tmp_path / 'two'))[2]   # onto 1 device
     assert max_diff(a, b) <= 1e-5
     # evaluation split over the processes and gathered: the same predictions and metrics
     rows = [open(tmp_path / d / 'predictions.jsonl').read() for d in ('one', 'two')]
@@ -92,13 +93,13 @@ def test_two_processes_match_one_process(tmp_path, dp_run):
         assert max_diff(params, restored_on_4_devices(tmp_path / run, cache)) == 0
     # 2N steps == N steps + kill + --resume + N steps, on 8 devices
     shutil.copytree(tmp_path / 'one', tmp_path / 'cut')
-    shutil.rmtree(tmp_path / 'cut' / 'ckpt-0000004')   # killed after step 2's checkpoint
+    shutil.rmtree(tmp_path / 'cut' / 'ckpt_0000004')   # killed after step 2's checkpoint
     os.remove(tmp_path / 'cut' / 'metrics.json')
     resumed = start(tmp_path / 'cut', cache, 4, None, None, '--resume')
     out, err = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0 and 'resumed from' in out and 'ckpt-0000002' in out, err[-3000:]
+    assert resumed.returncode == 0 and 'resumed from' in out and 'ckpt_0000002' in out, err[-3000:]
     assert losses(out) == single[2:]
-    assert max_diff(a, HN.load_run(str(tmp_path / 'cut'))[2]) <= 1e-6
+    assert max_diff(a, runs.load_run(str(tmp_path / 'cut'))[2]) <= 1e-6
     assert json.load(open(tmp_path / 'cut' / 'metrics.json')) == json.load(open(tmp_path / 'one' / 'metrics.json'))
 
 
@@ -116,7 +117,7 @@ cfg, hcfg, params = T.build_model(args, T.data.load_tokenizer('byte'))
 optimizer, _ = T.make_optimizer(args)
 mesh = jax.make_mesh((4,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
 state = jax.device_put({{'params': params, 'opt': optimizer.init(params)}}, jax.NamedSharding(mesh, jax.P()))
-ckpt, meta, state = T.restore({str(run)!r}, state)
+ckpt, meta, state = T.runs.restore({str(run)!r}, state)
 assert len(state['params']['t5']['embed'].sharding.device_set) == 4
 leaves = jax.tree.leaves(state['params'])
 np.savez({str(run / 'p4.npz')!r}, *[np.asarray(x) for x in leaves])
@@ -154,7 +155,7 @@ def test_fsdp_matches_data_parallelism_resumes_and_restores_elsewhere(tmp_path, 
     assert run.returncode == 0, err[-3000:]
     print('data parallel:', losses(dp_run[1]), '\n--fsdp 8:', losses(out))
     assert max(abs(a - b) for a, b in zip(losses(dp_run[1]), losses(out))) <= 1e-5 and len(losses(out)) == 4
-    dp, fsdp = HN.load_run(str(dp_run[0]))[2], HN.load_run(str(tmp_path / 'fsdp'))[2]   # onto 1 device
+    dp, fsdp = runs.load_run(str(dp_run[0]))[2], runs.load_run(str(tmp_path / 'fsdp'))[2]   # onto 1 device
     assert max_diff(dp, fsdp) <= 1e-5
     # the checkpoint under --fsdp 4 (a 2 x 4 mesh) and under --fsdp 8: identical; bytes per device
     shares = {}
@@ -165,12 +166,12 @@ def test_fsdp_matches_data_parallelism_resumes_and_restores_elsewhere(tmp_path, 
     assert shares[8] <= 1 / 8 + 0.02 and shares[4] <= 1 / 4 + 0.02
     # 2N steps == N + kill + --resume + N, under --fsdp 8 (resumed with --remat: the same math)
     shutil.copytree(tmp_path / 'fsdp', tmp_path / 'cut')
-    shutil.rmtree(tmp_path / 'cut' / 'ckpt-0000004')
+    shutil.rmtree(tmp_path / 'cut' / 'ckpt_0000004')
     resumed = start(tmp_path / 'cut', cache, 4, None, None, '--fsdp', '8', '--resume', '--remat')
     out2, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0 and 'resumed from' in out2, err[-3000:]
     assert losses(out2) == losses(out)[2:]
-    assert max_diff(fsdp, HN.load_run(str(tmp_path / 'cut'))[2]) <= 1e-6
+    assert max_diff(fsdp, runs.load_run(str(tmp_path / 'cut'))[2]) <= 1e-6
 
 
 def restored_under_fsdp(run, cache, n):
@@ -184,7 +185,7 @@ optimizer, _ = T.make_optimizer(args)
 mesh = jax.make_mesh((8 // {n}, {n}), ('data', 'fsdp'), axis_types=(jax.sharding.AxisType.Auto,) * 2)
 state = {{'params': params, 'opt': optimizer.init(params)}}
 state = jax.device_put(state, jax.tree.map(functools.partial(T.fsdp_sharding, mesh), state))
-ckpt, meta, state = T.restore({str(run)!r}, state)
+ckpt, meta, state = T.runs.restore({str(run)!r}, state)
 leaves = jax.tree.leaves([state['params'], state['opt']])
 total = sum(x.nbytes for x in leaves)
 per_device = max(sum(s.data.nbytes for x in leaves for s in x.addressable_shards if s.device == d)

@@ -12,6 +12,7 @@ import pytest
 import data
 import eval as E
 import train as T
+import runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, '..', 'shared')
@@ -167,7 +168,7 @@ def test_c4_pretraining_then_sni_finetuning(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     state, metrics = T.main(args)
     assert int(state['step']) == 2 and metrics['count'] == 8
-    tokenizers = [T.HN.read_meta(T.HN.checkpoints(str(tmp_path / run))[-1])['tokenizer'] for run in ('ft', 'pre')]
+    tokenizers = [T.runs.read_meta(T.runs.checkpoints(str(tmp_path / run))[-1])['tokenizer'] for run in ('ft', 'pre')]
     assert tokenizers[0] == tokenizers[1] == os.path.abspath(TOK)
 
 

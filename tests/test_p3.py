@@ -28,6 +28,7 @@ import eval as E
 import hypernet as HN
 import model as M
 import train as T
+import runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATASETS = ('imdb', 'wiki_qa', 'wiki_hop_original', 'super_glue_rte', 'anli_r1', 'hellaswag')
@@ -345,7 +346,7 @@ def test_train_and_eval_entry_points(p3_dir, tmp_path, baseline):
     assert trained['count'] == 16
     assert len(trained['per_template']) == 4
     assert trained['left_out']['templates_not_original_task'] == ['hellaswag_how_ends']
-    stream = HN.read_meta(HN.checkpoints(str(out))[-1]).get('stream')
+    stream = runs.read_meta(runs.checkpoints(str(out))[-1]).get('stream')
     if baseline == 'none':   # the mixture's position after 2 steps of 4 rows, kept for --resume
         assert stream == [{'draws': 8, 'counts': stream[0]['counts']}]
         assert sum(stream[0]['counts']) == 8

@@ -18,6 +18,7 @@ import pytest
 import hypernet as HN
 from test_workflow import (CACHE, ENV, NI_SMALL, ROOT, SNI, SPIECE, TINY, fails_cleanly,
                            needs_shared, ok, run)
+import runs
 
 RUN = [*TINY, '--save-every', '2', '--keep-checkpoints', '4', '--log-every', '1']
 
@@ -30,7 +31,7 @@ def start(script, *args, cache=CACHE, **kw):
 
 
 def steps_of(out):
-    return [HN.read_meta(c)['step'] for c in HN.checkpoints(str(out))]
+    return [runs.read_meta(c)['step'] for c in runs.checkpoints(str(out))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -49,8 +50,8 @@ def test_a_second_run_into_the_same_out_dir_refuses_at_once(tmp_path):
     assert err.strip().splitlines()[-1].startswith(refusal), err
     # the first run's files only: intact checkpoints of one run, its evaluation, one TensorBoard log
     assert steps_of(out) == [2, 4, 6]
-    assert len({HN.read_meta(c)['run'] for c in HN.checkpoints(str(out))}) == 1
-    assert sorted(os.listdir(out)) == ['args.json', 'ckpt-0000002', 'ckpt-0000004', 'ckpt-0000006',
+    assert len({runs.read_meta(c)['run'] for c in runs.checkpoints(str(out))}) == 1
+    assert sorted(os.listdir(out)) == ['args.json', 'ckpt_0000002', 'ckpt_0000004', 'ckpt_0000006',
                                        'metrics.json', 'predictions.jsonl', 'run.lock', 'tb']
     assert len(os.listdir(out / 'tb')) == 1 and json.load(open(out / 'metrics.json'))['count'] == 2
     # a run killed with kill -9 leaves no lock behind: the next one continues it
@@ -66,29 +67,30 @@ def test_a_second_run_into_the_same_out_dir_refuses_at_once(tmp_path):
 
 def test_gs_lock_object_is_checked_and_released_by_its_own_run(tmp_path):
     """On gs:// the lock is an object (the same epath calls as here, on a local folder)."""
-    import train as T
     from etils import epath
     path, me, other = epath.Path(tmp_path) / 'run.lock', 'host a pid 1 run x', 'host b pid 2 run y'
-    assert T.lock_object(path, me) == (me, '')
-    lock, holder = T.lock_object(path, other)
+    assert runs.lock_object(path, me) == (me, '')
+    lock, holder = runs.lock_object(path, other)
     assert lock is None and holder.startswith(me) and str(path) in holder
-    assert T.lock_lost(me, str(tmp_path)) == ''
+    assert runs.lock_lost(me, str(tmp_path)) == ''
     path.write_text(other)   # taken over by a run started at the same moment: the next save stops
-    assert T.lock_lost(me, str(tmp_path)) == other
-    T.unlock(path, me)
+    assert runs.lock_lost(me, str(tmp_path)) == other
+    runs.unlock(path, me)
     assert path.read_text() == other   # not ours: kept
-    T.unlock(path, other)
+    runs.unlock(path, other)
     assert not path.exists()
 
 
 def test_a_failed_save_leaves_other_temporary_folders_alone(tmp_path):
-    import train as T
-    foreign = tmp_path / 'ckpt-0000005.orbax-checkpoint-tmp-1'
+    manager = runs.checkpoint_manager(str(tmp_path))
+    state = {'params': {'w': np.ones(3, np.float32)}, 'opt': {'count': np.int32(0)}}
+    runs.save(manager, 4, state, {'run': 'r'}, keep=1)   # the manager's cleanup at start is over
+    foreign = tmp_path / 'ckpt_0000005.orbax-checkpoint-tmp-1'   # another process's save
     foreign.mkdir()
-    state = {'params': {'w': np.ones(3, np.float32)}, 'opt': {'count': object()}}   # orbax cannot
+    state['opt'] = {'count': object()}   # orbax cannot write that
     with pytest.raises(ValueError):
-        T.save_checkpoint(str(tmp_path), 5, state, {'run': 'r'}, keep=1)
-    assert foreign.is_dir()
+        runs.save(manager, 5, state, {'run': 'r'}, keep=1)
+    assert sorted(os.listdir(tmp_path)) == ['ckpt_0000004', foreign.name]   # its own went
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import pytest
 import hypernet as HN
 from test_workflow import (CACHE, ENV, ROOT, SNI, SPIECE, TINY, fails_cleanly, max_diff, ok, params_of,
                            run)
+import runs
 
 
 # The tiny synthetic run of the tests below: checkpoints at steps 3, 6, 9 and 12.
@@ -47,7 +48,7 @@ def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(tmp_path, trained
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     assert 'SIGTERM: saved' in out and 'continue with --resume' in out
-    step = HN.read_meta(HN.checkpoints(str(tmp_path / 'cut'))[-1])['step']
+    step = runs.read_meta(runs.checkpoints(str(tmp_path / 'cut'))[-1])['step']
     assert 2 <= step < 12 and not os.path.exists(tmp_path / 'cut' / 'metrics.json')
     ok(run('train.py', *TRAINED, '--out-dir', tmp_path / 'cut', '--resume'))
     assert max_diff(params_of(trained), params_of(tmp_path / 'cut')) <= 1e-6
@@ -56,12 +57,12 @@ def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(tmp_path, trained
 def test_divergence_stops_and_saves_nothing_non_finite(tmp_path):
     r = run('train.py', *TINY, '--steps', '8', '--log-every', '1', '--save-every', '1', '--lr', '1e30',
             '--out-dir', tmp_path / 'run')
-    fails_cleanly(r, 'the loss is nan', 'last good checkpoint is', 'ckpt-0000001')
+    fails_cleanly(r, 'the loss is nan', 'last good checkpoint is', 'ckpt_0000001')
     step = int(r.stderr.split('error: step ')[1].split(':')[0])
-    saved = HN.checkpoints(str(tmp_path / 'run'))
-    assert step >= 2 and all(HN.read_meta(c)['step'] < step for c in saved)
+    saved = runs.checkpoints(str(tmp_path / 'run'))
+    assert step >= 2 and all(runs.read_meta(c)['step'] < step for c in saved)
     for ckpt in saved:
-        params = HN.load_run(ckpt)[2]
+        params = runs.load_run(ckpt)[2]
         assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 
 
@@ -74,7 +75,7 @@ def test_flat_loss_with_zero_gradient_warns(tmp_path, monkeypatch, capsys):
         return cfg, hcfg, jax.tree.map(np.zeros_like, params)
     monkeypatch.setattr(T, 'build_model', zero_model)
     monkeypatch.setattr(T, 'FLAT_STEPS', 3)
-    T.main(T.Args(init='tiny', batch_size=4, adapter_dim=4, prefix_len=2, eval_instances=2, steps=5, log_every=5,
+    T.main(T.Args(init='tiny', batch_size=4, adapter_dim=4, prefix_len=2, eval_instances=2, steps=5, log_every=1,
                   out_dir=str(tmp_path / 'run'), cache_dir=CACHE))
     assert 'zero gradient norm for 3 steps' in capsys.readouterr().err
 
@@ -82,25 +83,25 @@ def test_flat_loss_with_zero_gradient_warns(tmp_path, monkeypatch, capsys):
 def test_another_runs_checkpoints_are_never_mixed_or_deleted(tmp_path, trained):
     out = tmp_path / 'run'
     shutil.copytree(trained, out)
-    before = {c: HN.read_meta(c) for c in HN.checkpoints(str(out))}
+    before = {c: runs.read_meta(c) for c in runs.checkpoints(str(out))}
     fails_cleanly(run('train.py', *TINY, '--steps', '2', '--out-dir', out), '--resume', '--overwrite')
-    assert {c: HN.read_meta(c) for c in HN.checkpoints(str(out))} == before
+    assert {c: runs.read_meta(c) for c in runs.checkpoints(str(out))} == before
     fails_cleanly(run('train.py', *TINY, '--resume', '--overwrite', '--out-dir', out), 'pick one')
     # a second run writing into the same folder (as if started by hand) keeps the other run's checkpoints
-    import train as T
-    meta = HN.read_meta(HN.checkpoints(str(out))[-1])
+    meta = runs.read_meta(runs.checkpoints(str(out))[-1])
     state = {'params': params_of(out), 'opt': {'count': np.zeros((), np.int32)}, 'step': 0}
+    manager = runs.checkpoint_manager(str(out))
     for step in (5, 7, 8):
-        T.save_checkpoint(str(out), step, state, {**meta, 'run': 'other'}, keep=1)
-    with pytest.raises(T.TrainingError, match='belongs to another run'):
-        T.save_checkpoint(str(out), 6, state, {**meta, 'run': 'other'}, keep=1)
-    names = [os.path.basename(c) for c in HN.checkpoints(str(out))]
-    assert names == ['ckpt-0000003', 'ckpt-0000006', 'ckpt-0000008', 'ckpt-0000009', 'ckpt-0000012']
-    assert HN.read_meta(out / 'ckpt-0000006') == before[str(out / 'ckpt-0000006')]
+        runs.save(manager, step, state, {**meta, 'run': 'other'}, keep=1)
+    with pytest.raises(runs.CheckpointError, match='belongs to another run'):
+        runs.save(manager, 6, state, {**meta, 'run': 'other'}, keep=1)
+    names = [os.path.basename(c) for c in runs.checkpoints(str(out))]
+    assert names == ['ckpt_0000003', 'ckpt_0000006', 'ckpt_0000008', 'ckpt_0000009', 'ckpt_0000012']
+    assert runs.read_meta(out / 'ckpt_0000006') == before[str(out / 'ckpt_0000006')]
     # --overwrite starts over; here with the README's Tk-Instruct baseline (plain T5, full input)
     ok(run('train.py', *TINY, '--steps', '1', '--overwrite', '--baseline', 'full-input', '--out-dir', out))
-    assert [os.path.basename(c) for c in HN.checkpoints(str(out))] == ['ckpt-0000001']
-    meta = HN.read_meta(HN.checkpoints(str(out))[0])
+    assert [os.path.basename(c) for c in runs.checkpoints(str(out))] == ['ckpt_0000001']
+    meta = runs.read_meta(runs.checkpoints(str(out))[0])
     assert meta['hyper_config'] is None and meta['args']['format'] == 'full-input'
     assert json.load(open(out / 'metrics.json'))['count'] == 2
 
@@ -108,27 +109,27 @@ def test_another_runs_checkpoints_are_never_mixed_or_deleted(tmp_path, trained):
 def test_kill_leftovers_are_cleared_and_damaged_checkpoints_skipped(tmp_path, trained):
     out = tmp_path / 'run'
     shutil.copytree(trained, out)
-    ckpt = {i: out / f'ckpt-{i:07d}' for i in (3, 6, 9, 12)}
+    ckpt = {i: out / f'ckpt_{i:07d}' for i in (3, 6, 9, 12)}
     # what a kill -9 can leave: orbax's temporary folder of a save; a half-deleted old checkpoint
-    shutil.copytree(ckpt[12], out / 'ckpt-0000015.orbax-checkpoint-tmp-1')
-    shutil.copytree(ckpt[3], out / 'ckpt-0000000')
-    os.remove(out / 'ckpt-0000000' / 'commit_success.txt')   # removed first, so never picked
+    # (renamed into deleted/ before its files go, so never picked)
+    shutil.copytree(ckpt[12], out / 'ckpt_0000015.orbax-checkpoint-tmp-1')
+    shutil.copytree(ckpt[3] / 'params', out / 'deleted' / 'ckpt_0000000' / 'params')
     # and the three newest checkpoints damaged: each given directly is named in an error
     damage = {12: 'params/manifest.ocdbt', 9: 'opt/manifest.ocdbt', 6: 'meta/metadata'}
     for i, name in damage.items():
         with open(ckpt[i] / name, 'r+b') as f:
             f.truncate(10)
-    item = {i: f'ckpt-{i:07d}/{name.split("/")[0]}' for i, name in damage.items()}   # ckpt-0000012/params
+    item = {i: f'ckpt_{i:07d}/{name.split("/")[0]}' for i, name in damage.items()}   # ckpt_0000012/params
     for i in (12, 6):   # eval.py reads parameters and meta (the optimizer state is train.py's)
         fails_cleanly(run('eval.py', '--checkpoint', ckpt[i]), item[i])
     # a run folder falls back to the newest checkpoint that loads, with a warning for each skipped one
     r = ok(run('eval.py', '--checkpoint', out, '--eval-instances', '2', '--out-dir', tmp_path / 'eval'))
     assert 'skipping' in r.stderr and item[12] in r.stderr
     r = ok(run('train.py', *TRAINED, '--resume', '--out-dir', out))
-    assert 'resumed from' in r.stdout and 'ckpt-0000003' in r.stdout
+    assert 'resumed from' in r.stdout and 'ckpt_0000003' in r.stdout
     for i in damage:
         assert item[i] in r.stderr
-    for leftover in ('ckpt-0000015.orbax-checkpoint-tmp-1', 'ckpt-0000000'):
+    for leftover in ('ckpt_0000015.orbax-checkpoint-tmp-1', 'deleted'):
         assert not os.path.exists(out / leftover) and leftover in r.stderr
     assert max_diff(params_of(trained), params_of(out)) <= 1e-6   # the same run, from step 3
 
@@ -228,9 +229,9 @@ def test_full_disk_during_a_checkpoint(tmp_path):
     prefix = prefix[:-2] + [script, 'sh']
     r = run('train.py', *TINY, '--steps', '4', '--save-every', '2', '--out-dir', disk / 'run', prefix=prefix)
     fails_cleanly(r, 'step 4: could not write a checkpoint', 'No space left on device',
-                  'the last good checkpoint is', 'ckpt-0000002')
+                  'the last good checkpoint is', 'ckpt_0000002')
     assert r.stderr.count('\n') <= 6, r.stderr   # no traceback from TensorBoard's writer at exit either
     saved = tmp_path / 'saved'
-    assert [os.path.basename(c) for c in HN.checkpoints(str(saved))] == ['ckpt-0000002']
-    assert sorted(os.listdir(saved)) == ['args.json', 'ckpt-0000002', 'run.lock', 'tb']   # nothing else
-    HN.load_run(str(saved / 'ckpt-0000002'))
+    assert [os.path.basename(c) for c in runs.checkpoints(str(saved))] == ['ckpt_0000002']
+    assert sorted(os.listdir(saved)) == ['args.json', 'ckpt_0000002', 'run.lock', 'tb']   # nothing else
+    runs.load_run(str(saved / 'ckpt_0000002'))

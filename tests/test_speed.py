@@ -12,6 +12,7 @@ import eval as E
 import hypernet as HN
 import model as M
 import train as T
+import runs
 
 CFG = dataclasses.replace(M.PRESETS['tiny'], dropout_rate=0.0)
 HCFG = HN.HyperConfig(adapter_dim=8, prefix_len=4)
@@ -152,7 +153,7 @@ def test_mfu_peak_table_matches_device_kinds():
              'TPU v6 lite': 918e12, 'NVIDIA A100-SXM4-80GB': 312e12, 'NVIDIA H100 80GB HBM3': 989e12,
              'NVIDIA H200': 989e12, 'cpu': None}
     for kind, peak in kinds.items():
-        assert T.peak_flops(types.SimpleNamespace(device_kind=kind)) == peak, kind
+        assert runs.peak_flops(types.SimpleNamespace(device_kind=kind)) == peak, kind
 
 
 def test_mfu_flops_count_every_scanned_layer():
@@ -162,7 +163,7 @@ def test_mfu_flops_count_every_scanned_layer():
     def layers(x, ws):
         return jax.lax.scan(lambda h, w: (h @ w, None), x, ws)[0]
     x, ws = jnp.ones((4, 8)), jnp.ones((5, 8, 8))
-    assert T.matmul_flops(jax.make_jaxpr(layers)(x, ws).jaxpr) == 5 * 2 * 4 * 8 * 8
+    assert runs.matmul_flops(jax.make_jaxpr(layers)(x, ws).jaxpr) == 5 * 2 * 4 * 8 * 8
     counts = {}
     for depth in (2, 4):
         cfg = dataclasses.replace(M.PRESETS['tiny'], num_layers=depth, num_decoder_layers=depth)
@@ -173,6 +174,6 @@ def test_mfu_flops_count_every_scanned_layer():
         step = T.make_train_step(cfg, hcfg, optimizer, schedule, mesh, 1, 0)
         state = {'params': params, 'opt': optimizer.init(params), 'step': jnp.int32(0)}
         batch = {k: jnp.ones((4, 16), jnp.int32) for k in data.FIELDS}
-        counts[depth] = T.step_flops({}, step, state, batch, None, 1, peak=1.0)
+        counts[depth] = runs.step_flops({}, step, state, batch, None, 1, peak=1.0)
     assert counts[4] > 1.8 * counts[2] > 0
-    assert T.step_flops({}, step, state, batch, None, 1, peak=None) == 0.0   # unknown peak: no count
+    assert runs.step_flops({}, step, state, batch, None, 1, peak=None) == 0.0   # unknown peak: no count

@@ -15,6 +15,7 @@ import pytest
 import data
 import hypernet as HN
 from data import load_tokenizer  # noqa: E402
+import runs
 
 BYTE = load_tokenizer('byte')
 TINY_LENS = dict(instruction_len=16, input_len=16, target_len=16)
@@ -129,14 +130,14 @@ def test_train_resumes_the_stream_after_a_kill(tmp_path, monkeypatch):
     a run that never stopped, and the checkpoint holds the stream's position."""
     import train as T
     root = write_shards(tmp_path / 'c4', 2, 10)
-    losses, watch = {}, T.watch
+    losses, log = {}, T.log
 
-    def record(step, metrics, seen, last_good):
+    def record(args, step, metrics, *rest):
         losses[step] = float(metrics['loss'])
         if kill and step == 2:   # SIGTERM as a preemption sends it: the run saves at the next step
             signal.raise_signal(signal.SIGTERM)
-        return watch(step, metrics, seen, last_good)
-    monkeypatch.setattr(T, 'watch', record)
+        return log(args, step, metrics, *rest)
+    monkeypatch.setattr(T, 'log', record)
 
     def train(out, resume=False):
         T.main(T.Args(task='c4', data_dir=root, init='tiny', tokenizer='byte', batch_size=4, adapter_dim=4,
@@ -148,7 +149,7 @@ def test_train_resumes_the_stream_after_a_kill(tmp_path, monkeypatch):
     whole, losses = losses, {}
     kill = True
     train(tmp_path / 'cut')
-    meta = HN.read_meta(HN.checkpoints(str(tmp_path / 'cut'))[-1])
+    meta = runs.read_meta(runs.checkpoints(str(tmp_path / 'cut'))[-1])
     assert meta['step'] == 3 and meta['stream'][0]['windows'] == 12
     kill = False
     train(tmp_path / 'cut', resume=True)
@@ -176,6 +177,6 @@ def test_streamed_c4_through_train_py(tmp_path):
         assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
         return r.stdout
     assert 'streamed train' in train('--steps', '2')
-    assert HN.read_meta(HN.checkpoints(out)[-1])['stream'][0]['windows'] == 8
+    assert runs.read_meta(runs.checkpoints(out)[-1])['stream'][0]['windows'] == 8
     assert 'resumed from' in train('--steps', '4', '--resume')
-    assert HN.read_meta(HN.checkpoints(out)[-1])['stream'][0]['windows'] == 16
+    assert runs.read_meta(runs.checkpoints(out)[-1])['stream'][0]['windows'] == 16

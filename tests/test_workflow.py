@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import hypernet as HN
+import runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, '..', 'shared')
@@ -64,7 +65,7 @@ def ok(r):
 
 
 def params_of(run_dir):
-    return HN.load_run(str(run_dir))[2]
+    return runs.load_run(str(run_dir))[2]
 
 
 def max_diff(a, b):
@@ -123,7 +124,7 @@ def test_init_from_transformers_checkpoints_and_runs(tmp_path):
     v10 = hf_checkpoint(tmp_path / 'hf-v10', tied=True)
     ok(run('train.py', *NI_SMALL, '--init', v10, '--data-dir', SNI, '--out-dir', tmp_path / 'c'))
     assert json.load(open(tmp_path / 'c' / 'metrics.json'))['count'] == 4
-    cfg = HN.load_run(str(tmp_path / 'c'))[0]
+    cfg = runs.load_run(str(tmp_path / 'c'))[0]
     assert cfg.tie_word_embeddings and not cfg.gated_gelu
 
 
@@ -152,7 +153,7 @@ def test_roberta_instruction_encoder_end_to_end(tmp_path):
     rob = roberta_checkpoint(tmp_path / 'roberta')
     ok(run('train.py', *NI_SMALL, '--init', v11, '--data-dir', SNI, '--instruction-encoder', 'roberta',
            '--instruction-encoder-init', rob, '--out-dir', tmp_path / 'run'))
-    cfg, hcfg, params, _ = HN.load_run(str(tmp_path / 'run'))
+    cfg, hcfg, params, _ = runs.load_run(str(tmp_path / 'run'))
     assert hcfg.instruction_encoder == 'roberta' and hcfg.roberta.hidden_size == 32 and 'proj' in params['hyper']
     ok(run('eval.py', '--checkpoint', tmp_path / 'run', '--out-dir', tmp_path / 'eval', '--eval-instances', 4))
     rows = [json.loads(line) for line in open(tmp_path / 'eval' / 'predictions.jsonl')]
