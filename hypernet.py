@@ -39,8 +39,7 @@ class HyperConfig:
     pool_slots: int = 0            # slots pooled at once (pool()); 0 = from POOL_BYTES
 
 
-def dense_init(rng, n_in, n_out):
-    """Variance scaling (fan-in, normal), zero bias."""
+def dense_init(rng, n_in, n_out):   # variance scaling (fan-in, normal), zero bias
     w = jax.random.normal(rng, (n_in, n_out), jnp.float32) * n_in ** -0.5
     return {'w': w, 'b': jnp.zeros((n_out,), jnp.float32)}
 
@@ -240,16 +239,12 @@ def merge_lora(t5_params, state):
     in every attention block. state: one task (select_task) holding a LoRA and nothing else."""
     blocks = (('encoder', 'self_attn', 'lora'), ('decoder', 'self_attn', 'self_lora'),
               ('decoder', 'cross_attn', 'cross_lora'))
-    others = (set(state['encoder']) | set(state['decoder'])) - {name for *_, name in blocks}
-    if others or state['memory'] is not None or 'lora' not in state['encoder']:
-        raise ValueError('merge_lora: only a task state with a LoRA and nothing else merges into '
-                         'T5 weights (a run with --lora-rank R --no-adapters --no-prefixes '
-                         '--no-fusion)')
+    names = set(state['encoder']) | set(state['decoder'])
+    assert names == {name for *_, name in blocks} and state['memory'] is None, 'a LoRA only'
+    assert state['encoder']['lora']['q_a'].ndim == 3, 'one task (select_task), not a batch'
     out = jax.tree.map(jnp.asarray, t5_params)   # new dicts, the same arrays
     for stack, block, name in blocks:
         lora, w = state[stack][name], out[stack]['layers'][block]
-        if lora['q_a'].ndim != 3:
-            raise ValueError('merge_lora: a batched task state; pass one task (select_task)')
         for n in 'qv':   # [L, D, R] @ [L, R, HK] -> [L, D, HK], our kernels' [in, out] layout
             w[n] = (w[n] + lora[n + '_a'] @ lora[n + '_b']).astype(w[n].dtype)
     return out
