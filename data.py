@@ -1,10 +1,8 @@
-"""Data for HINT: tokenizers, and a synthetic suite, Super-NaturalInstructions (SNI), C4 and P3, tokenized.
+"""Data for HINT: tokenizers; synthetic, Super-NaturalInstructions (SNI), C4 and P3 tasks.
 
-Every task yields an `instruction` for the hypernetwork, an `input` for the encoder and a `target`
-for the decoder (HINT.md sections 5-6): 0-padded int32 arrays, EOS (1) closing each non-empty text,
-which is cut by TOKENS to at most L-1 of them. Format 'full-input' (the Tk-Instruct baseline) puts
-everything in the encoder and leaves an [N, 1] padding instruction. `batches` then serves a
-deterministic, resumable stream. Getting the data: docs/data.md.
+Every task gives an `instruction` (hypernetwork), an `input` (encoder) and a `target` (decoder):
+0-padded int32 arrays, each text cut to L-1 tokens + EOS (HINT.md sections 5-6). `batches` serves
+a deterministic, resumable stream. Getting the data: docs/data.md.
 
     python data.py --task ni --data-dir natural-instructions --split test --shots 2 --show 3
 """
@@ -43,32 +41,24 @@ class DataError(ValueError):
 @dataclasses.dataclass
 class DataArgs:
     task: Literal['synthetic', 'ni', 'c4', 'p3'] = 'synthetic'   # built-in suite, SNI, C4, T0's P3
-    data_dir: str | None = None
-    """ni: a natural-instructions clone; c4: c4-*.json.gz shards; p3: a copy of bigscience/P3.
-    None: fetched once (docs/data.md)"""
+    data_dir: str | None = None      # SNI clone, C4 shards or P3 copy; None: fetched (docs/data.md)
     ni_source: str = 'https://github.com/allenai/natural-instructions'   # git URL for --task ni
     shots: int = 0                   # 0|1|2 positive examples in the instruction (p3: 0-5 demos)
     format: Literal['hint', 'split', 'full-input'] = 'hint'
-    """hint: HINT's texts; split (ni only): Tk-Instruct's text cut in two, definition and examples
-    to the hypernetwork; full-input: Tk-Instruct's whole text in the encoder"""
+    """hint: HINT's texts; split (ni): Tk-Instruct's text cut in two; full-input: all encoded"""
     max_instances_per_task: int = 100   # train: after a shuffle seeded by --seed; test: the first
     instruction_len: int | None = None   # in tokens; None: task default (see `lengths`)
     input_len: int | None = None         # in tokens; the limit of the whole text in full-input
     target_len: int | None = None        # in tokens
     tokenizer: str = ''              # '' = 'byte' for synthetic, google/t5-base-lm-adapt otherwise
-    c4_documents: int = 0
-    """train: 0 streams C4, N reads the windows of its first N documents; test: N (0: 1,000)"""
+    c4_documents: int = 0            # 0: C4 train streamed, N: its first N documents (test: 1,000)
     seed: int = 0                    # train split only: the test split never depends on it
     cache_dir: str = '.cache/data'   # tokenized splits, reused while arguments and sources match
     group_by_length: bool = False    # train batches of similar lengths (runs of 50 batches sorted)
-    p3_datasets: tuple[str, ...] = ()
-    """p3: only these (data.P3_TRAIN, P3_HELD_OUT); a split none of them is in: all of T0's"""
+    p3_datasets: tuple[str, ...] = ()   # only these (P3_TRAIN, P3_HELD_OUT); none in a split: all
     p3_examples_per_dataset: int = 500000   # T0's mixing rates: a larger dataset's cap
-    p3_examples: int = 0
-    """0: T0's training mixture is streamed; N: its first N draws are read into memory"""
-    p3_templates: str = ''
-    """p3: the hypernetwork's templates from a file in the original's format (docs/data.md); '':
-    derived from the data"""
+    p3_examples: int = 0             # 0: T0's training mixture streamed; N: its first N draws
+    p3_templates: str = ''           # the hypernetwork's templates (docs/data.md); '': derived
 
 
 FIELDS = ('instruction', 'input', 'target')   # the arrays of every split and batch
@@ -81,9 +71,8 @@ def tokenizer_name(args: DataArgs) -> str:
 
 
 def lengths(args: DataArgs) -> tuple[int, int, int]:
-    """(instruction_len, input_len, target_len) of `load_split`'s arrays. Synthetic defaults fit
-    every text by construction; ni and p3's are the paper's. In full-input the instruction is [N, 1]
-    padding and the input 1024 for ni and p3, else instruction + input (the same text, whole)."""
+    """(instruction_len, input_len, target_len): synthetic texts fit by construction; ni and p3 as
+    the paper. full-input: an [N, 1] padding instruction; synthetic's input holds both, uncut."""
     li, lx, ly = {'synthetic': (64 + 72 * args.shots, 32, 32), 'ni': (1024, 1024, 256),
                   'c4': (512, 512, 512), 'p3': (512, 1024, 256)}[args.task]
     li, ly = args.instruction_len or li, args.target_len or ly
@@ -123,8 +112,8 @@ def local_path(path):
 
 
 def absolute_paths(args, paths=(), maybe_paths=()):
-    """Make args' local paths absolute where the arguments are read: orbax needs them, and a run's
-    meta then finds its files from any folder. `maybe_paths` that exist nowhere (hub names) stay."""
+    """Local paths made absolute (orbax needs them; a run's meta works from any folder); URLs and
+    `maybe_paths` that exist nowhere (hub names) stay."""
     for name in paths + maybe_paths:
         path = getattr(args, name)
         if name in paths or (path and os.path.exists(path)):
@@ -149,8 +138,7 @@ def check_writable(path: str, flag: str):
 
 @contextlib.contextmanager
 def reading(where: str):
-    """Around a reader's plain field access: any error re-raised as one DataError naming `where`
-    (the file and row)."""
+    """Around a reader's plain field access: any error re-raised as a DataError naming `where`."""
     try:
         yield
     except DataError:
@@ -163,9 +151,12 @@ def reading(where: str):
         raise DataError(f'{where}: {type(e).__name__}: {e}') from None
 
 
+def strings(*values) -> bool:
+    return all(isinstance(v, str) for v in values)
+
+
 def encode(tokenizer, text: str, length: int) -> tuple[list[int], bool]:
-    """Token ids of `text` cut to length-1 tokens plus EOS ([] for empty text), and whether it was
-    cut. A tokenizer with a BOS id (RoBERTa's <s>) gets it in front."""
+    """(ids, was cut): `text` cut to length-1 tokens + EOS ([] if empty), after RoBERTa's BOS."""
     ids = tokenizer.encode(text) if text else []
     if not ids:
         return [], False
@@ -235,7 +226,7 @@ class HFTokenizer:
 
 
 def load_tokenizer(name_or_dir: str):
-    """'byte' -> ByteTokenizer; a spiece.model / tokenizer.json file or a checkpoint dir / hub name."""
+    """'byte', a spiece.model or tokenizer.json file, or a checkpoint folder or hub name."""
     if name_or_dir == 'byte':
         return ByteTokenizer()
     if os.path.isfile(name_or_dir) and name_or_dir.endswith('.model'):
@@ -250,16 +241,14 @@ def load_tokenizer(name_or_dir: str):
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. Synthetic suite: list manipulations that can only be solved by reading the instruction.
-# Inputs are 3-8 single-character items ("c a 7"...). A task = (family, parameter, phrasing).
-# Test tasks use ONLY held-out parameters (same families, same phrasings); reverse and sort have
-# none and are train-only. replace a->b holds out (a+b) % 9 == 0: a and b appear in train pairs.
+# 1. Synthetic suite: list manipulations ("c a 7" -> "7 a c") solved only by reading the
+# instruction. A task = (family, parameter, phrasing); test tasks have held-out parameters only.
 
 LETTERS, DIGITS = 'abcdefghij', '0123456789'
 PAIRS = [(a, b) for a in LETTERS for b in LETTERS if a != b]
 
 
-def _held_pair(p):
+def _held_pair(p):   # 10 pairs whose letters both appear in train pairs
     return (LETTERS.index(p[0]) + LETTERS.index(p[1])) % 9 == 0
 
 
@@ -310,7 +299,7 @@ def synthetic_output(family: str, p, items: list[str]) -> str:
 
 
 def _synthetic_pair(rng: random.Random, family: str, p) -> tuple[str, str]:
-    """One (input, output) pair, resampled until the output is non-empty and differs from the input."""
+    """One (input, output) pair whose output is non-empty and differs from the input."""
     letter = p if family in ('drop', 'double', 'count') else None   # the letter the task is about
     if family == 'replace':
         letter = p[0]
@@ -319,7 +308,7 @@ def _synthetic_pair(rng: random.Random, family: str, p) -> tuple[str, str]:
         shortest = max(3, p + (family != 'item'))
     while True:
         n = rng.randint(shortest, 8)
-        if letter is not None:   # other letters, with `letter` put 1-4 times (count: 0-4), not everywhere
+        if letter is not None:   # `letter` put 1-4 times (count: 0-4), never everywhere
             items = [rng.choice(LETTERS.replace(letter, '')) for _ in range(n)]
             for pos in rng.sample(range(n), rng.randint(int(family != 'count'), min(4, n - 1))):
                 items[pos] = letter
@@ -336,31 +325,27 @@ def synthetic_tasks(split: str) -> list[tuple[str, str, object, str]]:
     tasks = []
     for family, (phrasings, train, test) in FAMILIES.items():
         for p in (train if split == 'train' else test):
-            label, a, b = p, None, None
+            a, b, label = None, None, '-' if p is None else p
             if family == 'replace':
-                a, b = p
-                label = f'{a}>{b}'
-            if p is None:
-                label = '-'
+                (a, b), label = p, '>'.join(p)
             for j, phrasing in enumerate(phrasings):
                 tasks.append((f'{family}:{label}:{j}', family, p, phrasing.format(p=p, a=a, b=b)))
     return tasks
 
 
 def build_synthetic(args: DataArgs, split: str, tokenizer=None):
-    """Rows: instruction = phrasing + blank line + demos ("Example i -\\nInput: ..\\nOutput: ..\\n\\n"),
-    input = "Input: <items>\\nOutput:", target = the items."""
+    """Rows: the phrasing and demos "Example i -\\nInput: ..\\nOutput: ..\\n\\n"; the items."""
     tasks, rows = synthetic_tasks(split), []
     per_family = collections.Counter(family for _, family, _, _ in tasks)
-    seed = args.seed if split == 'train' else 0   # the held-out set never depends on the training seed
+    seed = args.seed if split == 'train' else 0   # the held-out set never depends on --seed
     for name, family, p, phrasing in tasks:
         demo_rng = random.Random(f'demo:{seed}:{name}')   # the same demos for every --shots
         demos = [_synthetic_pair(demo_rng, family, p) for _ in range(args.shots)]
         instruction = instruction_text('synthetic', phrasing, args.format, args.shots) + ''.join(
             f'Example {i} -\nInput: {a}\nOutput: {b}\n\n' for i, (a, b) in enumerate(demos, 1))
-        n = SYN_TEST_PER_TASK
-        if split == 'train':
-            n = max(1, SYN_TRAIN_PER_FAMILY // per_family[family])
+        n = max(1, SYN_TRAIN_PER_FAMILY // per_family[family])
+        if split == 'test':
+            n = SYN_TEST_PER_TASK
         rng = random.Random(f'{split}:{seed}:{name}')
         for i in range(min(n, args.max_instances_per_task)):
             inp, out = _synthetic_pair(rng, family, p)
@@ -371,8 +356,7 @@ def build_synthetic(args: DataArgs, split: str, tokenizer=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. Super-NaturalInstructions: HINT's texts, or Tk-Instruct's split in two or whole (HINT.md
-# section 6).
+# 2. Super-NaturalInstructions: HINT's texts, or Tk-Instruct's split or whole (HINT.md section 6).
 
 
 def fetch_ni(args: DataArgs) -> str:
@@ -382,8 +366,7 @@ def fetch_ni(args: DataArgs) -> str:
         return dest
     tmp = dest + '.partial'
     shutil.rmtree(tmp, ignore_errors=True)
-    print(f'data: no --data-dir; cloning {args.ni_source} into {dest} (once; a few GB)',
-          file=sys.stderr)
+    print(f'data: no --data-dir; cloning {args.ni_source} into {dest} (once)', file=sys.stderr)
     command = ['git', 'clone', '--depth', '1', '--progress', args.ni_source, tmp]
     env = dict(os.environ, GIT_TERMINAL_PROMPT='0')   # fail, never ask for a password
     try:
@@ -404,11 +387,9 @@ def instruction_text(task: str, definition: str, fmt: str, shots: int) -> str:
     """The instruction for a task definition, before any examples (eval.py's one-off mode too)."""
     if task != 'ni':
         return definition + '\n\n'
-    if fmt == 'hint' and shots:   # HINT's: with examples, "Definition: " and no dot
-        return 'Definition: ' + definition
-    if fmt == 'hint':
-        return definition.strip()
-    return 'Definition: ' + dot(definition.strip()) + '\n\n'   # Tk-Instruct's
+    if fmt != 'hint':   # Tk-Instruct's
+        return 'Definition: ' + dot(definition.strip()) + '\n\n'
+    return 'Definition: ' + definition if shots else definition.strip()   # HINT's
 
 
 def instance_text(task: str, text: str, fmt: str) -> str:
@@ -421,8 +402,7 @@ def instance_text(task: str, text: str, fmt: str) -> str:
 
 
 def arrange(fmt: str, instruction: str, text: str) -> tuple[str, str]:
-    """(hypernetwork text, encoder text): full-input puts the instruction in front of the encoder's
-    text and gives the hypernetwork nothing."""
+    """(hypernetwork text, encoder text): full-input puts the instruction in the encoder."""
     if fmt == 'full-input':
         return '', instruction + text
     return instruction, text
@@ -436,15 +416,12 @@ def ni_task_files(data_dir: str | None, split: str) -> tuple[str, list[tuple[str
         raise DataError(f'{data_dir}: not a natural-instructions clone (no {", ".join(missing)}; '
                         'see docs/data.md)')
     with reading(split_file), open(split_file, encoding='utf-8') as f:
-        names = [line.strip() for line in f]
-        assert any(names), 'lists no tasks (one task name per line)'
-    tasks = []
-    for lineno, name in enumerate(names, 1):
-        path = os.path.join(data_dir, 'tasks', name + '.json')
-        if name and not os.path.isfile(path):
+        names = {n: line.strip() for n, line in enumerate(f, 1) if line.strip()}
+        assert names, 'lists no tasks (one task name per line)'
+    tasks = [(name, os.path.join(data_dir, 'tasks', name + '.json')) for name in names.values()]
+    for lineno, (name, path) in zip(names, tasks):
+        if not os.path.isfile(path):
             raise DataError(f'{split_file} line {lineno}: task {name!r} has no file {path}')
-        if name:
-            tasks.append((name, path))
     return split_file, tasks
 
 
@@ -454,16 +431,14 @@ def read_ni_task(path: str) -> dict:
         for key in ('Definition', 'Positive Examples', 'Instances', 'Categories'):
             assert isinstance(task[key], list), f'field {key!r} must be a list'
         for key in ('Definition', 'Categories'):
-            assert task[key] and isinstance(task[key][0], str), \
-                f'field {key!r} must be a non-empty list of strings'
+            problem = f'field {key!r} must be a non-empty list of strings'
+            assert task[key] and strings(task[key][0]), problem
     return task
 
 
 def ni_texts(task: dict, path: str, instance_input: str, args: DataArgs, limit: int, tokenizer):
-    """(instruction, instance part). Example i: " Positive Example i -\nInput: ..\n Output: ..\n".
-    hint: each example that fits `limit` tokens with the text so far goes IN FRONT (the original's
-    natural_instruction_positive_example_hyper_k). Otherwise (Tk-Instruct's): example + "\n" goes
-    after, while the whole text with the instance part fits, so split and full-input agree."""
+    """(instruction, instance part). hint: each example that fits `limit` goes IN FRONT (the
+    original's ..._hyper_k); else Tk-Instruct's: after, while the whole text fits."""
     text = instruction_text('ni', task['Definition'][0], args.format, args.shots)
     instance = instance_text('ni', instance_input, args.format)
     for i, ex in enumerate(task['Positive Examples'][:args.shots], 1):
@@ -481,10 +456,8 @@ def ni_texts(task: dict, path: str, instance_input: str, args: DataArgs, limit: 
 
 
 def build_ni(args: DataArgs, split: str, tokenizer):
-    """Rows of max_instances_per_task instances of each task, as Tk-Instruct's loader (train: after
-    a shuffle seeded by --seed, test: the first). references: all outputs, '' included (it counts in
-    the metrics); target: train = a seeded random.choice of them, as Tk-Instruct's collator; test =
-    the first. An empty target becomes EOS alone (tokenize_rows): the model learns to stop at once."""
+    """max_instances_per_task rows per task, as Tk-Instruct (train: shuffled, a seeded random
+    output as target; test: the first ones, the first output); references: all outputs, '' too."""
     _, task_files = ni_task_files(args.data_dir, split)
     li, lx, _ = lengths(args)
     limit = lx if args.format == 'full-input' else li
@@ -499,14 +472,12 @@ def build_ni(args: DataArgs, split: str, tokenizer):
         for k in order[:args.max_instances_per_task]:
             with reading(f'{path}: Instances[{k}]'):
                 inst = task['Instances'][k]
-                iid, outputs = inst['id'], inst['output']
-                assert isinstance(iid, str) and isinstance(inst['input'], str), \
-                    "fields 'id' and 'input' must be strings"
-                assert isinstance(outputs, list) and outputs and \
-                    all(isinstance(o, str) for o in outputs), \
+                iid, inp, outputs = inst['id'], inst['input'], inst['output']
+                assert strings(iid, inp), "fields 'id' and 'input' must be strings"
+                assert isinstance(outputs, list) and outputs and strings(*outputs), \
                     "field 'output' must be a non-empty list of strings"
-                texts = ni_texts(task, path, inst['input'], args, limit, tokenizer)
-            instruction, inp = arrange(args.format, *texts)
+                instruction, inp = arrange(args.format, *ni_texts(task, path, inp, args, limit,
+                                                                   tokenizer))
             target = outputs[0]
             if split == 'train':
                 target = random.Random(f'{args.seed}:{iid}').choice(outputs)
@@ -516,10 +487,9 @@ def build_ni(args: DataArgs, split: str, tokenizer):
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. C4, as the original's c4_pretrain (t5's prefix-LM objective): the documents' tokens, one
-# after the other, are cut into windows of L = --target-len (512) tokens that cross document ends.
-# Window n is cut at a ~ U[1, L-2) and b ~ U[a, L-2) into instruction w[:a], input w[a:b] (may be
-# empty) and target w[b:], each closed by EOS: with widths of L, nothing is ever cut.
+# 3. C4, as the original's c4_pretrain (t5's prefix-LM objective): the documents' tokens in a row,
+# cut into windows of L = --target-len tokens, each cut in three at a ~ U[1, L-2), b ~ U[a, L-2):
+# instruction w[:a], input w[a:b] (may be empty), target w[b:]; with widths of L, nothing is cut.
 
 
 def c4_files(args: DataArgs, split: str) -> list[str]:
@@ -534,19 +504,18 @@ def c4_files(args: DataArgs, split: str) -> list[str]:
 
 
 def c4_documents(args: DataArgs, split: str, process_index: int = 0, process_count: int = 1):
-    """(documents, where): this host's share of the split's documents, a `datasets`
-    IterableDataset: local shards in file order, or allenai/c4 (en) from the hub."""
+    """(documents, where): this host's share of the split's documents (a datasets IterableDataset),
+    from the local shards in file order, or allenai/c4 (en) on the hub."""
     import datasets
     from datasets.distributed import split_dataset_by_node
     files = c4_files(args, split)
-    where = 'allenai/c4 (en) on the Hugging Face hub'
+    name = 'train' if split == 'train' else 'validation'
+    where, source = 'allenai/c4 (en) on the Hugging Face hub', dict(path='allenai/c4', name='en')
+    if files:
+        where, source = files[0] + ', ...', dict(path='json', data_files=files, name=None)
+        name = 'train'   # the json loader's only split
     try:
-        if files:
-            where = files[0] + ', ...'
-            ds = datasets.load_dataset('json', data_files=files, split='train', streaming=True)
-        else:
-            name = 'train' if split == 'train' else 'validation'
-            ds = datasets.load_dataset('allenai/c4', 'en', split=name, streaming=True)
+        ds = datasets.load_dataset(**source, split=name, streaming=True)
     except Exception as e:   # no network, no such dataset: one line, not a traceback
         raise DataError(f'could not stream {where} ({type(e).__name__}: {e}); pass --data-dir with '
                         'c4-*.json.gz shards') from None
@@ -557,7 +526,7 @@ def c4_texts(documents, where: str):
     """The text of each document; a damaged shard or a row without a "text" string: a DataError."""
     with reading(where):
         for doc in documents:
-            assert isinstance(doc.get('text'), str), f'a row without a "text" string ({str(doc)[:60]})'
+            assert strings(doc.get('text')), f'a row without a "text" string ({str(doc)[:60]})'
             yield doc['text']
 
 
@@ -578,9 +547,8 @@ def c4_segments(args: DataArgs, window: list[int], seed: int, index: int, eos_id
 
 
 def c4_rows(args: DataArgs, tokenizer, texts, seed: int, n: int = 0, carry=(), hosts=(0, 1)):
-    """Yields (ids, cut, n, carry) of windows n, n+1, ... of the texts' tokens: window n of host h of
-    H is cut (c4_segments) with seed (seed, n * H + h); carry: the tokens read past it, and n counts
-    it (the stream's position)."""
+    """Yields (ids, cut, n + 1, carry) for windows n, n+1, ...: window n of host h of H is cut with
+    seed (seed, n * H + h); carry: the tokens read past it (the position in its document)."""
     host, host_count = hosts
     tokens, length = list(carry), lengths(args)[2]
     for text in texts:
@@ -601,31 +569,26 @@ def build_c4(args: DataArgs, split: str, tokenizer):
     rows = []
     for i, (ids, cut, _, _) in enumerate(c4_rows(args, tokenizer, texts, seed)):
         preview = {k: tokenizer.decode(v[:64]) for k, v in ids.items()}
-        example = dict(task='c4', id=f'c4-{split}-{i}', **preview, references=[preview['target']],
-                       category='c4')
-        rows.append((example, ids, cut))
+        rows.append((dict(preview, task='c4', id=f'c4-{split}-{i}', references=[preview['target']],
+                          category='c4'), ids, cut))
     return rows, {}
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. P3 (T0's prompted datasets), laid out as bigscience/P3: [data/]<configuration>/<split>-*.parquet,
-# a configuration per (dataset, prompt template), named <dataset>[_<subset>]_<template>, columns
-# inputs_pretokenized, targets_pretokenized (+ answer_choices).
+# 4. P3 (T0's prompted datasets) as bigscience/P3 lays it out (docs/data.md): a configuration
+# per (dataset, prompt template), named <dataset>[_<subset>]_<template>.
 
 # T0's 38 training datasets, named as P3 prefixes its configurations (CommonsenseQA is cos_e v1.11).
-P3_TRAIN = ('adversarial_qa_dbert', 'adversarial_qa_dbidaf', 'adversarial_qa_droberta', 'ag_news',
-            'amazon_polarity', 'app_reviews', 'cnn_dailymail_3.0.0', 'common_gen', 'cos_e_v1.11',
-            'cosmos_qa', 'dbpedia_14', 'dream', 'duorc_ParaphraseRC', 'duorc_SelfRC', 'gigaword',
-            'glue_mrpc', 'glue_qqp', 'imdb', 'kilt_tasks_hotpotqa', 'multi_news',
-            'paws_labeled_final', 'qasc', 'quail', 'quarel', 'quartz', 'quoref', 'ropes',
-            'rotten_tomatoes', 'samsum', 'sciq', 'social_i_qa', 'trec', 'wiki_bio',
-            'wiki_hop_original', 'wiki_qa', 'wiqa', 'xsum', 'yelp_review_full')
+P3_TRAIN = tuple("""adversarial_qa_dbert adversarial_qa_dbidaf adversarial_qa_droberta ag_news
+    amazon_polarity app_reviews cnn_dailymail_3.0.0 common_gen cos_e_v1.11 cosmos_qa dbpedia_14
+    dream duorc_ParaphraseRC duorc_SelfRC gigaword glue_mrpc glue_qqp imdb kilt_tasks_hotpotqa
+    multi_news paws_labeled_final qasc quail quarel quartz quoref ropes rotten_tomatoes samsum sciq
+    social_i_qa trec wiki_bio wiki_hop_original wiki_qa wiqa xsum yelp_review_full""".split())
 # T0's held-out datasets: name -> (prefix, suffix) of their configurations; ANLI has one per round.
-P3_HELD_OUT = {'anli_r1': ('anli_', '_r1'), 'anli_r2': ('anli_', '_r2'), 'anli_r3': ('anli_', '_r3'),
-               **{d: (d + '_', '') for d in (
-                   'super_glue_cb', 'super_glue_rte', 'super_glue_copa', 'hellaswag',
-                   'story_cloze_2016', 'winogrande_winogrande_xl', 'super_glue_wsc.fixed',
-                   'super_glue_wic')}}
+P3_HELD_OUT = {f'anli_r{r}': ('anli_', f'_r{r}') for r in (1, 2, 3)}
+P3_HELD_OUT.update({d: (d + '_', '') for d in (
+    'super_glue_cb', 'super_glue_rte', 'super_glue_copa', 'hellaswag', 'story_cloze_2016',
+    'winogrande_winogrande_xl', 'super_glue_wsc.fixed', 'super_glue_wic')})
 P3_EVAL_SPLITS = ('validation', 'dev_r1', 'dev_r2', 'dev_r3')   # held-out: the first one present
 P3_TRAIN_SPLITS = ('train', 'train_r1', 'train_r2', 'train_r3')   # (ANLI's may be named by round)
 # Held-out templates promptsource does not mark original_task: true, which T0 and HINT leave out.
@@ -639,20 +602,18 @@ P3_BLOCK = 4096   # draws of the mixture whose templates one generator call pick
 
 
 def p3_table(args: DataArgs, split: str) -> dict:
-    """{dataset: (prefix, suffix)}: T0's training or held-out datasets, those in --p3-datasets if any is."""
+    """{dataset: (prefix, suffix)} of T0's train or held-out datasets (--p3-datasets' if any)."""
     known = P3_TRAIN + tuple(P3_HELD_OUT)
     unknown = [d for d in args.p3_datasets if d not in known]
     if unknown:
         raise DataError(f'--p3-datasets: unknown {unknown}; known: {", ".join(known)}')
-    table = P3_HELD_OUT
-    if split == 'train':
-        table = {d: (d + '_', '') for d in P3_TRAIN}
+    table = {d: (d + '_', '') for d in P3_TRAIN} if split == 'train' else P3_HELD_OUT
     named = {d: v for d, v in table.items() if d in args.p3_datasets}
     return named or table
 
 
 def p3_split_files(folder: str, names) -> list[str]:
-    """The parquet files of the first split in `names` that a configuration's folder has ([] if none)."""
+    """The parquet files of the first split in `names` that a configuration's folder has."""
     for name in names:
         files = sorted(glob.glob(os.path.join(folder, f'{name}-*.parquet')))
         if files:
@@ -661,17 +622,15 @@ def p3_split_files(folder: str, names) -> list[str]:
 
 
 def p3_configs(args: DataArgs, split: str) -> list[tuple[str, str, list[str], list[str]]]:
-    """[(dataset, configuration, files of the split, train files)] of the selected datasets, sorted;
-    a configuration is its longest matching prefix's dataset's; _score_eval ones are not used."""
-    root = os.path.join(args.data_dir, 'data')   # the configurations' folders, under data/ or at the top
+    """[(dataset, configuration, files of the split, train files)], sorted; a configuration is the
+    dataset's with the longest matching prefix; _score_eval ones are not used."""
+    root = os.path.join(args.data_dir, 'data')   # the configurations, under data/ or at the top
     if not os.path.isdir(root):
         root = args.data_dir
     if not os.path.isdir(root):
         raise DataError(f'--data-dir {args.data_dir}: not a folder (P3: see docs/data.md)')
     table, found = p3_table(args, split), []
-    names = P3_EVAL_SPLITS
-    if split == 'train':
-        names = P3_TRAIN_SPLITS
+    names = P3_TRAIN_SPLITS if split == 'train' else P3_EVAL_SPLITS
     for config in sorted(os.listdir(root)):
         matches = [(len(p), d) for d, (p, s) in table.items()
                    if config.startswith(p) and config.endswith(s)]
@@ -680,7 +639,7 @@ def p3_configs(args: DataArgs, split: str) -> list[tuple[str, str, list[str], li
         folder = os.path.join(root, config)
         files = p3_split_files(folder, names)
         if not files:
-            raise DataError(f'{folder}: configuration {config} has no {" or ".join(names)}-*.parquet')
+            raise DataError(f'{folder}: no {" or ".join(names)}-*.parquet files')
         found.append((max(matches)[1], config, files, p3_split_files(folder, P3_TRAIN_SPLITS)))
     missing = [d for d in table if d not in {f[0] for f in found}]
     if 'story_cloze_2016' in missing:
@@ -702,7 +661,7 @@ def fetch_p3(args: DataArgs) -> str:
     patterns = [f'{top}{prefix}*{suffix}/{name}-*.parquet' for split, names in needed.items()
                 for prefix, suffix in p3_table(args, split).values()
                 for name in names for top in ('data/', '')]
-    print('data: no --data-dir; fetching the files needed from bigscience/P3 (once)', file=sys.stderr)
+    print('data: no --data-dir; fetching the files needed from bigscience/P3', file=sys.stderr)
     try:
         from huggingface_hub import snapshot_download
         return snapshot_download(repo_id='bigscience/P3', repo_type='dataset',
@@ -775,8 +734,7 @@ def p3_chance_match(parts: list, k: int, prompts: list[str]) -> bool:
 
 
 def p3_template_file(path: str) -> dict:
-    """{lower-cased '<dataset>_<template name>': text} of a file in the original's format
-    (all_edited_prompts.txt): blocks separated by a line of '*', each '<dataset>\\t||||\\t<name>\\t||||\\t<text>'."""
+    """{lower-cased '<dataset>_<template name>': text} of a file in the original's format."""
     with reading(f'--p3-templates {path}'), open(path, encoding='utf-8') as f:
         blocks = [b.strip() for b in re.split(r'^\*+$', f.read(), flags=re.M) if b.strip()]
     out = {}
@@ -802,18 +760,13 @@ def p3_demos(pool: dict, k: int, seed: str, tokenizer) -> str:
 
 
 def p3_texts(args: DataArgs, split: str, configs, tokenizer) -> dict:
-    """{configuration: (the hypernetwork's text, what precedes the prompted input in the encoder)}.
-    The template: from --p3-templates, else p3_template of 16 seeded rows among the split's first
-    1,000. --shots k: demonstrations (p3_demos) from the first 1,000 rows of the configuration's
-    train split (else its own), then ' Definition: ' + template; full-input puts it all in the
-    encoder. Cached."""
+    """{configuration: (hypernetwork text, encoder text before the prompt)}, cached: the template
+    (given, or p3_template of 16 rows), after --shots demos from the train split's first 1,000."""
     path = cache_path(args, split, tokenizer, source_files(args, split))[:-4] + '-texts.json'
     if os.path.exists(path):
         with open(path, encoding='utf-8') as f:
             return json.load(f)
-    given = None
-    if args.p3_templates:
-        given = p3_template_file(args.p3_templates)
+    given = p3_template_file(args.p3_templates) if args.p3_templates else None
     out = {}
     for _, config, files, train_files in configs:
         rows = read_p3(files, P3_COLUMNS, 1000)
@@ -827,14 +780,12 @@ def p3_texts(args: DataArgs, split: str, configs, tokenizer) -> dict:
         demos = ''
         if args.shots:
             pool = rows
-            if train_files and split != 'train':
+            if train_files and split != 'train':   # held-out demonstrations: from the train split
                 pool = read_p3(train_files, P3_COLUMNS, 1000)
             seed = args.seed if split == 'train' else 0
             demos = p3_demos(pool, args.shots, f'{seed}:{config}', tokenizer)
             template = demos + ' Definition: ' + template
-        out[config] = (template, '')
-        if args.format == 'full-input':
-            out[config] = ('', demos)
+        out[config] = ('', demos) if args.format == 'full-input' else (template, '')
     write_atomic(path, json.dumps(out, ensure_ascii=False).encode('utf-8'))
     return out
 
@@ -858,9 +809,8 @@ def p3_row_group(path: str, g: int) -> tuple[list, list]:
 
 
 def p3_rates(args: DataArgs, configs, groups) -> np.ndarray:
-    """T0's mixing rate of each template: a dataset of more than --p3-examples-per-dataset training
-    examples (its largest template's rows) gives each of its T templates that / T; a smaller dataset
-    gives each template its own size."""
+    """T0's mixing rates: a template's size, or --p3-examples-per-dataset / T for the T templates of
+    a dataset whose largest template is larger."""
     sizes = np.array([sum(n for *_, n in g) for g in groups], np.float64)
     rates, names = sizes.copy(), np.array([d for d, *_ in configs])
     for d in set(names):
@@ -870,11 +820,9 @@ def p3_rates(args: DataArgs, configs, groups) -> np.ndarray:
 
 
 def p3_draws(args: DataArgs, configs, groups, state: dict):
-    """Yields (template, row group, row) without end: T0's mixture. Draw n picks a template at
-    p3_rates (default_rng([seed, n // P3_BLOCK])); a template's k-th draw walks pass k // rows of
-    its whole train split in a seeded order (its row groups shuffled, then the rows within each): a
-    pure function of (seed, position). `state` {'draws', 'counts' per template} advances in place;
-    a copy of it resumes the stream."""
+    """Yields (template, row group, row) without end, a pure function of (seed, position): draw n
+    picks a template at p3_rates; a template's k-th draw is row k of its shuffled passes. `state`
+    {'draws', 'counts' per template} advances in place; a copy of it resumes the stream."""
     rates = p3_rates(args, configs, groups)
     sizes = [sum(n for *_, n in g) for g in groups]
 
@@ -905,13 +853,12 @@ def p3_row(configs, texts: dict, groups, t: int, g: int, j: int) -> dict:
     dataset, config = configs[t][:2]
     path, group, _ = groups[t][g]
     prompts, targets = p3_row_group(path, group)
+    prompt, target = prompts[j], targets[j]
     with reading(f'{path}: configuration {config} row group {group} row {j}'):
-        assert isinstance(prompts[j], str) and isinstance(targets[j], str), \
-            f'fields {P3_COLUMNS} must be strings, got {prompts[j]!r}, {targets[j]!r}'
+        assert strings(prompt, target), f'{P3_COLUMNS} must be strings: {prompt!r}, {target!r}'
     instruction, prefix = texts[config]
     return dict(task=config, id=f'{config}-{group}-{j}', instruction=instruction,
-                input=prefix + prompts[j], target=targets[j], references=[targets[j]],
-                category=dataset)
+                input=prefix + prompt, target=target, references=[target], category=dataset)
 
 
 def p3_mixture(args: DataArgs, tokenizer, state: dict | None = None):
@@ -928,15 +875,14 @@ def p3_mixture(args: DataArgs, tokenizer, state: dict | None = None):
     texts = p3_texts(args, 'train', configs, tokenizer)
     state = json.loads(json.dumps(state or {'draws': 0, 'counts': [0] * len(configs)}))
     if len(state['counts']) != len(configs):
-        raise DataError(f'the saved P3 stream position counts {len(state["counts"])} templates, the '
-                        f'data has {len(configs)}: resume with the same --data-dir and --p3-datasets')
+        raise DataError(f'the saved P3 position counts {len(state["counts"])} templates, the data '
+                        f'{len(configs)}: resume with the same --data-dir and --p3-datasets')
     return configs, texts, groups, p3_draws(args, configs, groups, state), state, skipped
 
 
 def build_p3(args: DataArgs, split: str, tokenizer):
-    """train: the first --p3-examples (0: 1,000) draws of T0's mixture. test: the held-out
-    evaluation split of every template with answer choices that promptsource marks original_task,
-    with 'choices' and 'answer' (the target's index among them)."""
+    """train: the first --p3-examples (0: 1,000) draws of T0's mixture. test: the held-out split of
+    original_task templates with 'choices' (answer_choices) and 'answer' (the target's index)."""
     import pyarrow.parquet as pq
     if split == 'train':
         configs, texts, groups, draws, _, skipped = p3_mixture(args, tokenizer)
@@ -959,8 +905,8 @@ def build_p3(args: DataArgs, split: str, tokenizer):
         instruction, prefix = texts[config]
         for i, (prompt, target, choices) in enumerate(zip(*table.values())):
             with reading(f'{files[0]}: configuration {config} row {i}'):
-                assert isinstance(prompt, str) and isinstance(target, str), \
-                    f'fields {P3_COLUMNS} must be strings, got {prompt!r}, {target!r}'
+                assert strings(prompt, target), f'{P3_COLUMNS} must be strings: {prompt!r}'
+
                 stripped = [c.strip() for c in choices]
                 assert target.strip() in stripped, \
                     f"'targets_pretokenized' {target!r} is not one of 'answer_choices' {choices}"
@@ -972,8 +918,7 @@ def build_p3(args: DataArgs, split: str, tokenizer):
 
 
 def p3_choice_arrays(examples: list[dict], tokenizer, width: int) -> dict:
-    """'choices' [N, C, Lc] int32: every example's answer choices (C the most any has, absent ones
-    all padding; Lc the bucket of the longest, at most `width`); 'answer' [N] int32."""
+    """'choices' [N, C, Lc] int32 (absent choices all padding), and 'answer' [N] int32."""
     ids = [[encode(tokenizer, c, width)[0] or [tokenizer.eos_id] for c in ex['choices']]
            for ex in examples]
     longest = max(len(x) for row in ids for x in row)
@@ -989,8 +934,7 @@ def p3_choice_arrays(examples: list[dict], tokenizer, width: int) -> dict:
 
 
 def tokenize_rows(rows, args: DataArgs, tokenizer):
-    """Texts -> ids. An example's text stays the original unless cut; a cut one becomes the decoded
-    ids (for SentencePiece that normalizes whitespace, e.g. newlines become spaces)."""
+    """Texts -> ids; a cut text in the example becomes its decoded ids (SentencePiece's: spaced)."""
     widths = dict(zip(FIELDS, lengths(args)))
     memo = {}   # the instruction text repeats for every instance of a task: encode it once
     for ex in rows:
@@ -1029,41 +973,38 @@ def source_files(args: DataArgs, split: str) -> list[str]:
         return c4_files(args, split)
     if args.task != 'p3':
         return []
-    files = [args.p3_templates] if args.p3_templates else []
+    files = []
     for _, _, split_files, train_files in p3_configs(args, split):
-        files = split_files + files
+        files += split_files
         if split == 'test':   # held-out demonstrations come from the train files
-            files = train_files + files
+            files += train_files
+    if args.p3_templates:
+        files.append(args.p3_templates)
     return files
 
 
 def cache_path(args: DataArgs, split: str, tokenizer, files: list[str]) -> str:
-    """Keyed by everything the arrays depend on, this file's own source included (a code change
-    rebuilds)."""
+    """Keyed by all the arrays depend on, this file's source too (a code change rebuilds)."""
     def stamp(path):
         return [os.path.abspath(path), os.path.getsize(path), os.stat(path).st_mtime_ns]
 
     with open(__file__, 'rb') as f:
         code = hashlib.sha256(f.read()).hexdigest()
-    key = dict(code=code, task=args.task, split=split, shots=args.shots, format=args.format,
-               lengths=lengths(args), tokenizer=tokenizer.name, tokenizer_file=None,
-               seed=args.seed if split == 'train' else 0, files=[stamp(p) for p in files])
+    flags = ['task', 'shots', 'format'] + {
+        'synthetic': ['max_instances_per_task'], 'ni': ['max_instances_per_task'],
+        'c4': ['c4_documents', 'data_dir'], 'p3': ['p3_examples_per_dataset', 'p3_examples'],
+    }[args.task]
+    key = dict(code=code, split=split, lengths=lengths(args), tokenizer=tokenizer.name,
+               seed=args.seed if split == 'train' else 0, files=[stamp(p) for p in files],
+               **{flag: getattr(args, flag) for flag in flags})
     if os.path.isfile(tokenizer.name):
         key['tokenizer_file'] = stamp(tokenizer.name)
-    if args.task in ('synthetic', 'ni'):
-        key['max_instances_per_task'] = args.max_instances_per_task
-    if args.task == 'c4':
-        key.update(c4_documents=args.c4_documents, source=local_path(args.data_dir or ''))
-    if args.task == 'p3':
-        key.update(p3_examples_per_dataset=args.p3_examples_per_dataset,
-                   p3_examples=args.p3_examples)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     return os.path.join(args.cache_dir, f'{args.task}-{split}-{digest}.npz')
 
 
 def write_atomic(path: str, content: bytes):
-    """Write then rename: other processes never see half a file, and Ctrl-C or a full disk leaves
-    none behind."""
+    """Write, then rename: no one sees half a file, and Ctrl-C or a full disk leave none behind."""
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     tmp = f'{path}.{os.getpid()}.tmp'
     try:
@@ -1077,10 +1018,11 @@ def write_atomic(path: str, content: bytes):
 
 
 def save_cache(path: str, data: dict):
-    meta = json.dumps({k: data[k] for k in ('examples', 'skipped', 'truncated')}, ensure_ascii=False)
+    meta = {k: data[k] for k in ('examples', 'skipped', 'truncated')}
+    meta = json.dumps(meta, ensure_ascii=False).encode('utf-8')
     arrays = {k: data[k] for k in FIELDS + ('choices', 'answer') if k in data}
     npz = io.BytesIO()
-    np.savez_compressed(npz, **arrays, meta=np.frombuffer(meta.encode('utf-8'), np.uint8))
+    np.savez_compressed(npz, **arrays, meta=np.frombuffer(meta, np.uint8))
     write_atomic(path, npz.getvalue())
 
 
@@ -1092,8 +1034,7 @@ def load_cache(path: str) -> dict:
 
 
 def count_skipped(skipped: dict, first: int = 3) -> dict:
-    """{reason: {count, first names}} of a split's 'skipped' (reason -> names, or a count): for the
-    data line and metrics.json. Reasons that dropped nothing are left out."""
+    """{reason: {count, first names}} of a split's 'skipped' (reason -> names, or a count)."""
     out = {}
     for reason, what in skipped.items():
         names = [] if isinstance(what, int) else list(what)
@@ -1110,8 +1051,7 @@ def interrupted(kept: str = 'nothing was written'):
 
 
 def sources(args: DataArgs, split: str) -> list[str]:
-    """Checks the flags, fetches SNI or P3 when no --data-dir is given, and returns the source files
-    of the split (checked before a slow tokenizer download)."""
+    """The split's source files, after checking the flags and fetching SNI or P3 if needed."""
     check_args(args)
     if args.task == 'ni' and not args.data_dir:
         args.data_dir = fetch_ni(args)
@@ -1145,17 +1085,19 @@ def load_split(args: DataArgs, split: str, tokenizer) -> dict:
         if args.task == 'p3' and split == 'test':   # rank classification's answer choices
             data.update(p3_choice_arrays(data['examples'], tokenizer, lengths(args)[2]))
         save_cache(path, data)
-    data['lengths'] = np.stack([row_lengths(data[k], tokenizer.pad_id) for k in FIELDS], 1)  # [N, 3]
+    lens = [row_lengths(data[k], tokenizer.pad_id) for k in FIELDS]
+    data['lengths'] = np.stack(lens, 1)   # [N, 3]
     tasks = len({e['task'] for e in data['examples']})
     print(f'data: {args.task}/{split} ({args.format}, {args.shots} shots): '
           f'{len(data["examples"])} instances from {tasks} tasks; skipped '
-          f'{count_skipped(data["skipped"])}; truncated {data["truncated"]}; {how}', file=sys.stderr)
+          f'{count_skipped(data["skipped"])}; truncated {data["truncated"]}; {how}',
+          file=sys.stderr)
     return data
 
 
 # ----------------------------------------------------------------------------------------------
 # Batches: the global batch of step s is a pure function of (seed, s), so resuming and multi-host
-# agree. Each is cut to the bucket of its longest row: right padding is masked, so no result changes.
+# agree. Each is cut to its longest row's bucket: right padding is masked, so no result changes.
 
 
 def row_lengths(x, pad_id: int = 0):
@@ -1169,15 +1111,14 @@ def next_pow2(n: int) -> int:
 
 
 def bucket(n: int, cap: int) -> int:
-    """The width for rows of at most n tokens: a power of two >= 16 (few shapes to compile), <= cap."""
+    """The width for rows of at most n tokens: a power of two >= 16 (few shapes to compile)."""
     return min(cap, max(16, next_pow2(n)))
 
 
 def batches(data: dict, batch_size: int, seed: int, start_step: int = 0, process_index: int = 0,
             process_count: int = 1, group_by_length: bool = False):
-    """Yields {'instruction', 'input', 'target'}: this host's share of the global batch, cut to the
-    bucket of the GLOBAL batch's longest row (the same shapes on every host). Epoch e is
-    default_rng([seed, e]).permutation(N); group_by_length sorts runs of 50 batches, longest first."""
+    """Yields this host's share of each global batch, cut to the GLOBAL batch's bucket (the same
+    shapes on every host); group_by_length sorts runs of 50 batches of an epoch, longest first."""
     n = len(data['input'])
     if n == 0 or batch_size % process_count:
         raise ValueError(f'need data and batch_size ({batch_size}) divisible by process_count '
@@ -1217,10 +1158,8 @@ def c4_passes(documents, where: str, process_index: int):
 
 def c4_stream(args: DataArgs, tokenizer, batch_size: int, process_index: int = 0,
               process_count: int = 1, state: dict | None = None):
-    """Yields (batch, state) without end: this host's share of the C4 train windows (c4_rows), read
-    as they are used, padded to `lengths` (the same shapes on every host). `state` resumes right
-    after the batch: the documents' position, windows and tokens read. Each host reads its own
-    shards in file order, unshuffled: C4 is already shuffled, and a shuffle buffer would not resume."""
+    """Yields (batch, state to resume after it) without end: this host's share of C4's windows, read
+    as used, unshuffled (C4 is already shuffled; a shuffle buffer would not resume)."""
     documents, where = c4_documents(args, 'train', process_index, process_count)
     n, carry = 0, []
     if state:   # the epoch first: load_state_dict only applies to an iteration of the same epoch
@@ -1238,9 +1177,8 @@ def c4_stream(args: DataArgs, tokenizer, batch_size: int, process_index: int = 0
 
 def p3_stream(args: DataArgs, tokenizer, batch_size: int, process_index: int = 0,
               process_count: int = 1, state: dict | None = None):
-    """Yields (batch, state) without end: this host's share of T0's training mixture, read and
-    tokenized as used. Every host follows the whole stream and tokenizes only its own rows. Widths:
-    the bucket of the longest row on one host, the fixed `lengths` on several hosts."""
+    """Yields (batch, state) without end: this host's share of T0's mixture, read as used; widths:
+    the batch's bucket on one host, `lengths` on several (every host has the same shapes)."""
     configs, texts, groups, draws, state, skipped = p3_mixture(args, tokenizer, state)
     print(f'data: p3/train: streamed from {len(configs)} templates; skipped '
           f'{count_skipped(skipped)}', file=sys.stderr)
@@ -1257,13 +1195,11 @@ def p3_stream(args: DataArgs, tokenizer, batch_size: int, process_index: int = 0
         widths = lengths(args)
         if process_count == 1:
             widths = [bucket(max(len(r[k]) for r in rows), w) for k, w in zip(FIELDS, widths)]
-        yield padded(rows, widths, tokenizer.pad_id), {'draws': state['draws'],
-                                                        'counts': list(state['counts'])}
+        yield padded(rows, widths, tokenizer.pad_id), dict(state, counts=list(state['counts']))
 
 
 def prefetch(iterator, size: int = 2):
-    """Yields what `iterator` yields, made by a background thread at most `size` items ahead, so the
-    next batch is read while the device runs. The iterator's exception is raised here."""
+    """`iterator`'s items (or error), made by a thread `size` items ahead while the device runs."""
     pool, end = concurrent.futures.ThreadPoolExecutor(1), object()   # one thread: items in order
     ahead = collections.deque(pool.submit(next, iterator, end) for _ in range(size))
     try:
