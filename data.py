@@ -65,9 +65,8 @@ FIELDS = ('instruction', 'input', 'target')   # the arrays of every split and ba
 
 
 def tokenizer_name(args: DataArgs) -> str:
-    if args.tokenizer:
-        return args.tokenizer
-    return 'byte' if args.task == 'synthetic' else 'google/t5-base-lm-adapt'
+    default = 'byte' if args.task == 'synthetic' else 'google/t5-base-lm-adapt'
+    return args.tokenizer or default
 
 
 def lengths(args: DataArgs) -> tuple[int, int, int]:
@@ -78,9 +77,8 @@ def lengths(args: DataArgs) -> tuple[int, int, int]:
     li, ly = args.instruction_len or li, args.target_len or ly
     if args.format != 'full-input':
         return li, args.input_len or lx, ly
-    if args.task in ('ni', 'p3'):
-        return 1, args.input_len or 1024, ly
-    return 1, args.input_len or li + lx, ly
+    whole = 1024 if args.task in ('ni', 'p3') else li + lx   # ni, p3: the paper's limit
+    return 1, args.input_len or whole, ly
 
 
 def check_args(args: DataArgs):
@@ -416,12 +414,14 @@ def ni_task_files(data_dir: str | None, split: str) -> tuple[str, list[tuple[str
         raise DataError(f'{data_dir}: not a natural-instructions clone (no {", ".join(missing)}; '
                         'see docs/data.md)')
     with reading(split_file), open(split_file, encoding='utf-8') as f:
-        names = {n: line.strip() for n, line in enumerate(f, 1) if line.strip()}
+        names = [(lineno, line.strip()) for lineno, line in enumerate(f, 1) if line.strip()]
         assert names, 'lists no tasks (one task name per line)'
-    tasks = [(name, os.path.join(data_dir, 'tasks', name + '.json')) for name in names.values()]
-    for lineno, (name, path) in zip(names, tasks):
+    tasks = []
+    for lineno, name in names:
+        path = os.path.join(data_dir, 'tasks', name + '.json')
         if not os.path.isfile(path):
             raise DataError(f'{split_file} line {lineno}: task {name!r} has no file {path}')
+        tasks.append((name, path))
     return split_file, tasks
 
 
@@ -476,8 +476,8 @@ def build_ni(args: DataArgs, split: str, tokenizer):
                 assert strings(iid, inp), "fields 'id' and 'input' must be strings"
                 assert isinstance(outputs, list) and outputs and strings(*outputs), \
                     "field 'output' must be a non-empty list of strings"
-                instruction, inp = arrange(args.format, *ni_texts(task, path, inp, args, limit,
-                                                                   tokenizer))
+                texts = ni_texts(task, path, inp, args, limit, tokenizer)
+            instruction, inp = arrange(args.format, *texts)
             target = outputs[0]
             if split == 'train':
                 target = random.Random(f'{args.seed}:{iid}').choice(outputs)
