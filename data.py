@@ -1,11 +1,8 @@
-"""Data for HINT: a synthetic instruction suite, Super-NaturalInstructions (SNI), C4 and P3, tokenized, cached.
+"""Data for HINT: tokenizers; synthetic, Super-NaturalInstructions (SNI), C4 and P3 tasks.
 
-Every task yields the same thing (see HINT.md sections 5-6): an `instruction` for the hypernetwork, an `input`
-for the encoder and a `target` for the decoder, as 0-padded int32 arrays with EOS (1) closing each non-empty
-sequence. Text is always cut by TOKENS: at most L-1 tokens, then EOS, so it always fits in L.
-Format 'hint' gives the instruction to the hypernetwork and the instance to the encoder ('split': SNI's
-Tk-Instruct text cut in two); 'full-input' (the Tk-Instruct baseline) puts everything into the encoder
-and leaves a [N, 1] all-padding instruction. `batches` then serves a deterministic, resumable stream.
+Every task gives an `instruction` (hypernetwork), an `input` (encoder) and a `target` (decoder):
+0-padded int32 arrays, each text cut to L-1 tokens + EOS (HINT.md sections 5-6). `batches` serves
+a deterministic, resumable stream. Getting the data: docs/data.md.
 
     python data.py --task ni --data-dir natural-instructions --split test --shots 2 --show 3
 """
@@ -13,11 +10,13 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import difflib
 import functools
 import glob
 import hashlib
+import io
 import itertools
 import json
 import os
@@ -41,88 +40,65 @@ class DataError(ValueError):
 
 @dataclasses.dataclass
 class DataArgs:
-    task: Literal['synthetic', 'ni', 'c4', 'p3'] = 'synthetic'   # built-in suite, SNI, C4 pretraining, T0's P3
-    data_dir: str | None = None
-    """ni: a natural-instructions clone (None: cloned once from --ni-source into --cache-dir);
-    c4: a folder of c4-*.json.gz shards (None: streamed from the hub);
-    p3: a copy of bigscience/P3 ([data/]<configuration>/<split>-*.parquet; None: the files needed, from the hub)"""
+    task: Literal['synthetic', 'ni', 'c4', 'p3'] = 'synthetic'   # built-in suite, SNI, C4, T0's P3
+    data_dir: str | None = None      # SNI clone, C4 shards or P3 copy; None: fetched (docs/data.md)
     ni_source: str = 'https://github.com/allenai/natural-instructions'   # git URL for --task ni
-    shots: int = 0                   # 0|1|2 positive examples in the instruction (p3: 0-5 demonstrations)
+    shots: int = 0                   # 0|1|2 positive examples in the instruction (p3: 0-5 demos)
     format: Literal['hint', 'split', 'full-input'] = 'hint'
-    """hint: HINT's texts (ni: the definition, examples in front of it, to the hypernetwork; the
-    raw input to the encoder); split (ni only): Tk-Instruct's text split in two, definition +
-    examples to the hypernetwork, "Now complete the following example -..." to the encoder (the
-    original's natural_instructions_split_mimic_def); full-input: Tk-Instruct's whole text in the
-    encoder"""
-    max_instances_per_task: int = 100
-    """train: this many of each task after a shuffle seeded by --seed (Tk-Instruct's loader);
-    test: the first ones"""
+    """hint: HINT's texts; split (ni): Tk-Instruct's text cut in two; full-input: all encoded"""
+    max_instances_per_task: int = 100   # train: after a shuffle seeded by --seed; test: the first
     instruction_len: int | None = None   # in tokens; None: task default (see `lengths`)
     input_len: int | None = None         # in tokens; the limit of the whole text in full-input
     target_len: int | None = None        # in tokens
-    tokenizer: str = ''              # '' = 'byte' for synthetic, google/t5-base-lm-adapt for ni/c4
-    c4_documents: int = 0
-    """0: the C4 train split is streamed (its position saved with each checkpoint); N: the windows
-    of its first N documents are read into memory (tests, small runs). The test split: the windows
-    of the first N (0: 1,000)"""
+    tokenizer: str = ''              # '' = 'byte' for synthetic, google/t5-base-lm-adapt otherwise
+    c4_documents: int = 0            # 0: C4 train streamed, N: its first N documents (test: 1,000)
     seed: int = 0                    # train split only: the test split never depends on it
-    cache_dir: str = '.cache/data'   # tokenized splits, reused while arguments and source files are unchanged
-    group_by_length: bool = False    # train batches of similar lengths (runs of 50 batches sorted by length)
-    p3_datasets: tuple[str, ...] = ()
-    """p3: only these datasets (names in data.P3_TRAIN, P3_HELD_OUT); a split none of them is in: all of T0's"""
-    p3_examples_per_dataset: int = 500000
-    """p3 train, T0's mixture rates: a dataset with more train examples gives each of its T
-    templates the rate N / T, a smaller one each template its size"""
-    p3_examples: int = 0
-    """0: T0's training mixture is streamed (its position saved with each checkpoint); N: its first
-    N draws are read into memory (tests, small runs)"""
-    p3_templates: str = ''
-    """p3: the hypernetwork's templates from this file in the original's format (blocks separated
-    by a line of '*', each '<dataset>\\t||||\\t<template name>\\t||||\\t<text>'); '': derived
-    from the data"""
+    cache_dir: str = '.cache/data'   # tokenized splits, reused while arguments and sources match
+    group_by_length: bool = False    # train batches of similar lengths (runs of 50 batches sorted)
+    p3_datasets: tuple[str, ...] = ()   # only these (P3_TRAIN, P3_HELD_OUT); none in a split: all
+    p3_examples_per_dataset: int = 500000   # T0's mixing rates: a larger dataset's cap
+    p3_examples: int = 0             # 0: T0's training mixture streamed; N: its first N draws
+    p3_templates: str = ''           # the hypernetwork's templates (docs/data.md); '': derived
 
 
 FIELDS = ('instruction', 'input', 'target')   # the arrays of every split and batch
 
 
 def tokenizer_name(args: DataArgs) -> str:
-    return args.tokenizer or ('byte' if args.task == 'synthetic' else 'google/t5-base-lm-adapt')
+    default = 'byte' if args.task == 'synthetic' else 'google/t5-base-lm-adapt'
+    return args.tokenizer or default
 
 
 def lengths(args: DataArgs) -> tuple[int, int, int]:
-    """(instruction_len, input_len, target_len): the widths of the arrays `load_split` returns.
-
-    Defaults: synthetic (bytes) 64 + 72*shots / 32 / 32, which nothing exceeds by construction (phrasing + blank
-    line + EOS <= 52 bytes, a demo <= 68, "Input: <8 items>\nOutput:" + EOS = 31, target <= 24);
-    ni 1024 / 1024 / 256 (paper); c4 512 / 512 / 512; p3 512 / 1024 / 256 (paper).
-    In full-input the instruction is [N, 1] padding and the input default is: ni and p3 1024 (the paper's
-    limit), otherwise instruction + input (so the synthetic baseline sees exactly the same text, untruncated)."""
+    """(instruction_len, input_len, target_len): synthetic texts fit by construction; ni and p3 as
+    the paper. full-input: an [N, 1] padding instruction; synthetic's input holds both, uncut."""
     li, lx, ly = {'synthetic': (64 + 72 * args.shots, 32, 32), 'ni': (1024, 1024, 256),
                   'c4': (512, 512, 512), 'p3': (512, 1024, 256)}[args.task]
     li, ly = args.instruction_len or li, args.target_len or ly
-    if args.format == 'full-input':
-        return 1, args.input_len or (1024 if args.task in ('ni', 'p3') else li + lx), ly
-    return li, args.input_len or lx, ly
+    if args.format != 'full-input':
+        return li, args.input_len or lx, ly
+    whole = 1024 if args.task in ('ni', 'p3') else li + lx   # ni, p3: the paper's limit
+    return 1, args.input_len or whole, ly
 
 
 def check_args(args: DataArgs):
     """The data flags, checked before anything is read or downloaded."""
-    allowed = '0 to 5' if args.task == 'p3' else '0, 1 or 2'
-    if not 0 <= args.shots <= (5 if args.task == 'p3' else 2):
+    least = dict(instruction_len=2, input_len=2, target_len=2, max_instances_per_task=1,
+                 c4_documents=0, p3_examples_per_dataset=1, p3_examples=0)   # lengths: token + EOS
+    if args.task == 'c4':
+        least['target_len'] = 4   # a window cut in three parts
+    for name, low in least.items():
+        if getattr(args, name) is not None and getattr(args, name) < low:
+            raise DataError(f'--{name.replace("_", "-")} must be at least {low}')
+    most, allowed = 2, '0, 1 or 2'
+    if args.task == 'p3':
+        most, allowed = 5, '0 to 5'
+    if not 0 <= args.shots <= most:
         raise DataError(f'--shots must be {allowed} for --task {args.task}, got {args.shots}')
-    if args.p3_examples_per_dataset < 1 or args.p3_examples < 0:
-        raise DataError('--p3-examples-per-dataset must be at least 1 and --p3-examples at least 0')
-    if args.p3_templates and not os.path.isfile(args.p3_templates):
-        raise DataError(f'--p3-templates {args.p3_templates}: no such file')
-    for name in ('instruction_len', 'input_len', 'target_len'):
-        if getattr(args, name) is not None and getattr(args, name) < 2:
-            raise DataError(f'--{name.replace("_", "-")} must be at least 2 (one token and EOS)')
-    if args.task == 'c4' and args.target_len is not None and args.target_len < 4:
-        raise DataError('--target-len must be at least 4 for --task c4 (the window length)')
     if args.format == 'split' and args.task != 'ni':
         raise DataError(f'--format split is for --task ni only, not {args.task}')
-    if args.max_instances_per_task < 1 or args.c4_documents < 0:
-        raise DataError('--max-instances-per-task must be at least 1 and --c4-documents at least 0')
+    if args.p3_templates and not os.path.isfile(args.p3_templates):
+        raise DataError(f'--p3-templates {args.p3_templates}: no such file')
 
 
 DATA_PATHS = ('data_dir', 'cache_dir', 'p3_templates')   # DataArgs' local paths (absolute_paths)
@@ -134,9 +110,8 @@ def local_path(path):
 
 
 def absolute_paths(args, paths=(), maybe_paths=()):
-    """Make args' local paths absolute, once, where the arguments are read: orbax needs absolute
-    paths, and a run's meta then finds its files from any folder. URLs (gs://) stay as typed; so do
-    the `maybe_paths` that are no local file or folder (hub names, presets, 'byte')."""
+    """Local paths made absolute (orbax needs them; a run's meta works from any folder); URLs and
+    `maybe_paths` that exist nowhere (hub names) stay."""
     for name in paths + maybe_paths:
         path = getattr(args, name)
         if name in paths or (path and os.path.exists(path)):
@@ -159,9 +134,27 @@ def check_writable(path: str, flag: str):
         raise DataError(f'{flag} {path}: cannot write there ({getattr(e, "strerror", None) or e})') from None
 
 
+@contextlib.contextmanager
+def reading(where: str):
+    """Around a reader's plain field access: any error re-raised as a DataError naming `where`."""
+    try:
+        yield
+    except DataError:
+        raise
+    except KeyError as e:
+        raise DataError(f'{where}: missing field {e}') from None
+    except AssertionError as e:   # the reader's own checks say what is wrong
+        raise DataError(f'{where}: {e}') from None
+    except (LookupError, TypeError, AttributeError, ValueError, OSError) as e:
+        raise DataError(f'{where}: {type(e).__name__}: {e}') from None
+
+
+def strings(*values) -> bool:
+    return all(isinstance(v, str) for v in values)
+
+
 def encode(tokenizer, text: str, length: int) -> tuple[list[int], bool]:
-    """Token ids of `text` cut to length-1 tokens plus EOS ([] for empty text), and whether it was cut.
-    A tokenizer with a BOS id (RoBERTa's <s>) gets it in front."""
+    """(ids, was cut): `text` cut to length-1 tokens + EOS ([] if empty), after RoBERTa's BOS."""
     ids = tokenizer.encode(text) if text else []
     if not ids:
         return [], False
@@ -188,7 +181,8 @@ class ByteTokenizer:
         return [b + 3 for b in text.encode('utf-8')]
 
     def decode(self, ids) -> str:   # ids past the byte range (vocab padding) are dropped
-        return bytes(i - 3 for i in until_eos(ids, self.eos_id) if 3 <= i < 259).decode('utf-8', 'ignore')
+        data = bytes(i - 3 for i in until_eos(ids, self.eos_id) if 3 <= i < 259)
+        return data.decode('utf-8', 'ignore')
 
 
 class SentencePieceTokenizer:
@@ -229,14 +223,14 @@ class HFTokenizer:
         return self.tok.decode(until_eos(ids, self.eos_id), skip_special_tokens=True)
 
 
-
 def load_tokenizer(name_or_dir: str):
-    """'byte' -> ByteTokenizer; a spiece.model / tokenizer.json file or a checkpoint dir / hub name."""
+    """'byte', a spiece.model or tokenizer.json file, or a checkpoint folder or hub name."""
     if name_or_dir == 'byte':
         return ByteTokenizer()
+    if os.path.isfile(name_or_dir) and name_or_dir.endswith('.model'):
+        return SentencePieceTokenizer(name_or_dir)
     if os.path.isfile(name_or_dir):
-        return (SentencePieceTokenizer(name_or_dir) if name_or_dir.endswith('.model')
-                else HFTokenizer(name_or_dir))
+        return HFTokenizer(name_or_dir)
     d = M.resolve_dir(name_or_dir)
     for fname, cls in (('spiece.model', SentencePieceTokenizer), ('tokenizer.json', HFTokenizer)):
         if os.path.exists(os.path.join(d, fname)):
@@ -245,18 +239,14 @@ def load_tokenizer(name_or_dir: str):
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. Synthetic suite: list manipulations that can only be solved by reading the instruction.
-# Inputs are 3-8 single-character items ("c a 7"...). A task = (family, parameter, phrasing).
-# Train tasks use the train parameters, test tasks ONLY the held-out ones (same families, same phrasings):
-# first k in {3,5}, last k in {2,4}, item k in {4,6}, drop x in {c,h}, replace a->b with (a+b) % 9 == 0
-# (10 pairs: a and b both appear in other train pairs), double x in {b,g}, count x in {d,i}, add n in {4,7}.
-# reverse and sort have no held-out parameter and are train-only.
+# 1. Synthetic suite: list manipulations ("c a 7" -> "7 a c") solved only by reading the
+# instruction. A task = (family, parameter, phrasing); test tasks have held-out parameters only.
 
 LETTERS, DIGITS = 'abcdefghij', '0123456789'
 PAIRS = [(a, b) for a in LETTERS for b in LETTERS if a != b]
 
 
-def _held_pair(p):
+def _held_pair(p):   # 10 pairs whose letters both appear in train pairs
     return (LETTERS.index(p[0]) + LETTERS.index(p[1])) % 9 == 0
 
 
@@ -264,10 +254,10 @@ def _split_params(values, held):
     return [v for v in values if v not in held], list(held)
 
 
-# family -> (phrasings, train parameters, test parameters). Phrasings use {p} (and {a}, {b} for replace).
+# family -> (phrasings, train parameters, test parameters). Phrasings use {p} ({a}, {b}: replace).
 FAMILIES = {
-    'reverse': (['Reverse the list.', 'Write the items in reverse order.', 'Output the list backwards.'],
-                [None], []),
+    'reverse': (['Reverse the list.', 'Write the items in reverse order.',
+                 'Output the list backwards.'], [None], []),
     'sort': (['Sort the items in {p} order.', 'Arrange the items in {p} order.',
               'Output the items in {p} order.'], ['ascending', 'descending'], []),
     'first': (['Take the first {p} items.', 'Keep only the first {p} items of the list.',
@@ -278,14 +268,15 @@ FAMILIES = {
               'Give item {p} of the list.'], *_split_params([1, 2, 3, 4, 5, 6, 7], [4, 6])),
     'drop': (['Remove every {p}.', 'Delete all occurrences of {p} from the list.',
               'Output the list without any {p}.'], *_split_params(list(LETTERS), 'ch')),
-    'replace': (['Replace every {a} with {b}.', 'Change each {a} into {b}.', 'Write {b} instead of every {a}.'],
+    'replace': (['Replace every {a} with {b}.', 'Change each {a} into {b}.',
+                 'Write {b} instead of every {a}.'],
                 [p for p in PAIRS if not _held_pair(p)], [p for p in PAIRS if _held_pair(p)]),
-    'double': (['Write every {p} twice.', 'Repeat each {p} once more.', 'Duplicate every {p} in the list.'],
-               *_split_params(list(LETTERS), 'bg')),
+    'double': (['Write every {p} twice.', 'Repeat each {p} once more.',
+                'Duplicate every {p} in the list.'], *_split_params(list(LETTERS), 'bg')),
     'count': (['How many times does {p} appear?', 'Count the occurrences of {p}.',
                'Output the number of {p} items in the list.'], *_split_params(list(LETTERS), 'di')),
-    'add': (['Add {p} to each number.', 'Increase every number by {p}.', 'Output each number plus {p}.'],
-            *_split_params(list(range(1, 10)), [4, 7])),
+    'add': (['Add {p} to each number.', 'Increase every number by {p}.',
+             'Output each number plus {p}.'], *_split_params(list(range(1, 10)), [4, 7])),
 }
 SYN_TRAIN_PER_FAMILY = 2000   # train instances per family, spread over its tasks (capped per task)
 SYN_TEST_PER_TASK = 20
@@ -306,16 +297,20 @@ def synthetic_output(family: str, p, items: list[str]) -> str:
 
 
 def _synthetic_pair(rng: random.Random, family: str, p) -> tuple[str, str]:
-    """One (input, output) pair, resampled until the output is non-empty and differs from the input."""
-    x = p[0] if family == 'replace' else p if family in ('drop', 'double', 'count') else None
-    lo = {'first': p + 1, 'last': p + 1, 'item': p}.get(family, 3) if isinstance(p, int) else 3
+    """One (input, output) pair whose output is non-empty and differs from the input."""
+    letter = p if family in ('drop', 'double', 'count') else None   # the letter the task is about
+    if family == 'replace':
+        letter = p[0]
+    shortest = 3
+    if family in ('first', 'last', 'item'):   # longer than the items kept; item p exists
+        shortest = max(3, p + (family != 'item'))
     while True:
-        n = rng.randint(max(3, lo), 8)
-        if x is not None:   # letters, with x placed 1-4 times (0-4 for count), never everywhere
-            items = [rng.choice(LETTERS.replace(x, '')) for _ in range(n)]
-            for pos in rng.sample(range(n), rng.randint(0 if family == 'count' else 1, min(4, n - 1))):
-                items[pos] = x
-        else:               # positional families see letters or digits, so digit lists are shared with 'add'
+        n = rng.randint(shortest, 8)
+        if letter is not None:   # `letter` put 1-4 times (count: 0-4), never everywhere
+            items = [rng.choice(LETTERS.replace(letter, '')) for _ in range(n)]
+            for pos in rng.sample(range(n), rng.randint(int(family != 'count'), min(4, n - 1))):
+                items[pos] = letter
+        else:   # positional families see letters or digits, so digit lists are shared with 'add'
             pool = DIGITS if family == 'add' or rng.random() < 0.5 else LETTERS
             items = [rng.choice(pool) for _ in range(n)]
         inp, out = ' '.join(items), synthetic_output(family, p, items)
@@ -328,64 +323,56 @@ def synthetic_tasks(split: str) -> list[tuple[str, str, object, str]]:
     tasks = []
     for family, (phrasings, train, test) in FAMILIES.items():
         for p in (train if split == 'train' else test):
+            a, b, label = None, None, '-' if p is None else p
+            if family == 'replace':
+                (a, b), label = p, '>'.join(p)
             for j, phrasing in enumerate(phrasings):
-                a, b = p if family == 'replace' else (None, None)
-                name = f'{family}:{a + ">" + b if a else "-" if p is None else p}:{j}'
-                tasks.append((name, family, p, phrasing.format(p=p, a=a, b=b)))
+                tasks.append((f'{family}:{label}:{j}', family, p, phrasing.format(p=p, a=a, b=b)))
     return tasks
 
 
-def build_synthetic(args: DataArgs, split: str):
-    """Texts [(example dict)]: instruction = phrasing + "\\n\\n" + demos ("Example i -\\nInput: ..\\nOutput: ..\\n\\n"),
-    input = "Input: <items>\\nOutput:", target = the items. full-input: input = instruction + input (the
-    instruction already ends with the blank line that separates them)."""
+def build_synthetic(args: DataArgs, split: str, tokenizer=None):
+    """Rows: the phrasing and demos "Example i -\\nInput: ..\\nOutput: ..\\n\\n"; the items."""
     tasks, rows = synthetic_tasks(split), []
-    per_family = {f: sum(t[1] == f for t in tasks) for f in FAMILIES}
-    seed = args.seed if split == 'train' else 0   # the held-out set never depends on the training seed
+    per_family = collections.Counter(family for _, family, _, _ in tasks)
+    seed = args.seed if split == 'train' else 0   # the held-out set never depends on --seed
     for name, family, p, phrasing in tasks:
-        demo_rng = random.Random(f'demo:{seed}:{name}')   # same demos for every shots: 1 shot is a prefix of 2
+        demo_rng = random.Random(f'demo:{seed}:{name}')   # the same demos for every --shots
         demos = [_synthetic_pair(demo_rng, family, p) for _ in range(args.shots)]
         instruction = instruction_text('synthetic', phrasing, args.format, args.shots) + ''.join(
             f'Example {i} -\nInput: {a}\nOutput: {b}\n\n' for i, (a, b) in enumerate(demos, 1))
-        n = SYN_TEST_PER_TASK if split == 'test' else max(1, SYN_TRAIN_PER_FAMILY // per_family[family])
+        n = max(1, SYN_TRAIN_PER_FAMILY // per_family[family])
+        if split == 'test':
+            n = SYN_TEST_PER_TASK
         rng = random.Random(f'{split}:{seed}:{name}')
         for i in range(min(n, args.max_instances_per_task)):
             inp, out = _synthetic_pair(rng, family, p)
-            inp = instance_text('synthetic', inp, args.format)
-            rows.append(dict(task=name, id=f'{name}-{i}', instruction=instruction, input=inp,
+            texts = arrange(args.format, instruction, instance_text('synthetic', inp, args.format))
+            rows.append(dict(task=name, id=f'{name}-{i}', instruction=texts[0], input=texts[1],
                              target=out, references=[out], category=family))
     return rows, {}
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. Super-NaturalInstructions: HINT's texts, or Tk-Instruct's split in two or whole (HINT.md
-# section 6).
-
-NI_HELP = ('expected a clone of https://github.com/allenai/natural-instructions with splits/default/'
-           'train_tasks.txt, splits/default/test_tasks.txt and tasks/<task>.json; get it with '
-           '`git clone --depth 1 https://github.com/allenai/natural-instructions` and pass --data-dir')
+# 2. Super-NaturalInstructions: HINT's texts, or Tk-Instruct's split or whole (HINT.md section 6).
 
 
 def fetch_ni(args: DataArgs) -> str:
-    """A shallow clone of --ni-source in the cache folder: made once (into a temporary folder that is
-    renamed when complete), then reused."""
+    """A shallow clone of --ni-source in the cache folder, made once (renamed when complete)."""
     dest = os.path.join(args.cache_dir, 'natural-instructions')
     if os.path.isdir(os.path.join(dest, 'splits')):
         return dest
     tmp = dest + '.partial'
     shutil.rmtree(tmp, ignore_errors=True)
-    print(f'data: no --data-dir; cloning {args.ni_source} into {dest} (once; a few GB)', file=sys.stderr)
+    print(f'data: no --data-dir; cloning {args.ni_source} into {dest} (once)', file=sys.stderr)
+    command = ['git', 'clone', '--depth', '1', '--progress', args.ni_source, tmp]
     env = dict(os.environ, GIT_TERMINAL_PROMPT='0')   # fail, never ask for a password
     try:
-        subprocess.run(['git', 'clone', '--depth', '1', '--progress', args.ni_source, tmp], check=True,
-                       stdin=subprocess.DEVNULL, stdout=sys.stderr, env=env)
-    except FileNotFoundError:
-        raise DataError(f'--task ni without --data-dir needs git to fetch {args.ni_source}: install git, '
-                        'or clone it yourself and pass --data-dir') from None
-    except subprocess.CalledProcessError:
+        subprocess.run(command, check=True, stdin=subprocess.DEVNULL, stdout=sys.stderr, env=env)
+    except (OSError, subprocess.CalledProcessError):   # no git, no network
         shutil.rmtree(tmp, ignore_errors=True)
-        raise DataError(f'could not clone {args.ni_source} (no network?): on a machine with network run '
-                        f'`git clone --depth 1 {args.ni_source}` and pass --data-dir DIR') from None
+        raise DataError(f'could not clone {args.ni_source}: run `git clone --depth 1 '
+                        f'{args.ni_source}` where there is network and pass --data-dir') from None
     os.replace(tmp, dest)
     return dest
 
@@ -395,13 +382,12 @@ def dot(s: str) -> str:
 
 
 def instruction_text(task: str, definition: str, fmt: str, shots: int) -> str:
-    """The instruction for a task definition, before any examples (eval.py's one-off mode uses it
-    too)."""
+    """The instruction for a task definition, before any examples (eval.py's one-off mode too)."""
     if task != 'ni':
         return definition + '\n\n'
-    if fmt == 'hint':   # HINT's: the bare definition; with examples, "Definition: " and no dot
-        return 'Definition: ' + definition if shots else definition.strip()
-    return 'Definition: ' + dot(definition.strip()) + '\n\n'   # Tk-Instruct's
+    if fmt != 'hint':   # Tk-Instruct's
+        return 'Definition: ' + dot(definition.strip()) + '\n\n'
+    return 'Definition: ' + definition if shots else definition.strip()   # HINT's
 
 
 def instance_text(task: str, text: str, fmt: str) -> str:
@@ -414,8 +400,7 @@ def instance_text(task: str, text: str, fmt: str) -> str:
 
 
 def arrange(fmt: str, instruction: str, text: str) -> tuple[str, str]:
-    """(hypernetwork text, encoder text): full-input puts the instruction in front of the encoder's
-    text and gives the hypernetwork nothing."""
+    """(hypernetwork text, encoder text): full-input puts the instruction in the encoder."""
     if fmt == 'full-input':
         return '', instruction + text
     return instruction, text
@@ -426,60 +411,40 @@ def ni_task_files(data_dir: str | None, split: str) -> tuple[str, list[tuple[str
     split_file = os.path.join(data_dir, 'splits', 'default', f'{split}_tasks.txt')
     missing = [p for p in (split_file, os.path.join(data_dir, 'tasks')) if not os.path.exists(p)]
     if missing:
-        raise DataError(f'{data_dir}: not a natural-instructions clone (missing {", ".join(missing)}): {NI_HELP}')
+        raise DataError(f'{data_dir}: not a natural-instructions clone (no {", ".join(missing)}; '
+                        'see docs/data.md)')
+    with reading(split_file), open(split_file, encoding='utf-8') as f:
+        names = [(lineno, line.strip()) for lineno, line in enumerate(f, 1) if line.strip()]
+        assert names, 'lists no tasks (one task name per line)'
     tasks = []
-    try:
-        with open(split_file, encoding='utf-8') as f:
-            lines = f.read().splitlines()
-    except UnicodeDecodeError as e:
-        raise DataError(f'{split_file}: not UTF-8 text ({e})') from None
-    for lineno, line in enumerate(lines, 1):
-        if line.strip():
-            path = os.path.join(data_dir, 'tasks', line.strip() + '.json')
-            if not os.path.isfile(path):
-                raise DataError(f'{split_file} line {lineno}: task {line.strip()!r} has no file {path}')
-            tasks.append((line.strip(), path))
-    if not tasks:
-        raise DataError(f'{split_file}: lists no tasks (one task name per line)')
+    for lineno, name in names:
+        path = os.path.join(data_dir, 'tasks', name + '.json')
+        if not os.path.isfile(path):
+            raise DataError(f'{split_file} line {lineno}: task {name!r} has no file {path}')
+        tasks.append((name, path))
     return split_file, tasks
 
 
-def _field(obj, key, where, kind=None):
-    if not isinstance(obj, dict) or key not in obj:
-        raise DataError(f'{where}: missing field {key!r}')
-    if kind is not None and not isinstance(obj[key], kind):
-        raise DataError(f'{where}: field {key!r} must be a {kind.__name__}, got {type(obj[key]).__name__}')
-    return obj[key]
-
-
 def read_ni_task(path: str) -> dict:
-    try:
-        with open(path, encoding='utf-8') as f:
-            task = json.load(f)   # Python's json reads the NaN some task files hold (e.g. "URL": [NaN])
-    except json.JSONDecodeError as e:
-        raise DataError(f'{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}') from None
-    except UnicodeDecodeError as e:
-        raise DataError(f'{path}: not UTF-8 text ({e})') from None
-    for key in ('Definition', 'Positive Examples', 'Instances', 'Categories'):
-        value = _field(task, key, path, list)
-        if key in ('Definition', 'Categories') and not (value and isinstance(value[0], str)):
-            raise DataError(f'{path}: field {key!r} must be a non-empty list of strings')
+    with reading(path), open(path, encoding='utf-8') as f:
+        task = json.load(f)   # Python's json reads the NaN some task files hold (e.g. "URL": [NaN])
+        for key in ('Definition', 'Positive Examples', 'Instances', 'Categories'):
+            assert isinstance(task[key], list), f'field {key!r} must be a list'
+        for key in ('Definition', 'Categories'):
+            problem = f'field {key!r} must be a non-empty list of strings'
+            assert task[key] and strings(task[key][0]), problem
     return task
 
 
 def ni_texts(task: dict, path: str, instance_input: str, args: DataArgs, limit: int, tokenizer):
-    """(instruction, instance part). Example i: " Positive Example i -\nInput: ..\n Output: ..\n".
-    hint: each example that fits `limit` tokens (with EOS) with the text so far goes IN FRONT
-    (example k, .., example 1, definition), as the original's natural_instruction_positive_example_
-    hyper_k. Otherwise (Tk-Instruct's): example + "\n" goes after, while the whole text with the
-    instance part fits, so split and full-input choose the same ones at equal limits."""
+    """(instruction, instance part). hint: each example that fits `limit` goes IN FRONT (the
+    original's ..._hyper_k); else Tk-Instruct's: after, while the whole text fits."""
     text = instruction_text('ni', task['Definition'][0], args.format, args.shots)
     instance = instance_text('ni', instance_input, args.format)
     for i, ex in enumerate(task['Positive Examples'][:args.shots], 1):
-        where = f'{path}: Positive Examples[{i - 1}]'
-        inp, out = _field(ex, 'input', where, str), _field(ex, 'output', where, str)
-        example = dot(f' Positive Example {i} -\nInput: ' + inp.strip()) + '\n'
-        example = dot(example + ' Output: ' + out.strip()) + '\n'
+        with reading(f'{path}: Positive Examples[{i - 1}]'):
+            example = dot(f' Positive Example {i} -\nInput: ' + ex['input'].strip()) + '\n'
+            example = dot(example + ' Output: ' + ex['output'].strip()) + '\n'
         if args.format == 'hint':
             if len(tokenizer.encode(text + example)) <= limit - 1:
                 text = example + text
@@ -491,13 +456,8 @@ def ni_texts(task: dict, path: str, instance_input: str, args: DataArgs, limit: 
 
 
 def build_ni(args: DataArgs, split: str, tokenizer):
-    """Rows from max_instances_per_task instances of each task (train: after a shuffle seeded by
-    --seed, test: the first ones, as Tk-Instruct's loader). references: the instance's whole output
-    list, empty strings included, as Tk-Instruct evaluates (an instance whose outputs are all empty
-    is kept: it counts in the metrics' denominator, so none is skipped).
-    target: train = a seeded random output (seed, instance id), as Tk-Instruct's collator picks
-    random.choice(output); test = the first output. An empty target becomes EOS alone (tokenize_rows),
-    so the model learns to stop at once, as with Tk-Instruct's tokenizer."""
+    """max_instances_per_task rows per task, as Tk-Instruct (train: shuffled, a seeded random
+    output as target; test: the first ones, the first output); references: all outputs, '' too."""
     _, task_files = ni_task_files(args.data_dir, split)
     li, lx, _ = lengths(args)
     limit = lx if args.format == 'full-input' else li
@@ -510,28 +470,26 @@ def build_ni(args: DataArgs, split: str, tokenizer):
         if split == 'train':   # the same permutation as shuffling the instances themselves
             random.Random(args.seed).shuffle(order)
         for k in order[:args.max_instances_per_task]:
-            inst, where = task['Instances'][k], f'{path}: Instances[{k}]'
-            iid = _field(inst, 'id', where, str)
-            where = f'{path}: instance {iid}'
-            outputs = _field(inst, 'output', where, list)
-            if not outputs:
-                raise DataError(f'{where}: field \'output\' is an empty list (no reference at all)')
-            if not all(isinstance(o, str) for o in outputs):
-                raise DataError(f'{where}: field \'output\' must be a list of strings')
-            inp = _field(inst, 'input', where, str)
-            instruction, inp = ni_texts(task, path, inp, args, limit, tokenizer)
-            instruction, inp = arrange(args.format, instruction, inp)
-            target = random.Random(f'{args.seed}:{iid}').choice(outputs) if split == 'train' else outputs[0]
+            with reading(f'{path}: Instances[{k}]'):
+                inst = task['Instances'][k]
+                iid, inp, outputs = inst['id'], inst['input'], inst['output']
+                assert strings(iid, inp), "fields 'id' and 'input' must be strings"
+                assert isinstance(outputs, list) and outputs and strings(*outputs), \
+                    "field 'output' must be a non-empty list of strings"
+                texts = ni_texts(task, path, inp, args, limit, tokenizer)
+            instruction, inp = arrange(args.format, *texts)
+            target = outputs[0]
+            if split == 'train':
+                target = random.Random(f'{args.seed}:{iid}').choice(outputs)
             rows.append(dict(task=name, id=iid, instruction=instruction, input=inp, target=target,
                              references=list(outputs), category=task['Categories'][0]))
     return rows, skipped
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. C4, as the original's c4_pretrain (t5's prefix-LM objective): the documents' tokens, one
-# after the other, are cut into windows of L = --target-len (512) tokens that cross document ends.
-# Window n is cut at a ~ U[1, L-2) and b ~ U[a, L-2) into instruction w[:a], input w[a:b] (may be
-# empty) and target w[b:], each closed by EOS: with widths of L, nothing is ever cut.
+# 3. C4, as the original's c4_pretrain (t5's prefix-LM objective): the documents' tokens in a row,
+# cut into windows of L = --target-len tokens, each cut in three at a ~ U[1, L-2), b ~ U[a, L-2):
+# instruction w[:a], input w[a:b] (may be empty), target w[b:]; with widths of L, nothing is cut.
 
 
 def c4_files(args: DataArgs, split: str) -> list[str]:
@@ -541,25 +499,23 @@ def c4_files(args: DataArgs, split: str) -> list[str]:
     pattern = os.path.join(args.data_dir, f'c4-{name}*.json.gz')
     files = sorted(glob.glob(pattern))
     if not files:
-        raise DataError(f'--task c4: no shards match {pattern} (expected files like c4-train.'
-                        '00000-of-01024.json.gz, one JSON object with "text" per line; or leave '
-                        '--data-dir unset to stream allenai/c4)')
+        raise DataError(f'--task c4: no shards match {pattern} (see docs/data.md)')
     return files
 
 
 def c4_documents(args: DataArgs, split: str, process_index: int = 0, process_count: int = 1):
-    """(documents, where): this host's share (split_dataset_by_node) of the split's documents as a
-    `datasets` IterableDataset: local shards in file order, or allenai/c4 (en) from the hub."""
+    """(documents, where): this host's share of the split's documents (a datasets IterableDataset),
+    from the local shards in file order, or allenai/c4 (en) on the hub."""
     import datasets
     from datasets.distributed import split_dataset_by_node
     files = c4_files(args, split)
-    where = files[0] + ', ...' if files else 'allenai/c4 (en) on the Hugging Face hub'
+    name = 'train' if split == 'train' else 'validation'
+    where, source = 'allenai/c4 (en) on the Hugging Face hub', dict(path='allenai/c4', name='en')
+    if files:
+        where, source = files[0] + ', ...', dict(path='json', data_files=files, name=None)
+        name = 'train'   # the json loader's only split
     try:
-        if files:
-            ds = datasets.load_dataset('json', data_files=files, split='train', streaming=True)
-        else:
-            name = 'train' if split == 'train' else 'validation'
-            ds = datasets.load_dataset('allenai/c4', 'en', split=name, streaming=True)
+        ds = datasets.load_dataset(**source, split=name, streaming=True)
     except Exception as e:   # no network, no such dataset: one line, not a traceback
         raise DataError(f'could not stream {where} ({type(e).__name__}: {e}); pass --data-dir with '
                         'c4-*.json.gz shards') from None
@@ -568,26 +524,10 @@ def c4_documents(args: DataArgs, split: str, process_index: int = 0, process_cou
 
 def c4_texts(documents, where: str):
     """The text of each document; a damaged shard or a row without a "text" string: a DataError."""
-    try:
+    with reading(where):
         for doc in documents:
-            if not isinstance(doc.get('text'), str):
-                raise DataError(f'{where}: a row without a "text" string ({str(doc)[:60]})')
+            assert strings(doc.get('text')), f'a row without a "text" string ({str(doc)[:60]})'
             yield doc['text']
-    except DataError:
-        raise
-    except Exception as e:
-        raise DataError(f'reading {where}: {type(e).__name__}: {e}') from None
-
-
-def c4_windows(texts, tokenizer, length: int, carry: list[int]):
-    """Yields (window, carry): the next `length` tokens of the texts' tokens one after the other,
-    and the tokens read after it (the stream's position within its current document)."""
-    tokens = list(carry)
-    for text in texts:
-        tokens = tokens + tokenizer.encode(text)   # a new list: the carry yielded stays as it is
-        while len(tokens) >= length:
-            window, tokens = tokens[:length], tokens[length:]
-            yield window, tokens
 
 
 def c4_segments(args: DataArgs, window: list[int], seed: int, index: int, eos_id: int):
@@ -606,6 +546,20 @@ def c4_segments(args: DataArgs, window: list[int], seed: int, index: int, eos_id
     return seqs, flags
 
 
+def c4_rows(args: DataArgs, tokenizer, texts, seed: int, n: int = 0, carry=(), hosts=(0, 1)):
+    """Yields (ids, cut, n + 1, carry) for windows n, n+1, ...: window n of host h of H is cut with
+    seed (seed, n * H + h); carry: the tokens read past it (the position in its document)."""
+    host, host_count = hosts
+    tokens, length = list(carry), lengths(args)[2]
+    for text in texts:
+        tokens = tokens + tokenizer.encode(text)   # a new list: the carry yielded stays as it is
+        while len(tokens) >= length:
+            window, tokens = tokens[:length], tokens[length:]
+            ids, cut = c4_segments(args, window, seed, n * host_count + host, tokenizer.eos_id)
+            n += 1
+            yield ids, cut, n, tokens
+
+
 def build_c4(args: DataArgs, split: str, tokenizer):
     """Token-id rows: the windows of the split's first --c4-documents documents (0: 1,000), cut as
     c4_stream cuts them (one host); example texts are previews: each part's first 64 tokens."""
@@ -613,34 +567,29 @@ def build_c4(args: DataArgs, split: str, tokenizer):
     documents, where = c4_documents(args, split)
     texts = c4_texts(itertools.islice(documents, args.c4_documents or 1000), where)
     rows = []
-    for i, (window, _) in enumerate(c4_windows(texts, tokenizer, lengths(args)[2], [])):
-        seqs, flags = c4_segments(args, window, seed, i, tokenizer.eos_id)
-        pv = {k: tokenizer.decode(v[:64]) for k, v in seqs.items()}
-        rows.append((dict(task='c4', id=f'c4-{split}-{i}', **pv, references=[pv['target']], category='c4'),
-                     seqs, flags))
+    for i, (ids, cut, _, _) in enumerate(c4_rows(args, tokenizer, texts, seed)):
+        preview = {k: tokenizer.decode(v[:64]) for k, v in ids.items()}
+        rows.append((dict(preview, task='c4', id=f'c4-{split}-{i}', references=[preview['target']],
+                          category='c4'), ids, cut))
     return rows, {}
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. P3 (T0's prompted datasets), laid out as the hub repository bigscience/P3:
-# [data/]<configuration>/<split>-00000-of-0000N.parquet, one configuration per (dataset, prompt template), named
-# <dataset>[_<subset>]_<template>, columns inputs_pretokenized, targets_pretokenized (+ answer_choices).
+# 4. P3 (T0's prompted datasets) as bigscience/P3 lays it out (docs/data.md): a configuration
+# per (dataset, prompt template), named <dataset>[_<subset>]_<template>.
 
 # T0's 38 training datasets, named as P3 prefixes its configurations (CommonsenseQA is cos_e v1.11).
-P3_TRAIN = ('adversarial_qa_dbert', 'adversarial_qa_dbidaf', 'adversarial_qa_droberta', 'ag_news',
-            'amazon_polarity', 'app_reviews', 'cnn_dailymail_3.0.0', 'common_gen', 'cos_e_v1.11', 'cosmos_qa',
-            'dbpedia_14', 'dream', 'duorc_ParaphraseRC', 'duorc_SelfRC', 'gigaword', 'glue_mrpc', 'glue_qqp',
-            'imdb', 'kilt_tasks_hotpotqa', 'multi_news', 'paws_labeled_final', 'qasc', 'quail', 'quarel', 'quartz',
-            'quoref', 'ropes', 'rotten_tomatoes', 'samsum', 'sciq', 'social_i_qa', 'trec', 'wiki_bio',
-            'wiki_hop_original', 'wiki_qa', 'wiqa', 'xsum', 'yelp_review_full')
+P3_TRAIN = tuple("""adversarial_qa_dbert adversarial_qa_dbidaf adversarial_qa_droberta ag_news
+    amazon_polarity app_reviews cnn_dailymail_3.0.0 common_gen cos_e_v1.11 cosmos_qa dbpedia_14
+    dream duorc_ParaphraseRC duorc_SelfRC gigaword glue_mrpc glue_qqp imdb kilt_tasks_hotpotqa
+    multi_news paws_labeled_final qasc quail quarel quartz quoref ropes rotten_tomatoes samsum sciq
+    social_i_qa trec wiki_bio wiki_hop_original wiki_qa wiqa xsum yelp_review_full""".split())
 # T0's held-out datasets: name -> (prefix, suffix) of their configurations; ANLI has one per round.
-P3_HELD_OUT = {'anli_r1': ('anli_', '_r1'), 'anli_r2': ('anli_', '_r2'), 'anli_r3': ('anli_', '_r3'),
-               'super_glue_cb': ('super_glue_cb_', ''), 'super_glue_rte': ('super_glue_rte_', ''),
-               'super_glue_copa': ('super_glue_copa_', ''), 'hellaswag': ('hellaswag_', ''),
-               'story_cloze_2016': ('story_cloze_2016_', ''),
-               'winogrande_winogrande_xl': ('winogrande_winogrande_xl_', ''),
-               'super_glue_wsc.fixed': ('super_glue_wsc.fixed_', ''), 'super_glue_wic': ('super_glue_wic_', '')}
-P3_EVAL_SPLITS = ('validation', 'dev_r1', 'dev_r2', 'dev_r3')   # the held-out split: the first one present
+P3_HELD_OUT = {f'anli_r{r}': ('anli_', f'_r{r}') for r in (1, 2, 3)}
+P3_HELD_OUT.update({d: (d + '_', '') for d in (
+    'super_glue_cb', 'super_glue_rte', 'super_glue_copa', 'hellaswag', 'story_cloze_2016',
+    'winogrande_winogrande_xl', 'super_glue_wsc.fixed', 'super_glue_wic')})
+P3_EVAL_SPLITS = ('validation', 'dev_r1', 'dev_r2', 'dev_r3')   # held-out: the first one present
 P3_TRAIN_SPLITS = ('train', 'train_r1', 'train_r2', 'train_r3')   # (ANLI's may be named by round)
 # Held-out templates promptsource does not mark original_task: true, which T0 and HINT leave out.
 P3_NOT_ORIGINAL = ('hellaswag_Open_ended_completion', 'hellaswag_how_ends',
@@ -650,29 +599,21 @@ P3_NOT_ORIGINAL = ('hellaswag_Open_ended_completion', 'hellaswag_how_ends',
 P3_DEMO_TOKENS = 960   # the original keeps the demonstrations that fit this many (FLAN's 1024 - 64)
 P3_COLUMNS = ['inputs_pretokenized', 'targets_pretokenized']
 P3_BLOCK = 4096   # draws of the mixture whose templates one generator call picks
-P3_HELP = ("expected bigscience/P3's layout, DIR[/data]/<configuration>/<split>-00000-of-00001.parquet: on a "
-           'machine with network run `huggingface-cli download bigscience/P3 --repo-type dataset '
-           '--local-dir DIR` and pass --data-dir DIR')
-STORY_CLOZE_HELP = (
-    '{root}: no story_cloze_2016_* configuration. StoryCloze is not distributed freely: request the StoryCloze '
-    '2016 CSV files (cloze_test_val__spring2016 and cloze_test_test__spring2016) with the form at '
-    'https://cs.rochester.edu/nlp/rocstories/, build P3\'s story_cloze_2016 configurations from them '
-    '(promptsource) and put them at {root}/story_cloze_2016_<template>/validation-00000-of-00001.parquet; or '
-    'evaluate without StoryCloze: --p3-datasets {others}')
 
 
 def p3_table(args: DataArgs, split: str) -> dict:
-    """{dataset: (prefix, suffix)}: T0's training or held-out datasets, only those in --p3-datasets if any is."""
-    unknown = [d for d in args.p3_datasets if d not in P3_TRAIN and d not in P3_HELD_OUT]
+    """{dataset: (prefix, suffix)} of T0's train or held-out datasets (--p3-datasets' if any)."""
+    known = P3_TRAIN + tuple(P3_HELD_OUT)
+    unknown = [d for d in args.p3_datasets if d not in known]
     if unknown:
-        raise DataError(f'--p3-datasets: unknown {unknown}; known: {", ".join(P3_TRAIN + tuple(P3_HELD_OUT))}')
+        raise DataError(f'--p3-datasets: unknown {unknown}; known: {", ".join(known)}')
     table = {d: (d + '_', '') for d in P3_TRAIN} if split == 'train' else P3_HELD_OUT
     named = {d: v for d, v in table.items() if d in args.p3_datasets}
     return named or table
 
 
 def p3_split_files(folder: str, names) -> list[str]:
-    """The parquet files of the first split in `names` that a configuration's folder has ([] if none)."""
+    """The parquet files of the first split in `names` that a configuration's folder has."""
     for name in names:
         files = sorted(glob.glob(os.path.join(folder, f'{name}-*.parquet')))
         if files:
@@ -681,46 +622,53 @@ def p3_split_files(folder: str, names) -> list[str]:
 
 
 def p3_configs(args: DataArgs, split: str) -> list[tuple[str, str, list[str], list[str]]]:
-    """[(dataset, configuration, files of the split, train files)] of the selected datasets, sorted. A
-    configuration belongs to the dataset with the longest matching prefix; _score_eval ones are not used."""
-    root = os.path.join(args.data_dir, 'data')   # the configurations' folders, under data/ or at the top
-    root = root if os.path.isdir(root) else args.data_dir
+    """[(dataset, configuration, files of the split, train files)], sorted; a configuration is the
+    dataset's with the longest matching prefix; _score_eval ones are not used."""
+    root = os.path.join(args.data_dir, 'data')   # the configurations, under data/ or at the top
     if not os.path.isdir(root):
-        raise DataError(f'--data-dir {args.data_dir}: not a folder; {P3_HELP}')
+        root = args.data_dir
+    if not os.path.isdir(root):
+        raise DataError(f'--data-dir {args.data_dir}: not a folder (P3: see docs/data.md)')
     table, found = p3_table(args, split), []
+    names = P3_TRAIN_SPLITS if split == 'train' else P3_EVAL_SPLITS
     for config in sorted(os.listdir(root)):
-        matches = [(len(p), d) for d, (p, s) in table.items() if config.startswith(p) and config.endswith(s)]
+        matches = [(len(p), d) for d, (p, s) in table.items()
+                   if config.startswith(p) and config.endswith(s)]
         if not matches or config.endswith('_score_eval'):
             continue
-        folder, names = os.path.join(root, config), P3_TRAIN_SPLITS if split == 'train' else P3_EVAL_SPLITS
+        folder = os.path.join(root, config)
         files = p3_split_files(folder, names)
         if not files:
-            raise DataError(f'{folder}: configuration {config} has no {" or ".join(names)}-*.parquet files')
+            raise DataError(f'{folder}: no {" or ".join(names)}-*.parquet files')
         found.append((max(matches)[1], config, files, p3_split_files(folder, P3_TRAIN_SPLITS)))
     missing = [d for d in table if d not in {f[0] for f in found}]
     if 'story_cloze_2016' in missing:
         others = ' '.join(d for d in table if d != 'story_cloze_2016')
-        raise DataError(STORY_CLOZE_HELP.format(root=root, others=others))
+        raise DataError(f'{root}: no story_cloze_2016_* configuration: get StoryCloze (see '
+                        f'docs/data.md) or evaluate without it: --p3-datasets {others}')
     if missing:
-        raise DataError(f'{root}: no configuration of dataset {missing[0]} (folders {"*".join(table[missing[0]])}'
-                        f'); {P3_HELP}')
+        raise DataError(f'{root}: no configuration of dataset {missing[0]} (folders '
+                        f'{"*".join(table[missing[0]])}; see docs/data.md)')
     return found
 
 
 def fetch_p3(args: DataArgs) -> str:
-    """Only the files the selected datasets need (training: train splits; held-out: evaluation splits, and
-    train splits for demonstrations), downloaded once into the Hugging Face cache; returns the local copy."""
-    patterns = []
-    for split in ('train', 'test'):
-        names = P3_TRAIN_SPLITS if split == 'train' else P3_EVAL_SPLITS + P3_TRAIN_SPLITS * (args.shots > 0)
-        patterns += [f'{top}{p}*{s}/{n}-*.parquet' for p, s in p3_table(args, split).values() for n in names
-                     for top in ('data/', '')]
-    print('data: no --data-dir; fetching the files needed from bigscience/P3 (once)', file=sys.stderr)
+    """Only the files the selected datasets need (train splits; held-out: evaluation splits, and
+    train splits for demonstrations), downloaded once into the Hugging Face cache."""
+    needed = {'train': P3_TRAIN_SPLITS, 'test': P3_EVAL_SPLITS}
+    if args.shots:
+        needed['test'] += P3_TRAIN_SPLITS
+    patterns = [f'{top}{prefix}*{suffix}/{name}-*.parquet' for split, names in needed.items()
+                for prefix, suffix in p3_table(args, split).values()
+                for name in names for top in ('data/', '')]
+    print('data: no --data-dir; fetching the files needed from bigscience/P3', file=sys.stderr)
     try:
         from huggingface_hub import snapshot_download
-        return snapshot_download(repo_id='bigscience/P3', repo_type='dataset', allow_patterns=patterns)
+        return snapshot_download(repo_id='bigscience/P3', repo_type='dataset',
+                                 allow_patterns=patterns)
     except Exception as e:   # no network, hub errors: one line saying what to do
-        raise DataError(f'could not download bigscience/P3 ({type(e).__name__}: {e}); {P3_HELP}') from None
+        raise DataError(f'could not download bigscience/P3 ({type(e).__name__}: {e}); see '
+                        'docs/data.md') from None
 
 
 def read_p3(files: list[str], columns: list[str], limit: int | None = None) -> dict:
@@ -728,18 +676,15 @@ def read_p3(files: list[str], columns: list[str], limit: int | None = None) -> d
     import pyarrow.parquet as pq
     out = {c: [] for c in columns}
     for path in files:
-        try:
-            pf = pq.ParquetFile(path)
-        except Exception as e:   # pyarrow's ArrowInvalid for a file that is not parquet
-            raise DataError(f'{path}: cannot read it as parquet ({e})') from None
-        missing = [c for c in columns if c not in pf.schema_arrow.names]
-        if missing:
-            raise DataError(f'{path}: missing field {missing[0]!r} (columns: {pf.schema_arrow.names})')
-        for batch in pf.iter_batches(batch_size=4096, columns=columns):
+        with reading(path):
+            parquet = pq.ParquetFile(path)
             for c in columns:
-                out[c] += batch.column(c).to_pylist()
-            if limit is not None and len(out[columns[0]]) >= limit:
-                return {c: v[:limit] for c, v in out.items()}
+                assert c in parquet.schema_arrow.names, f'missing field {c!r}'
+            for batch in parquet.iter_batches(batch_size=4096, columns=columns):
+                for c in columns:
+                    out[c] += batch.column(c).to_pylist()
+                if limit is not None and len(out[columns[0]]) >= limit:
+                    return {c: v[:limit] for c, v in out.items()}
     return out
 
 
@@ -762,8 +707,9 @@ def p3_template(prompts: list[str], field: str = '[X]') -> str:
                 out.append(None)   # a gap: unmatched words on either side
             out, i, j = out + words[a:a + size], a + size, b + size
         words = out
-    runs = itertools.groupby(words, key=lambda w: w is None)
-    parts = [None if gap else ''.join(run) for gap, run in runs]   # literals and gaps, alternating
+    parts = []   # literals and gaps (None), alternating
+    for is_gap, run in itertools.groupby(words, key=lambda word: word is None):
+        parts.append(None if is_gap else ''.join(run))
     k = 1
     while k < len(parts) - 1:
         if parts[k - 1] is None and parts[k + 1] is None and p3_chance_match(parts, k, prompts):
@@ -788,18 +734,14 @@ def p3_chance_match(parts: list, k: int, prompts: list[str]) -> bool:
 
 
 def p3_template_file(path: str) -> dict:
-    """{lower-cased '<dataset>_<template name>': text} of a file in the original's format (its
-    all_edited_prompts.txt): blocks separated by a line of '*', each
-    '<dataset>\\t||||\\t<name>\\t||||\\t<text>'."""
-    with open(path, encoding='utf-8') as f:
-        blocks = [b.strip() for b in re.split(r'^\*+$', f.read(), flags=re.M)]
+    """{lower-cased '<dataset>_<template name>': text} of a file in the original's format."""
+    with reading(f'--p3-templates {path}'), open(path, encoding='utf-8') as f:
+        blocks = [b.strip() for b in re.split(r'^\*+$', f.read(), flags=re.M) if b.strip()]
     out = {}
-    for n, block in enumerate(b for b in blocks if b):
-        parts = block.split('\t||||\t')
-        if len(parts) != 3:
-            raise DataError(f'--p3-templates {path}: block {n + 1} is not '
-                            '<dataset>\\t||||\\t<name>\\t||||\\t<text>')
-        out[f'{parts[0]}_{parts[1]}'.lower()] = parts[2]
+    for n, block in enumerate(blocks, 1):
+        with reading(f'--p3-templates {path}: block {n}'):
+            dataset, name, text = block.split('\t||||\t')
+        out[f'{dataset}_{name}'.lower()] = text
     return out
 
 
@@ -818,11 +760,8 @@ def p3_demos(pool: dict, k: int, seed: str, tokenizer) -> str:
 
 
 def p3_texts(args: DataArgs, split: str, configs, tokenizer) -> dict:
-    """{configuration: (the hypernetwork's text, what precedes the prompted input in the encoder)},
-    the same for every row of a configuration. The template: from --p3-templates, else p3_template
-    of 16 seeded rows among the first 1,000 of the split. --shots k: p3_demos from the first 1,000
-    rows of the configuration's train split (else its own), then ' Definition: ' + template; in
-    full-input the demonstrations go to the encoder, and nothing to the hypernetwork. Cached."""
+    """{configuration: (hypernetwork text, encoder text before the prompt)}, cached: the template
+    (given, or p3_template of 16 rows), after --shots demos from the train split's first 1,000."""
     path = cache_path(args, split, tokenizer, source_files(args, split))[:-4] + '-texts.json'
     if os.path.exists(path):
         with open(path, encoding='utf-8') as f:
@@ -830,30 +769,24 @@ def p3_texts(args: DataArgs, split: str, configs, tokenizer) -> dict:
     given = p3_template_file(args.p3_templates) if args.p3_templates else None
     out = {}
     for _, config, files, train_files in configs:
-        if given is not None and config.lower() not in given:
-            raise DataError(f'--p3-templates {args.p3_templates}: no template for configuration '
-                            f'{config}')
         rows = read_p3(files, P3_COLUMNS, 1000)
-        prompts = [p for p in rows['inputs_pretokenized'] if isinstance(p, str)] or ['']
-        if given is not None:
-            template = given[config.lower()]
-        else:
+        if given is None:
+            prompts = [p for p in rows['inputs_pretokenized'] if isinstance(p, str)] or ['']
             template = p3_template(random.Random(config).sample(prompts, min(16, len(prompts))))
-        instruction, prefix = template, ''
+        else:
+            with reading(f'--p3-templates {args.p3_templates}'):
+                assert config.lower() in given, f'no template for configuration {config}'
+            template = given[config.lower()]
+        demos = ''
         if args.shots:
             pool = rows
-            if train_files and split != 'train':
+            if train_files and split != 'train':   # held-out demonstrations: from the train split
                 pool = read_p3(train_files, P3_COLUMNS, 1000)
-            seed = f'{args.seed if split == "train" else 0}:{config}'
-            demos = p3_demos(pool, args.shots, seed, tokenizer)
-            instruction = demos + ' Definition: ' + template
-            if args.format == 'full-input':
-                prefix = demos
-        out[config] = ('', prefix) if args.format == 'full-input' else (instruction, prefix)
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    with open(f'{path}.{os.getpid()}.tmp', 'w', encoding='utf-8') as f:
-        json.dump(out, f, ensure_ascii=False)
-    os.replace(f'{path}.{os.getpid()}.tmp', path)
+            seed = args.seed if split == 'train' else 0
+            demos = p3_demos(pool, args.shots, f'{seed}:{config}', tokenizer)
+            template = demos + ' Definition: ' + template
+        out[config] = ('', demos) if args.format == 'full-input' else (template, '')
+    write_atomic(path, json.dumps(out, ensure_ascii=False).encode('utf-8'))
     return out
 
 
@@ -876,9 +809,8 @@ def p3_row_group(path: str, g: int) -> tuple[list, list]:
 
 
 def p3_rates(args: DataArgs, configs, groups) -> np.ndarray:
-    """T0's mixing rate of each template: a dataset of more than --p3-examples-per-dataset training
-    examples (its largest template's rows) gives each of its T templates that / T; a smaller dataset
-    gives each template its own size."""
+    """T0's mixing rates: a template's size, or --p3-examples-per-dataset / T for the T templates of
+    a dataset whose largest template is larger."""
     sizes = np.array([sum(n for *_, n in g) for g in groups], np.float64)
     rates, names = sizes.copy(), np.array([d for d, *_ in configs])
     for d in set(names):
@@ -888,20 +820,20 @@ def p3_rates(args: DataArgs, configs, groups) -> np.ndarray:
 
 
 def p3_draws(args: DataArgs, configs, groups, state: dict):
-    """Yields (template, row group, row) without end: T0's mixture. Draw n picks a template at
-    p3_rates (default_rng([seed, n // P3_BLOCK])); a template's k-th draw walks pass k // rows of
-    its whole train split in a seeded order (its row groups shuffled, then the rows within each): a
-    pure function of (seed, position). `state` {'draws', 'counts' per template} advances in place;
-    a copy of it resumes the stream."""
+    """Yields (template, row group, row) without end, a pure function of (seed, position): draw n
+    picks a template at p3_rates; a template's k-th draw is row k of its shuffled passes. `state`
+    {'draws', 'counts' per template} advances in place; a copy of it resumes the stream."""
     rates = p3_rates(args, configs, groups)
     sizes = [sum(n for *_, n in g) for g in groups]
 
     @functools.lru_cache(maxsize=1024)
-    def order(t, e, g=None):   # template t's row groups in pass e, their first draws; or g's rows
-        if g is not None:
-            return np.random.default_rng([args.seed, t, e, g]).permutation(groups[t][g][2])
+    def pass_order(t, e):   # template t's row groups in pass e, and the draw each starts at
         perm = np.random.default_rng([args.seed, t, e]).permutation(len(groups[t]))
         return perm, np.cumsum([0] + [groups[t][g][2] for g in perm])
+
+    @functools.lru_cache(maxsize=1024)
+    def group_order(t, e, g):   # the rows of template t's row group g in pass e
+        return np.random.default_rng([args.seed, t, e, g]).permutation(groups[t][g][2])
 
     while True:
         n = state['draws']
@@ -909,11 +841,11 @@ def p3_draws(args: DataArgs, configs, groups, state: dict):
         picks = rng.choice(len(rates), P3_BLOCK, p=rates / rates.sum())
         for t in picks[n % P3_BLOCK:].tolist():
             e, k = divmod(state['counts'][t], sizes[t])
-            perm, starts = order(t, e)
+            perm, starts = pass_order(t, e)
             i = int(np.searchsorted(starts, k, side='right')) - 1
             state['counts'][t] += 1
             state['draws'] += 1
-            yield t, int(perm[i]), int(order(t, e, int(perm[i]))[k - starts[i]])
+            yield t, int(perm[i]), int(group_order(t, e, int(perm[i]))[k - starts[i]])
 
 
 def p3_row(configs, texts: dict, groups, t: int, g: int, j: int) -> dict:
@@ -922,9 +854,8 @@ def p3_row(configs, texts: dict, groups, t: int, g: int, j: int) -> dict:
     path, group, _ = groups[t][g]
     prompts, targets = p3_row_group(path, group)
     prompt, target = prompts[j], targets[j]
-    if not (isinstance(prompt, str) and isinstance(target, str)):
-        raise DataError(f'{path}: configuration {config} row group {group} row {j}: fields '
-                        f'{P3_COLUMNS} must be strings, got {prompt!r}, {target!r}')
+    with reading(f'{path}: configuration {config} row group {group} row {j}'):
+        assert strings(prompt, target), f'{P3_COLUMNS} must be strings: {prompt!r}, {target!r}'
     instruction, prefix = texts[config]
     return dict(task=config, id=f'{config}-{group}-{j}', instruction=instruction,
                 input=prefix + prompt, target=target, references=[target], category=dataset)
@@ -938,35 +869,34 @@ def p3_mixture(args: DataArgs, tokenizer, state: dict | None = None):
     sizes = [sum(n for *_, n in g) for g in groups]
     skipped = {'empty_configurations': [c for (_, c, *_), n in zip(configs, sizes) if not n]}
     configs = [c for c, n in zip(configs, sizes) if n]
-    groups = [g for g in groups if sum(n for *_, n in g)]
+    groups = [g for g, n in zip(groups, sizes) if n]
     if not configs:
         raise DataError(f'{args.data_dir}: no training rows in any selected P3 configuration')
     texts = p3_texts(args, 'train', configs, tokenizer)
-    state = json.loads(json.dumps(state)) if state else {'draws': 0, 'counts': [0] * len(configs)}
+    state = json.loads(json.dumps(state or {'draws': 0, 'counts': [0] * len(configs)}))
     if len(state['counts']) != len(configs):
-        raise DataError(f'the saved P3 stream position counts {len(state["counts"])} templates, the '
-                        f'data has {len(configs)}: resume with the same --data-dir and --p3-datasets')
+        raise DataError(f'the saved P3 position counts {len(state["counts"])} templates, the data '
+                        f'{len(configs)}: resume with the same --data-dir and --p3-datasets')
     return configs, texts, groups, p3_draws(args, configs, groups, state), state, skipped
 
 
 def build_p3(args: DataArgs, split: str, tokenizer):
-    """train: the first --p3-examples (0: 1,000) draws of T0's mixture (p3_draws). test: the
-    held-out evaluation split, whole, of every template with answer choices that promptsource marks
-    original_task, with 'choices' (answer_choices) and 'answer' (the target's index among them). The
-    hypernetwork reads the template (p3_texts), the encoder the prompted input."""
+    """train: the first --p3-examples (0: 1,000) draws of T0's mixture. test: the held-out split of
+    original_task templates with 'choices' (answer_choices) and 'answer' (the target's index)."""
     import pyarrow.parquet as pq
     if split == 'train':
         configs, texts, groups, draws, _, skipped = p3_mixture(args, tokenizer)
         draws = itertools.islice(draws, args.p3_examples or 1000)
         return [p3_row(configs, texts, groups, *d) for d in draws], skipped
-    configs = p3_configs(args, split)
-    skipped = {'templates_not_original_task': [c for _, c, *_ in configs if c in P3_NOT_ORIGINAL],
-               'templates_without_answer_choices': []}
-    configs = [c for c in configs if c[1] not in P3_NOT_ORIGINAL]
-    for c in configs:   # a generation template: not ranked
-        if 'answer_choices' not in pq.read_schema(c[2][0]).names:
+    skipped = {'templates_not_original_task': [], 'templates_without_answer_choices': []}
+    configs = []
+    for c in p3_configs(args, split):
+        if c[1] in P3_NOT_ORIGINAL:
+            skipped['templates_not_original_task'].append(c[1])
+        elif 'answer_choices' not in pq.read_schema(c[2][0]).names:   # generation: not ranked
             skipped['templates_without_answer_choices'].append(c[1])
-    configs = [c for c in configs if c[1] not in skipped['templates_without_answer_choices']]
+        else:
+            configs.append(c)
     texts, rows = p3_texts(args, split, configs, tokenizer), []
     for dataset, config, files, _ in configs:
         table = read_p3(files, P3_COLUMNS + ['answer_choices'])
@@ -974,17 +904,12 @@ def build_p3(args: DataArgs, split: str, tokenizer):
             skipped.setdefault('empty_configurations', []).append(config)
         instruction, prefix = texts[config]
         for i, (prompt, target, choices) in enumerate(zip(*table.values())):
-            where = f'{files[0]}: configuration {config} row {i}'
-            if not (isinstance(prompt, str) and isinstance(target, str)):
-                raise DataError(f'{where}: fields {P3_COLUMNS} must be strings, got {prompt!r}, '
-                                f'{target!r}')
-            if not choices or not all(isinstance(c, str) for c in choices):
-                raise DataError(f'{where}: field \'answer_choices\' must be a non-empty list of '
-                                f'strings, got {choices!r}')
-            stripped = [c.strip() for c in choices]
-            if target.strip() not in stripped:
-                raise DataError(f'{where}: field \'targets_pretokenized\' {target!r} is not one of '
-                                f'\'answer_choices\' {choices}')
+            with reading(f'{files[0]}: configuration {config} row {i}'):
+                assert strings(prompt, target), f'{P3_COLUMNS} must be strings: {prompt!r}'
+
+                stripped = [c.strip() for c in choices]
+                assert target.strip() in stripped, \
+                    f"'targets_pretokenized' {target!r} is not one of 'answer_choices' {choices}"
             answer = stripped.index(target.strip())
             rows.append(dict(task=config, id=f'{config}-{i}', instruction=instruction,
                              input=prefix + prompt, target=choices[answer], category=dataset,
@@ -993,9 +918,9 @@ def build_p3(args: DataArgs, split: str, tokenizer):
 
 
 def p3_choice_arrays(examples: list[dict], tokenizer, width: int) -> dict:
-    """'choices' [N, C, Lc] int32: every example's answer choices (C the most any has; absent ones all padding;
-    Lc the bucket of the longest, at most `width`), and 'answer' [N] int32, the correct one's index."""
-    ids = [[encode(tokenizer, c, width)[0] or [tokenizer.eos_id] for c in ex['choices']] for ex in examples]
+    """'choices' [N, C, Lc] int32 (absent choices all padding), and 'answer' [N] int32."""
+    ids = [[encode(tokenizer, c, width)[0] or [tokenizer.eos_id] for c in ex['choices']]
+           for ex in examples]
     longest = max(len(x) for row in ids for x in row)
     out = np.zeros([len(ids), max(len(row) for row in ids), bucket(longest, width)], np.int32)
     for n, row in enumerate(ids):
@@ -1009,8 +934,7 @@ def p3_choice_arrays(examples: list[dict], tokenizer, width: int) -> dict:
 
 
 def tokenize_rows(rows, args: DataArgs, tokenizer):
-    """Texts -> ids. Example texts stay the original text unless cut; a cut text becomes the decoded ids
-    (for SentencePiece that normalizes whitespace, e.g. newlines become spaces)."""
+    """Texts -> ids; a cut text in the example becomes its decoded ids (SentencePiece's: spaced)."""
     widths = dict(zip(FIELDS, lengths(args)))
     memo = {}   # the instruction text repeats for every instance of a task: encode it once
     for ex in rows:
@@ -1026,14 +950,18 @@ def tokenize_rows(rows, args: DataArgs, tokenizer):
         yield ex, seqs, flags
 
 
+def padded(rows: list[dict], widths, pad_id: int) -> dict:
+    """{field: [N, width] int32}: rows of {field: ids}, padded with pad_id (RoBERTa's is 1)."""
+    out = {k: np.full([len(rows), w], pad_id, np.int32) for k, w in zip(FIELDS, widths)}
+    for n, row in enumerate(rows):
+        for k, ids in row.items():
+            out[k][n, :len(ids)] = ids
+    return out
+
+
 def pack(rows, args: DataArgs, skipped: dict, pad_id: int = 0) -> dict:
-    widths = dict(zip(FIELDS, lengths(args)))
-    data = {k: np.full([len(rows), w], pad_id, np.int32) for k, w in widths.items()}   # RoBERTa pads with 1
-    truncated = dict.fromkeys(widths, 0)
-    for n, (_, seqs, flags) in enumerate(rows):
-        for k in widths:
-            data[k][n, :len(seqs[k])] = seqs[k]
-            truncated[k] += flags[k]
+    data = padded([seqs for _, seqs, _ in rows], lengths(args), pad_id)
+    truncated = {k: sum(flags[k] for _, _, flags in rows) for k in FIELDS}
     return dict(data, examples=[r[0] for r in rows], skipped=skipped, truncated=truncated)
 
 
@@ -1041,46 +969,61 @@ def source_files(args: DataArgs, split: str) -> list[str]:
     if args.task == 'ni':
         split_file, tasks = ni_task_files(args.data_dir, split)
         return [split_file] + [p for _, p in tasks]
-    if args.task == 'p3':   # held-out demonstrations come from the train files
-        templates = [args.p3_templates] if args.p3_templates else []
-        configs = p3_configs(args, split)
-        files = [f for _, _, files, train in configs for f in files + train * (split == 'test')]
-        return files + templates
-    return c4_files(args, split) if args.task == 'c4' else []
+    if args.task == 'c4':
+        return c4_files(args, split)
+    if args.task != 'p3':
+        return []
+    files = []
+    for _, _, split_files, train_files in p3_configs(args, split):
+        files += split_files
+        if split == 'test':   # held-out demonstrations come from the train files
+            files += train_files
+    if args.p3_templates:
+        files.append(args.p3_templates)
+    return files
 
 
 def cache_path(args: DataArgs, split: str, tokenizer, files: list[str]) -> str:
-    """Keyed by everything the arrays depend on, including this file's own source (a code change rebuilds)."""
-    stat = lambda p: [os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns]
+    """Keyed by all the arrays depend on, this file's source too (a code change rebuilds)."""
+    def stamp(path):
+        return [os.path.abspath(path), os.path.getsize(path), os.stat(path).st_mtime_ns]
+
     with open(__file__, 'rb') as f:
         code = hashlib.sha256(f.read()).hexdigest()
-    key = dict(code=code, task=args.task, split=split, shots=args.shots, format=args.format, lengths=lengths(args),
-               tokenizer=tokenizer.name,
-               tokenizer_file=stat(tokenizer.name) if os.path.isfile(tokenizer.name) else None,
-               seed=args.seed if split == 'train' else 0, files=[stat(p) for p in files])
-    if args.task in ('synthetic', 'ni'):
-        key['max_instances_per_task'] = args.max_instances_per_task
-    if args.task == 'c4':
-        key.update(c4_documents=args.c4_documents, source=args.data_dir and os.path.abspath(args.data_dir))
-    if args.task == 'p3':
-        key.update(p3_examples_per_dataset=args.p3_examples_per_dataset,
-                   p3_examples=args.p3_examples)
+    flags = ['task', 'shots', 'format'] + {
+        'synthetic': ['max_instances_per_task'], 'ni': ['max_instances_per_task'],
+        'c4': ['c4_documents', 'data_dir'], 'p3': ['p3_examples_per_dataset', 'p3_examples'],
+    }[args.task]
+    key = dict(code=code, split=split, lengths=lengths(args), tokenizer=tokenizer.name,
+               seed=args.seed if split == 'train' else 0, files=[stamp(p) for p in files],
+               **{flag: getattr(args, flag) for flag in flags})
+    if os.path.isfile(tokenizer.name):
+        key['tokenizer_file'] = stamp(tokenizer.name)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     return os.path.join(args.cache_dir, f'{args.task}-{split}-{digest}.npz')
 
 
-def save_cache(path: str, data: dict):
+def write_atomic(path: str, content: bytes):
+    """Write, then rename: no one sees half a file, and Ctrl-C or a full disk leave none behind."""
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    meta = json.dumps({k: data[k] for k in ('examples', 'skipped', 'truncated')}, ensure_ascii=False)
-    tmp = f'{path}.{os.getpid()}.tmp.npz'   # write then rename: concurrent processes never see half a file
+    tmp = f'{path}.{os.getpid()}.tmp'
     try:
-        arrays = {k: data[k] for k in FIELDS + ('choices', 'answer') if k in data}
-        np.savez_compressed(tmp, **arrays, meta=np.frombuffer(meta.encode('utf-8'), np.uint8))
+        with open(tmp, 'wb') as f:
+            f.write(content)
         os.replace(tmp, path)
-    except BaseException:   # Ctrl-C, a full disk: no half-written file is left behind
+    except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def save_cache(path: str, data: dict):
+    meta = {k: data[k] for k in ('examples', 'skipped', 'truncated')}
+    meta = json.dumps(meta, ensure_ascii=False).encode('utf-8')
+    arrays = {k: data[k] for k in FIELDS + ('choices', 'answer') if k in data}
+    npz = io.BytesIO()
+    np.savez_compressed(npz, **arrays, meta=np.frombuffer(meta, np.uint8))
+    write_atomic(path, npz.getvalue())
 
 
 def load_cache(path: str) -> dict:
@@ -1091,8 +1034,7 @@ def load_cache(path: str) -> dict:
 
 
 def count_skipped(skipped: dict, first: int = 3) -> dict:
-    """{reason: {count, first names}} of a split's 'skipped' (reason -> names, or a count): for the
-    data line and metrics.json. Reasons that dropped nothing are left out."""
+    """{reason: {count, first names}} of a split's 'skipped' (reason -> names, or a count)."""
     out = {}
     for reason, what in skipped.items():
         names = [] if isinstance(what, int) else list(what)
@@ -1108,15 +1050,22 @@ def interrupted(kept: str = 'nothing was written'):
     sys.exit(130)
 
 
+def sources(args: DataArgs, split: str) -> list[str]:
+    """The split's source files, after checking the flags and fetching SNI or P3 if needed."""
+    check_args(args)
+    if args.task == 'ni' and not args.data_dir:
+        args.data_dir = fetch_ni(args)
+    if args.task == 'p3' and not args.data_dir:
+        args.data_dir = fetch_p3(args)
+    return source_files(args, split)
+
+
 def load_split(args: DataArgs, split: str, tokenizer) -> dict:
-    """{'instruction' [N, Li], 'input' [N, Lx], 'target' [N, Ly] int32, 'examples' (N dicts), 'skipped',
-    'truncated' (counts per field)}; built once, then read from cache_dir."""
+    """{'instruction' [N, Li], 'input' [N, Lx], 'target' [N, Ly] int32, 'examples' (N dicts),
+    'skipped', 'truncated' (counts per field)}; built once, then read from cache_dir."""
     if split not in ('train', 'test'):
         raise DataError(f'split must be train or test, got {split!r}')
-    check_args(args)
-    if args.task in ('ni', 'p3') and not args.data_dir:
-        args.data_dir = fetch_ni(args) if args.task == 'ni' else fetch_p3(args)
-    path = cache_path(args, split, tokenizer, source_files(args, split))
+    path = cache_path(args, split, tokenizer, sources(args, split))
     data = None
     if os.path.exists(path):
         try:
@@ -1125,16 +1074,10 @@ def load_split(args: DataArgs, split: str, tokenizer) -> dict:
             print(f'data: {path} does not load ({type(e).__name__}: {e}); rebuilding it',
                   file=sys.stderr)
     if data is None:
-        if args.task == 'c4':
-            rows, skipped = build_c4(args, split, tokenizer)
-        else:
-            build = {'synthetic': build_synthetic, 'ni': functools.partial(build_ni, tokenizer=tokenizer),
-                     'p3': functools.partial(build_p3, tokenizer=tokenizer)}[args.task]
-            texts, skipped = build(args, split)
-            if args.task == 'synthetic':
-                for ex in texts:
-                    ex['instruction'], ex['input'] = arrange(args.format, ex['instruction'], ex['input'])
-            rows = list(tokenize_rows(texts, args, tokenizer))
+        build = {'synthetic': build_synthetic, 'ni': build_ni, 'c4': build_c4, 'p3': build_p3}
+        rows, skipped = build[args.task](args, split, tokenizer)
+        if args.task != 'c4':   # C4's rows are token ids already
+            rows = list(tokenize_rows(rows, args, tokenizer))
         data, how = pack(rows, args, skipped, tokenizer.pad_id), f'built {path}'
         if not data['examples']:
             where = ', '.join(source_files(args, split)[:1]) or args.task
@@ -1142,44 +1085,48 @@ def load_split(args: DataArgs, split: str, tokenizer) -> dict:
         if args.task == 'p3' and split == 'test':   # rank classification's answer choices
             data.update(p3_choice_arrays(data['examples'], tokenizer, lengths(args)[2]))
         save_cache(path, data)
-    data['lengths'] = np.stack([row_lengths(data[k], tokenizer.pad_id) for k in FIELDS], 1)   # [N, 3]
+    lens = [row_lengths(data[k], tokenizer.pad_id) for k in FIELDS]
+    data['lengths'] = np.stack(lens, 1)   # [N, 3]
     tasks = len({e['task'] for e in data['examples']})
-    print(f'data: {args.task}/{split} ({args.format}, {args.shots} shots): {len(data["examples"])} instances from '
-          f'{tasks} tasks; skipped {count_skipped(data["skipped"])}; '
-          f'truncated {data["truncated"]}; {how}', file=sys.stderr)
+    print(f'data: {args.task}/{split} ({args.format}, {args.shots} shots): '
+          f'{len(data["examples"])} instances from {tasks} tasks; skipped '
+          f'{count_skipped(data["skipped"])}; truncated {data["truncated"]}; {how}',
+          file=sys.stderr)
     return data
 
 
 # ----------------------------------------------------------------------------------------------
-# Batches: the global batch of step s is a pure function of (seed, s), so resuming and multi-host agree.
-# Each is cut to the bucket of its longest row: right padding is masked, so cutting it changes no result.
+# Batches: the global batch of step s is a pure function of (seed, s), so resuming and multi-host
+# agree. Each is cut to its longest row's bucket: right padding is masked, so no result changes.
 
 
 def row_lengths(x, pad_id: int = 0):
-    """[N]: the index of each row's last non-padding token + 1 (0 for an all-padding row) of x [N, L]."""
+    """[N]: the index of each row's last non-padding token + 1 (0 if all padding) of x [N, L]."""
     return np.max((x != pad_id) * np.arange(1, x.shape[1] + 1), axis=1)
 
 
 def next_pow2(n: int) -> int:
-    """The smallest power of two >= n (1 for n <= 1): rounding sizes up keeps the shapes to compile few."""
+    """The smallest power of two >= n (1 for n <= 1): rounding sizes up keeps the shapes few."""
     return 1 << max(n - 1, 0).bit_length()
 
 
 def bucket(n: int, cap: int) -> int:
-    """The width for rows of at most n tokens: a power of two >= 16 (few shapes to compile), at most cap."""
+    """The width for rows of at most n tokens: a power of two >= 16 (few shapes to compile)."""
     return min(cap, max(16, next_pow2(n)))
 
 
 def batches(data: dict, batch_size: int, seed: int, start_step: int = 0, process_index: int = 0,
             process_count: int = 1, group_by_length: bool = False):
-    """Yields {'instruction', 'input', 'target'}: this host's share (batch_size // process_count rows) of the
-    global batch, cut to the bucket of the GLOBAL batch's longest row (the same shapes on every host). Epoch e
-    is default_rng([seed, e]).permutation(N); group_by_length sorts runs of 50 batches in it, longest first."""
+    """Yields this host's share of each global batch, cut to the GLOBAL batch's bucket (the same
+    shapes on every host); group_by_length sorts runs of 50 batches of an epoch, longest first."""
     n = len(data['input'])
     if n == 0 or batch_size % process_count:
-        raise ValueError(f'need data and batch_size ({batch_size}) divisible by process_count ({process_count})')
+        raise ValueError(f'need data and batch_size ({batch_size}) divisible by process_count '
+                         f'({process_count})')
     share = batch_size // process_count
-    lens = data['lengths'] if 'lengths' in data else np.stack([row_lengths(data[k]) for k in FIELDS], 1)
+    lens = data.get('lengths')
+    if lens is None:
+        lens = np.stack([row_lengths(data[k]) for k in FIELDS], 1)
 
     @functools.lru_cache(maxsize=4)
     def order(e):
@@ -1189,7 +1136,7 @@ def batches(data: dict, batch_size: int, seed: int, start_step: int = 0, process
         return perm
 
     for step in itertools.count(start_step):
-        pos = step * batch_size + np.arange(batch_size)   # the global batch's positions in the endless stream
+        pos = step * batch_size + np.arange(batch_size)   # the global batch's places in the stream
         idx = np.concatenate([order(e)[pos[pos // n == e] % n] for e in np.unique(pos // n)])
         widths = [bucket(int(m), data[k].shape[1]) for k, m in zip(FIELDS, lens[idx].max(0))]
         mine = idx[process_index * share:(process_index + 1) * share]
@@ -1209,69 +1156,51 @@ def c4_passes(documents, where: str, process_index: int):
     raise DataError(f'{where}: no document for host {process_index}')
 
 
-def c4_stream(args: DataArgs, tokenizer, batch_size: int, process_index: int = 0, process_count: int = 1,
-              state: dict | None = None):
-    """Yields (batch, state) without end: this host's share (batch_size // process_count rows) of
-    the C4 train windows, read, tokenized and cut as they are used (never all in memory), padded to
-    the widths of `lengths` (every host has the same shapes without asking the others). `state`
-    resumes right after that batch's last window: the documents' position, and the tokens read past
-    that window. Each host reads its own shards (split_dataset_by_node) in file order, unshuffled:
-    C4's documents are already in random order, and a shuffle buffer's content would not survive a
-    resume. Window n (counted over passes) of host h is cut with seed (seed, n * hosts + h)."""
+def c4_stream(args: DataArgs, tokenizer, batch_size: int, process_index: int = 0,
+              process_count: int = 1, state: dict | None = None):
+    """Yields (batch, state to resume after it) without end: this host's share of C4's windows, read
+    as used, unshuffled (C4 is already shuffled; a shuffle buffer would not resume)."""
     documents, where = c4_documents(args, 'train', process_index, process_count)
     n, carry = 0, []
     if state:   # the epoch first: load_state_dict only applies to an iteration of the same epoch
         documents.set_epoch(state['dataset']['epoch'])
         documents.load_state_dict(state['dataset'])
         n, carry = state['windows'], state['carry']
-    share, widths, row = batch_size // process_count, lengths(args), 0
     texts = c4_passes(documents, where, process_index)
-    for window, carry in c4_windows(texts, tokenizer, widths[2], carry):
-        index = n * process_count + process_index
-        seqs, _ = c4_segments(args, window, args.seed, index, tokenizer.eos_id)
-        n += 1
-        if row == 0:
-            batch = [np.full([share, w], tokenizer.pad_id, np.int32) for w in widths]
-        for arr, v in zip(batch, seqs.values()):
-            arr[row, :len(v)] = v
-        row = (row + 1) % share
-        if row == 0:
-            state = {'dataset': documents.state_dict(), 'windows': n, 'carry': carry}
-            yield dict(zip(FIELDS, batch)), state
+    rows = c4_rows(args, tokenizer, texts, args.seed, n, carry, (process_index, process_count))
+    while True:
+        chunk = list(itertools.islice(rows, batch_size // process_count))
+        batch = padded([ids for ids, *_ in chunk], lengths(args), tokenizer.pad_id)
+        _, _, n, carry = chunk[-1]
+        yield batch, {'dataset': documents.state_dict(), 'windows': n, 'carry': carry}
 
 
 def p3_stream(args: DataArgs, tokenizer, batch_size: int, process_index: int = 0,
               process_count: int = 1, state: dict | None = None):
-    """Yields (batch, state) without end: this host's share (batch_size // process_count rows) of
-    T0's training mixture, read and tokenized as it is used. Step s's global batch is draws
-    [s B, (s+1) B): every host follows the whole stream, reads and tokenizes only its own rows.
-    Widths: the bucket of the longest row on one host, the fixed `lengths` on several hosts."""
+    """Yields (batch, state) without end: this host's share of T0's mixture, read as used; widths:
+    the batch's bucket on one host, `lengths` on several (every host has the same shapes)."""
     configs, texts, groups, draws, state, skipped = p3_mixture(args, tokenizer, state)
     print(f'data: p3/train: streamed from {len(configs)} templates; skipped '
           f'{count_skipped(skipped)}', file=sys.stderr)
     (li, lx, ly), share, memo = lengths(args), batch_size // process_count, {}
     while True:
         mine = list(itertools.islice(draws, batch_size))[process_index * share:][:share]
-        seqs = []
+        rows = []
         for row in [p3_row(configs, texts, groups, *d) for d in mine]:
             if row['instruction'] not in memo:   # one text per template: tokenized once
                 memo[row['instruction']] = encode(tokenizer, row['instruction'], li)[0]
-            seqs.append([memo[row['instruction']], encode(tokenizer, row['input'], lx)[0],
-                         encode(tokenizer, row['target'], ly)[0] or [tokenizer.eos_id]])
+            rows.append({'instruction': memo[row['instruction']],
+                         'input': encode(tokenizer, row['input'], lx)[0],
+                         'target': encode(tokenizer, row['target'], ly)[0] or [tokenizer.eos_id]})
         widths = lengths(args)
         if process_count == 1:
-            widths = [bucket(max(len(s[f]) for s in seqs), w) for f, w in enumerate(widths)]
-        batch = {k: np.full([share, w], tokenizer.pad_id, np.int32) for k, w in zip(FIELDS, widths)}
-        for r, s in enumerate(seqs):
-            for k, ids in zip(FIELDS, s):
-                batch[k][r, :len(ids)] = ids
-        yield batch, {'draws': state['draws'], 'counts': list(state['counts'])}
+            widths = [bucket(max(len(r[k]) for r in rows), w) for k, w in zip(FIELDS, widths)]
+        yield padded(rows, widths, tokenizer.pad_id), dict(state, counts=list(state['counts']))
 
 
 def prefetch(iterator, size: int = 2):
-    """Yields what `iterator` yields, made by a background thread at most `size` items ahead, so the next
-    batch is read and tokenized while the device runs. The iterator's exception is raised here."""
-    pool, end = concurrent.futures.ThreadPoolExecutor(1), object()   # one thread: items stay in order
+    """`iterator`'s items (or error), made by a thread `size` items ahead while the device runs."""
+    pool, end = concurrent.futures.ThreadPoolExecutor(1), object()   # one thread: items in order
     ahead = collections.deque(pool.submit(next, iterator, end) for _ in range(size))
     try:
         while True:
@@ -1294,14 +1223,11 @@ class ShowArgs(DataArgs):
 
 
 def main(args: ShowArgs):
-    check_args(args)
-    if args.task in ('ni', 'p3') and not args.data_dir:
-        args.data_dir = fetch_ni(args) if args.task == 'ni' else fetch_p3(args)
-    source_files(args, args.split)   # bad --data-dir is reported before a (possibly slow) tokenizer download
+    sources(args, args.split)   # a bad --data-dir is reported before a slow tokenizer download
     data = load_split(args, args.split, load_tokenizer(tokenizer_name(args)))
     for ex in data['examples'][:args.show]:
-        print(json.dumps({k: ex[k] for k in ('task', 'id', 'instruction', 'input', 'target', 'references')},
-                         ensure_ascii=False))
+        keys = ('task', 'id', 'instruction', 'input', 'target', 'references')
+        print(json.dumps({k: ex[k] for k in keys}, ensure_ascii=False))
 
 
 if __name__ == '__main__':

@@ -311,7 +311,7 @@ def test_bad_data_errors(tmp_path):
     msg = error('train', p3_datasets=('imdb', 'xsum'))
     assert 'xsum' in msg and 'xsum_*' in msg
     msg = error('test', p3_datasets=('super_glue_rte', 'story_cloze_2016'))
-    assert 'story_cloze_2016' in msg and 'rocstories' in msg
+    assert 'story_cloze_2016' in msg and 'docs/data.md' in msg
     assert '--p3-datasets super_glue_rte' in msg
     assert 'story_cloze_2016' in error('test', p3_datasets=())   # T0's whole held-out set needs it
     write_config(root, 'super_glue_rte_a', 'validation', 4, bad=(2, 'answer_choices', []))

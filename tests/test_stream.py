@@ -70,7 +70,7 @@ def test_stream_resumes_at_the_same_window(tmp_path):
     first, second = [windows(whole[i][0]) + windows(whole[i + 1][0]) for i in (0, 2)]
     assert first == second
     assert any((whole[0][0][k] != whole[2][0][k]).any() for k in data.FIELDS)
-    with pytest.raises(data.DataError, match='--c4-documents at least 0'):
+    with pytest.raises(data.DataError, match='--c4-documents must be at least 0'):
         data.check_args(data.DataArgs(task='c4', c4_documents=-1))
 
 
