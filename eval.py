@@ -56,17 +56,17 @@ def category_key(name: str) -> str:
 
 
 _HEADLINE_BY_KEY = {category_key(c): m for c, m in HEADLINE_METRIC.items()}
+_NO_PUNCTUATION = str.maketrans('', '', string.punctuation)
 
 
 def normalize_answer(s: str) -> str:
     """SQuAD's normalisation without removing articles."""
-    s = ''.join(ch for ch in s.lower() if ch not in set(string.punctuation))
-    return ' '.join(s.split())
+    return ' '.join(s.lower().translate(_NO_PUNCTUATION).split())
 
 
 @functools.cache
 def _rouge_scorer():
-    from rouge_score import rouge_scorer   # here: it takes a second to import, and P3 never needs it
+    from rouge_score import rouge_scorer   # here: it takes a second, and P3 never needs it
     return rouge_scorer.RougeScorer(['rougeL'], use_stemmer=True)
 
 
@@ -76,7 +76,7 @@ def rouge_l(prediction: str, reference: str) -> float:
 
 
 def score(prediction: str, references: list[str]) -> dict:
-    """The best over references; a reference '' matches exactly a prediction that normalises to ''."""
+    """The best over references: '' matches exactly a prediction that normalises to ''."""
     if not references:
         raise ValueError(f'no references for prediction {prediction!r}')
     pred = normalize_answer(prediction)
@@ -119,7 +119,8 @@ def compute_metrics(rows: list[dict]) -> dict:
             headline[category] = {'metric': metric, 'value': means[metric]}
     return {'overall': mean(scores), 'overall_without_task1415': mean(kept_scores),
             'count': len(rows), 'per_task': group_means(rows, scores, 'task'),
-            'per_category': group_means(rows, scores, 'category'), 'headline_per_category': headline}
+            'per_category': group_means(rows, scores, 'category'),
+            'headline_per_category': headline}
 
 # ----------------------------------------------------------------------------------------------
 # Prediction: one task state per distinct instruction, shared (not copied) by its instances.
@@ -151,14 +152,14 @@ def predict_ids(params, cfg, mods, inputs, max_len, batch_size):
         rows = order[i:i + batch_size]
         width = data.bucket(int(lengths[rows].max()), inputs.shape[1])
         # padded to a power of two with copies of its own rows, which stop decoding when those do
-        x = inputs[np.resize(rows, min(batch_size, data.next_pow2(len(rows)))), :width]   # [b, width]
+        x = inputs[np.resize(rows, min(batch_size, data.next_pow2(len(rows)))), :width]   # [b, W]
         ids = M.t5_generate(params['t5'], cfg, jnp.asarray(x), max_len, mods)   # [b, max_len]
         out[rows] = np.asarray(ids)[:len(rows)]
     return out
 
 
 def load_split(args, split, tokenizer, itok=None):
-    """data.load_split, with the instructions in the vocabulary of itok (RoBERTa's name) if given."""
+    """data.load_split, the instructions in the vocabulary of itok (RoBERTa's name) if given."""
     out = data.load_split(args, split, tokenizer)
     if itok:
         own = dataclasses.replace(args, tokenizer=itok)
@@ -181,15 +182,14 @@ def first(split, n):
 
 
 def host_share(params, work):
-    """This process's share of the work (every process_count-th item) and its own full copy of the
-    parameters (gathered, where sharded)."""
+    """This process's share of the work (every process_count-th item), its own copy of params."""
     if jax.process_count() > 1:
         params = multihost_utils.process_allgather(params, tiled=True)
     return params, work[jax.process_index()::jax.process_count()]
 
 
 def predict(params, cfg, hcfg, split, tokenizer, batch_size=64):
-    """Predicted texts for a load_split() result, in order; a multi-host run shares out the tasks."""
+    """Predicted texts for a load_split() result, in order (each host predicts its share)."""
     tasks = grouped([row.tobytes() for row in split['instruction']], range(len(split['input'])))
     params, mine = host_share(params, list(tasks.values()))
     preds = [None] * len(split['input'])
@@ -227,8 +227,8 @@ def gather(preds):
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def choice_scores(params, cfg, hcfg, instruction, inputs, choices):
-    """[B, C] log-likelihoods of choices [B, C, Lc] (an all-padding one: -inf) for inputs [B, Lx] of
-    ONE template (instruction [Li])."""
+    """[B, C] log-likelihoods of choices [B, C, Lc] (all padding: -inf), inputs [B, Lx], instruction
+    [Li] of ONE template."""
     B, C, Lc = choices.shape
     mods = None
     if hcfg is not None:
@@ -248,7 +248,7 @@ def choice_scores(params, cfg, hcfg, instruction, inputs, choices):
 
 def rank_classify(params, cfg, hcfg, split, batch_size=64):
     """Choice scores [N, C] (float32) of a load_split() result with 'choices': per template, chunks
-    of about batch_size decoder rows sorted by input length, each cut to its used widths' buckets."""
+    of about batch_size decoder rows sorted by input length, cut to their widths' buckets."""
     instructions, inputs, choices = split['instruction'], split['input'], split['choices']
     lengths = split['lengths']   # [N, 3]: instruction, input, target
     n, num_choices, choice_len = choices.shape
@@ -276,7 +276,7 @@ def rank_classify(params, cfg, hcfg, split, batch_size=64):
 
 def p3_metrics(rows: list[dict]) -> dict:
     """rows: {task (template), category (dataset), correct} -> accuracy x100 per template; per
-    dataset its templates' mean and median; overall their averages over datasets (mean: headline)."""
+    dataset its templates' mean and median; overall, their means over datasets (mean: headline)."""
     per_template = grouped([r['task'] for r in rows], [float(r['correct']) for r in rows])
     accuracy = {t: 100.0 * float(np.mean(v)) for t, v in sorted(per_template.items())}
     dataset_of = {r['task']: r['category'] for r in rows}
@@ -292,7 +292,7 @@ def p3_metrics(rows: list[dict]) -> dict:
 
 
 def evaluate(params, cfg, hcfg, split, tokenizer, batch_size=64):
-    """(metrics, prediction rows): rank classification where the split has 'choices', else greedy."""
+    """(metrics, prediction rows): rank classification for a split with 'choices', else greedy."""
     if 'choices' in split:
         scores = rank_classify(params, cfg, hcfg, split, batch_size)
         best = np.argmax(scores, 1)   # the first of equal maxima
@@ -331,10 +331,10 @@ class EvalArgs(data.DataArgs):
     batch_size: int = 64   # instances per decoding batch (p3: decoder rows, choices included)
     eval_instances: int = 0   # only the first N instances (0: all)
     dtype: str = 'float32'    # compute dtype (bfloat16 on GPU/TPU halves memory)
-    instruction: str | None = None   # one-off mode: this task definition; inputs on stdin, one a line
-    task_state: str = ''   # one-off mode: a saved task state (.safetensors) instead of --instruction
+    instruction: str | None = None   # one-off mode: this task definition; inputs on stdin
+    task_state: str = ''   # one-off mode: a saved task state (.safetensors) for --instruction
     save_task_state: str = ''   # one-off mode: also save the instruction's task state here
-    merge_into: str = ''   # with --instruction: a LoRA-only run's T5 with that LoRA merged, saved here
+    merge_into: str = ''   # with --instruction: save a LoRA-only run's T5 with its LoRA merged
 
 
 def check_args(args: EvalArgs):
@@ -391,8 +391,7 @@ def instruction_state(args, params, cfg, hcfg, itok):
 
 
 def one_off(args, cfg, hcfg, params, tokenizer, lines, itok=None):
-    """Predictions for raw inputs under --instruction or --task-state (itok: the instruction's
-    tokenizer, if not T5's)."""
+    """Predictions for raw inputs under --instruction or --task-state (itok: the instruction's)."""
     instruction = ''
     if args.instruction:
         instruction = data.instruction_text(args.task, args.instruction, args.format, args.shots)
@@ -515,7 +514,8 @@ def cli(argv=None):
         run = run_args(data.local_path(ckpt))
     default = EvalArgs(**{k: v for k, v in run.items() if k in SETTINGS})
     args = tyro.cli(EvalArgs, default=default, args=argv)
-    paths = ('checkpoint', 'out_dir', 'merge_into', 'save_task_state', 'task_state') + data.DATA_PATHS
+    paths = ('checkpoint', 'out_dir', 'merge_into', 'save_task_state', 'task_state')
+    paths += data.DATA_PATHS
     data.absolute_paths(args, paths, ('tokenizer',))
     return main(args, run)
 
