@@ -33,6 +33,7 @@ import data
 import hypernet as HN
 import model as M
 
+
 # ----------------------------------------------------------------------------------------------
 # SNI metrics
 
@@ -121,6 +122,7 @@ def compute_metrics(rows: list[dict]) -> dict:
             'count': len(rows), 'per_task': group_means(rows, scores, 'task'),
             'per_category': group_means(rows, scores, 'category'),
             'headline_per_category': headline}
+
 
 # ----------------------------------------------------------------------------------------------
 # Prediction: one task state per distinct instruction, shared (not copied) by its instances.
@@ -220,6 +222,7 @@ def gather(preds):
                 merged[i] = p
     return merged
 
+
 # ----------------------------------------------------------------------------------------------
 # Rank classification (P3 / T0's held-out evaluation): every answer choice is scored by the summed
 # log-likelihood of its tokens (EOS included); the prediction is the best one (ties: the first).
@@ -252,8 +255,7 @@ def rank_classify(params, cfg, hcfg, split, batch_size=64):
     instructions, inputs, choices = split['instruction'], split['input'], split['choices']
     lengths = split['lengths']   # [N, 3]: instruction, input, target
     n, num_choices, choice_len = choices.shape
-    choice_lengths = data.row_lengths(choices.reshape(n * num_choices, choice_len))
-    choice_lengths = choice_lengths.reshape(n, num_choices).max(1)   # [N]
+    choice_lengths = data.row_lengths(choices.reshape(n * num_choices, -1)).reshape(n, -1).max(1)
     per_chunk = max(1, batch_size // num_choices)   # instances
     order = np.argsort(lengths[:, 1], kind='stable')
     chunks = []
@@ -318,6 +320,7 @@ def write_results(out_dir, metrics, rows):
     (out / 'metrics.json').write_text(json.dumps(metrics, indent=1))
     lines = [json.dumps(r, ensure_ascii=False) + '\n' for r in rows]
     (out / 'predictions.jsonl').write_text(''.join(lines))
+
 
 # ----------------------------------------------------------------------------------------------
 # The script: evaluate a run; one-off mode (--instruction, inputs on stdin); --merge-into.
@@ -395,9 +398,7 @@ def one_off(args, cfg, hcfg, params, tokenizer, lines, itok=None):
     instruction = ''
     if args.instruction:
         instruction = data.instruction_text(args.task, args.instruction, args.format, args.shots)
-    where = ''
-    if args.format == 'full-input':
-        where = ' (with the instruction)'
+    where = {'full-input': ' (with the instruction)'}.get(args.format, '')   # what a cut cuts
     texts = [data.instance_text(args.task, x, args.format) for x in lines]
     texts = [data.arrange(args.format, instruction, x)[1] for x in texts]
     lx, ly = data.lengths(args)[1:]
