@@ -15,19 +15,22 @@ import sys
 
 import pytest
 
-from test_workflow import SNI, SPIECE, hf_checkpoint, needs_shared
+from test_multihost import env
+from test_p3 import DATASETS, make_p3
+from test_workflow import SNI, hf_checkpoint, needs_shared
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = [os.path.join(ROOT, 'README.md')] + sorted(glob.glob(os.path.join(ROOT, 'docs', '*.md')))
-ENV = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
 
-# Each command in a ```bash block of README.md or docs/*.md -> the test that runs it (tiny settings).
+# Each command in a ```bash block of README.md or docs/*.md -> the test that runs it (small settings).
 COVERED = {
     'pip install -r requirements.txt && python train.py': '.ci/run',
-    'pip install -r requirements-dev.txt && python -m pytest -q -n 2 --dist loadfile tests': '.ci/run',
+    'pip install -r requirements-dev.txt && python -m pytest -q -n 2 --dist loadfile tests':
+        '.ci/run',
     'python train.py --task ni --shots 2':
         'test_workflow.py::test_init_from_transformers_checkpoints_and_runs',
-    'python data.py --task ni --split test --shots 2 --show 3': 'test_docs.py::test_sni_recipe_as_typed',
+    'python data.py --task ni --split test --shots 2 --show 3':
+        'test_docs.py::test_sni_recipe_as_typed',
     'python train.py --task c4 --init google/t5-base-lm-adapt --out-dir runs/c4-base':
         'test_docs.py::test_sni_recipe_as_typed',
     'python train.py --task ni --shots 2 --init runs/c4-base --out-dir runs/ni-base-2pos':
@@ -36,10 +39,10 @@ COVERED = {
     'python train.py --task ni --shots 2 --init google/t5-base-lm-adapt --baseline full-input '
     '--out-dir runs/tk-base-2pos': 'test_docs.py::test_sni_recipe_as_typed',
     'python train.py --task p3 --shots 0 --fsdp 8 --out-dir runs/p3-xl':
-        'test_p3.py::test_train_and_eval_entry_points',
-    'python eval.py --checkpoint runs/p3-xl': 'test_p3.py::test_train_and_eval_entry_points',
+        'test_docs.py::test_p3_recipe_as_typed',
+    'python eval.py --checkpoint runs/p3-xl': 'test_docs.py::test_p3_recipe_as_typed',
     'python train.py --task p3 --shots 2 --baseline full-input --fsdp 8 --out-dir runs/p3-xl-full':
-        'test_p3.py::test_train_and_eval_entry_points',
+        'test_docs.py::test_p3_recipe_as_typed',
     'export TPU_NAME=hint-v4-64 ZONE=us-central2-b PROJECT=my-project ACCELERATOR=v4-64 '
     'RUNTIME_VERSION=tpu-ubuntu2204-base': 'test_tpu.py::test_dry_run_prints_what_would_run',
     'export TPU_NAME=hint ZONE=us-central2-b PROJECT=my-project ACCELERATOR=v4-8 '
@@ -71,7 +74,7 @@ def blocks(path, language):
 
 
 def commands(path):
-    """The shell commands of a markdown file's ```bash blocks: comments dropped, `\\` lines joined."""
+    """A markdown file's ```bash commands: comments dropped, `\\` lines joined."""
     found = []
     for block in blocks(path, 'bash'):
         for line in block.replace('\\\n', ' ').splitlines():
@@ -122,11 +125,12 @@ def write_c4(folder, texts, split):
             f.write(json.dumps({'text': text, 'url': 'x'}) + '\n')
 
 
-def typed(folder, command, *extra):
+def typed(folder, command, *extra, devices=1):
     """The README's `command` as typed in `folder`, plus small settings -> stdout + stderr."""
     argv = shlex.split(command) + list(extra)
     argv[0] = sys.executable
-    r = subprocess.run(argv, cwd=folder, env=ENV, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(argv, cwd=folder, env=env(devices), capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, (command, (r.stdout + r.stderr)[-3000:])
     return r.stdout + r.stderr
 
@@ -137,12 +141,17 @@ NI = ['--data-dir', 'sni', '--instruction-len', '128', '--input-len', '64', '--t
       '--max-instances-per-task', '4', *SMALL]
 
 
+def clone(folder):
+    """The scripts in a folder of their own, as a fresh clone has them."""
+    for script in glob.glob(os.path.join(ROOT, '*.py')):
+        shutil.copy(script, folder)
+
+
 @needs_shared
 def test_sni_recipe_as_typed(tmp_path):
     """C4 pretraining, SNI fine-tuning from it, its evaluation and the Tk-Instruct baseline: the
     README's commands in a fresh folder, `google/t5-base-lm-adapt` a tiny local transformers T5."""
-    for script in glob.glob(os.path.join(ROOT, '*.py')):
-        shutil.copy(script, tmp_path)
+    clone(tmp_path)
     os.symlink(os.path.abspath(SNI), tmp_path / 'sni')
     hf_checkpoint(tmp_path / 'hf-t5', tied=False)
     texts = [json.load(open(path))['Definition'][0] * 3
@@ -164,7 +173,28 @@ def test_sni_recipe_as_typed(tmp_path):
     assert trained['count'] == 4
     typed(tmp_path, readme_command('python eval.py --checkpoint runs/ni-base-2pos'))
     assert json.loads((run / 'metrics.json').read_text()) == trained   # the run's own settings
-    typed(tmp_path, hub_name_local(readme_command('python train.py --task ni --shots 2 --init google')),
-          *NI)
+    baseline = readme_command('python train.py --task ni --shots 2 --init google')
+    typed(tmp_path, hub_name_local(baseline), *NI)
     args = json.loads((tmp_path / 'runs' / 'tk-base-2pos' / 'args.json').read_text())
     assert args['baseline'] == 'full-input' and args['init'] == 'hf-t5'
+
+
+@pytest.mark.slow
+def test_p3_recipe_as_typed(tmp_path):
+    """HINT on P3 under --fsdp 8, its rank classification and the full-input baseline: the README's
+    commands in a fresh folder on 8 CPU devices, with a tiny model and a small P3. About 3 min."""
+    clone(tmp_path)
+    make_p3(tmp_path / 'p3')
+    small = ['--data-dir', 'p3', '--p3-datasets', *DATASETS, '--p3-examples-per-dataset', '100',
+             '--init', 'tiny', '--tokenizer', 'byte', '--batch-size', '8', '--steps', '2',
+             '--adapter-dim', '4', '--prefix-len', '2', '--instruction-len', '128',
+             '--input-len', '64', '--target-len', '16']
+    out = typed(tmp_path, readme_command('python train.py --task p3 --shots 0'), *small, devices=8)
+    assert 'held-out: accuracy_mean' in out
+    run = tmp_path / 'runs' / 'p3-xl'
+    trained = json.loads((run / 'metrics.json').read_text())
+    typed(tmp_path, readme_command('python eval.py --checkpoint runs/p3-xl'), devices=8)
+    assert json.loads((run / 'metrics.json').read_text()) == trained
+    typed(tmp_path, readme_command('python train.py --task p3 --shots 2 --baseline'), *small,
+          '--p3-examples', '40', devices=8)
+    assert (tmp_path / 'runs' / 'p3-xl-full' / 'metrics.json').is_file()
