@@ -22,7 +22,7 @@ from test_workflow import SNI, hf_checkpoint, needs_shared
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = [os.path.join(ROOT, 'README.md')] + sorted(glob.glob(os.path.join(ROOT, 'docs', '*.md')))
 
-# Each command in a ```bash block of README.md or docs/*.md -> the test that runs it (small settings).
+# Each command in a ```bash block of README.md or docs/*.md -> the test that runs it.
 COVERED = {
     'pip install -r requirements.txt && python train.py': '.ci/run',
     'pip install -r requirements-dev.txt && python -m pytest -q -n 2 --dist loadfile tests':
