@@ -1,5 +1,6 @@
-"""The README and docs/: every shell command in their code blocks is run by a named test, the
-paper's SNI recipe runs as typed (tiny model, local data), links resolve, the README stays short.
+"""The README and docs/: every shell command in their code blocks names the test that runs it, the
+paper's SNI and P3 recipes run as typed (tiny model, local data), links resolve, the README stays
+short.
 """
 from __future__ import annotations
 
