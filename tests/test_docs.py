@@ -199,3 +199,11 @@ def test_p3_recipe_as_typed(tmp_path):
     typed(tmp_path, readme_command('python train.py --task p3 --shots 2 --baseline'), *small,
           '--p3-examples', '40', devices=8)
     assert (tmp_path / 'runs' / 'p3-xl-full' / 'metrics.json').is_file()
+
+
+def test_train_help_lists_the_flags():
+    """docs/training.md: `python train.py --help` lists the flags, each with its default."""
+    r = subprocess.run([sys.executable, 'train.py', '--help'], cwd=ROOT, env=env(1),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert '--task' in r.stdout and '--lora-rank' in r.stdout
