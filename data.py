@@ -23,7 +23,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import string
 import subprocess
 import sys
@@ -116,22 +115,6 @@ def absolute_paths(args, paths=(), maybe_paths=()):
         path = getattr(args, name)
         if name in paths or (path and os.path.exists(path)):
             setattr(args, name, local_path(path))
-
-
-def check_writable(path: str, flag: str):
-    """Create the folder `path` (local or gs://...) and check that files can be written there: a missing
-    bucket or no permission shows now, not at the first checkpoint."""
-    from etils import epath
-    folder = epath.Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise DataError(f'{flag} {path}: exists and is not a folder')
-    probe = folder / f'.write-test-{socket.gethostname()}-{os.getpid()}'
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe.write_text('ok')
-        probe.unlink(missing_ok=True)
-    except Exception as e:   # OSError locally; gcsfs's and google-api-core's errors are not all OSErrors
-        raise DataError(f'{flag} {path}: cannot write there ({getattr(e, "strerror", None) or e})') from None
 
 
 @contextlib.contextmanager
