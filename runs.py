@@ -79,8 +79,8 @@ def check_writable(path: str, flag: str):
 
 def checkpoints(run_dir) -> list[str]:
     """The run's complete checkpoint folders, oldest first (never what a killed save left)."""
-    found = sorted(STEPS.find_all(epath.Path(run_dir)), key=lambda found: found.step)
-    return [str(m.path) for m in found]
+    found = sorted(STEPS.find_all(epath.Path(run_dir)), key=lambda step: step.step)
+    return [str(step.path) for step in found]
 
 
 def is_checkpoint(path) -> bool:
@@ -148,16 +148,12 @@ def configs(meta, dtype='float32'):
 
 def check_shapes(where, saved, expected):
     """Name the first parameter that is missing, extra or of another shape than the config's."""
-    have = traverse_util.flatten_dict(saved, sep='/')
-    want = traverse_util.flatten_dict(expected, sep='/')
+    have = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(saved, sep='/').items()}
+    want = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(expected, sep='/').items()}
     for name in sorted(set(have) | set(want)):
-        if name not in want:
-            raise CheckpointError(f'{where}: parameter {name!r} is not in the config')
-        if name not in have:
-            raise CheckpointError(f'{where}: parameter {name!r} is missing')
-        if tuple(have[name].shape) != tuple(want[name].shape):
-            raise CheckpointError(f'{where}: parameter {name!r} has shape {have[name].shape}, '
-                                  f'the config {want[name].shape}')
+        if have.get(name) != want.get(name):   # None: absent
+            raise CheckpointError(f'{where}: parameter {name!r} has shape {have.get(name)}, the '
+                                  f'config {want.get(name)} (not the config of this checkpoint)')
 
 
 def read_items(ckpt, targets: dict) -> dict:
