@@ -1,12 +1,12 @@
 """T5 (v1.0, v1.1 / LM-adapted / Flan) and RoBERTa as plain JAX functions, and their import.
 
-Numerics match transformers (tests/test_parity.py); the T5 math follows t5x. Parameters are plain
-pytrees that the trainer jits, shards and checkpoints. HINT's task state plugs in as generated
-prefixes and instruction memory in attention and an adapter beside each feed-forward block; plain
-T5 pays for neither. Shapes: B batch, T/S sequence, H heads, K head size, D width, L layers.
+Numerics match transformers (tests/test_parity.py); the T5 math follows t5x. HINT's task state adds
+prefixes and instruction memory to attention, and an adapter beside each feed-forward block.
+Shapes: B batch, T/S sequence, H heads, K head size, D width, L layers.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -21,32 +21,26 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 PAD_ID, EOS_ID = 0, 1  # shared by T5's SentencePiece vocabulary and the byte tokenizer
+HUB_FILES = ['*.json', '*.model', '*.safetensors', '*.msgpack']  # what resolve_dir downloads
 
 
 def resolve_dir(name_or_dir: str) -> str:
-    """A local directory as is; else a hub name, downloaded (offline, huggingface_hub's cache)."""
-    if os.path.isdir(name_or_dir):
-        return name_or_dir
+    """A local directory as is; else a hub name, downloaded (offline: huggingface_hub's cache)."""
     if os.path.exists(name_or_dir):
-        raise ValueError(f'{name_or_dir}: expected a checkpoint directory, found a file')
+        return name_or_dir
     from huggingface_hub import snapshot_download
     try:
-        return snapshot_download(name_or_dir, allow_patterns=['*.json', '*.model', '*.safetensors',
-                                                              '*.msgpack'])
+        return snapshot_download(name_or_dir, allow_patterns=HUB_FILES)
     except Exception as e:
-        raise FileNotFoundError(f'{name_or_dir!r}: no such directory, nor a reachable or cached hub '
-                                f'model ({type(e).__name__})') from None
-
-
-# ----------------------------------------------------------------------------------------------
-# T5 configuration and size presets
+        raise FileNotFoundError(f'{name_or_dir}: no such directory, nor a hub model reachable or '
+                                f'cached ({type(e).__name__})') from None
 
 
 @dataclasses.dataclass(frozen=True)
 class T5Config:
     vocab_size: int = 32128
     d_model: int = 512
-    d_kv: int = 64
+    d_kv: int = 64                 # head size
     d_ff: int = 1024
     num_heads: int = 6
     num_layers: int = 8            # encoder
@@ -61,27 +55,6 @@ class T5Config:
     param_dtype: str = 'float32'
     remat: bool = False            # recompute each layer in the backward pass (less memory)
 
-    @staticmethod
-    def from_hf(c: dict, **overrides) -> T5Config:
-        """From transformers' config.json; `overrides` (dropout, dtype) win over it."""
-        act = c.get('feed_forward_proj', 'relu')
-        if act not in ('relu', 'gated-gelu'):
-            raise ValueError(f'config.json: feed_forward_proj {act!r} is not relu or gated-gelu')
-        fields = {ours: c[theirs] for ours, theirs in HF_KEYS.items() if c.get(theirs) is not None}
-        fields.setdefault('num_decoder_layers', c['num_layers'])
-        # transformers 5 writes tie_word_embeddings=true for every T5, and marks v1.1's untied,
-        # unscaled output layer by scale_decoder_outputs=false
-        tied = c.get('scale_decoder_outputs', c.get('tie_word_embeddings', True))
-        fields.update(gated_gelu=act == 'gated-gelu', tie_word_embeddings=tied)
-        return T5Config(**{**fields, **overrides})
-
-
-# T5Config field -> transformers' config.json key: read by from_hf, written by save_t5.
-HF_KEYS = {**{name: name for name in ('vocab_size', 'd_model', 'd_kv', 'd_ff', 'num_heads',
-                                      'num_layers', 'num_decoder_layers', 'dropout_rate',
-                                      'layer_norm_epsilon')},
-           'num_buckets': 'relative_attention_num_buckets',
-           'max_distance': 'relative_attention_max_distance'}
 
 # T5 v1.1 / LM-adapted shapes (HINT's underlying model; d_kv 64), and a tiny one for tests.
 PRESETS = {
@@ -95,49 +68,56 @@ PRESETS = {
 }
 
 
-def stacks(cfg: T5Config):
-    """(stack, layers, attention blocks {ours: transformers' name}) of the encoder and decoder."""
-    decoder_blocks = {'self_attn': 'SelfAttention', 'cross_attn': 'EncDecAttention'}
-    return [('encoder', cfg.num_layers, {'self_attn': 'SelfAttention'}),
-            ('decoder', cfg.num_decoder_layers, decoder_blocks)]
-
-
-def ffn_inputs(cfg: T5Config):  # a gate and a linear kernel (gated GELU), or one (ReLU)
-    return ('wi_0', 'wi_1') if cfg.gated_gelu else ('wi',)
-
-
 # ----------------------------------------------------------------------------------------------
-# T5 parameters: a plain pytree. Layers are stacked on a leading axis [L, ...] and run with
-# lax.scan, so compile time does not grow with depth. Kernels are [in, out] (x @ w).
+# Parameters are plain pytrees, described by a layout {our path: Param} that init and import share:
+# init is a normal's std, 'ones' or 'zeros'; name is transformers', '{i}' standing for the layer.
+# Layers are stacked on a leading axis [L, ...] and run by lax.scan (compile time does not grow
+# with depth). Kernels are [in, out] (x @ w), transformers' linear weights [out, in].
+Param = collections.namedtuple('Param', ['shape', 'init', 'name'])
+
+
+def t5_layout(cfg: T5Config) -> dict:
+    """Every T5 parameter in init order (transformers' init scheme; lm head scaled by fan-in)."""
+    D, HK, F = cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.d_ff
+    attention = {'q': (D, HK, (D * cfg.d_kv) ** -0.5), 'k': (D, HK, D ** -0.5),
+                 'v': (D, HK, D ** -0.5), 'o': (HK, D, HK ** -0.5)}          # [in, out], init std
+    wi = ('wi_0', 'wi_1') if cfg.gated_gelu else ('wi',)  # gated GELU: a gate and a linear kernel
+    ffn = {**{name: (D, F, D ** -0.5) for name in wi}, 'wo': (F, D, F ** -0.5)}
+    layout = {('embed',): Param((cfg.vocab_size, D), 1.0, 'shared.weight')}
+    for stack, L in (('encoder', cfg.num_layers), ('decoder', cfg.num_decoder_layers)):
+        bias = f'{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight'  # layer 0's
+        layout[(stack, 'rel_bias')] = Param((cfg.num_buckets, cfg.num_heads), D ** -0.5, bias)
+        layout[(stack, 'final_norm')] = Param((D,), 'ones', f'{stack}.final_layer_norm.weight')
+        # transformers numbers a block's sublayers: self-attention, (cross-attention,) feed-forward
+        sublayers = [('self_attn', 'SelfAttention', attention)]
+        if stack == 'decoder':
+            sublayers.append(('cross_attn', 'EncDecAttention', attention))
+        for j, (ours, theirs, kernels) in enumerate(sublayers + [('ffn', 'DenseReluDense', ffn)]):
+            block, prefix = (stack, 'layers', ours), f'{stack}.block.{{i}}.layer.{j}.'
+            layout[(*block, 'norm')] = Param((L, D), 'ones', prefix + 'layer_norm.weight')
+            for w, (n_in, n_out, std) in kernels.items():
+                layout[(*block, w)] = Param((L, n_in, n_out), std, f'{prefix}{theirs}.{w}.weight')
+    if not cfg.tie_word_embeddings:
+        layout[('lm_head',)] = Param((D, cfg.vocab_size), D ** -0.5, 'lm_head.weight')
+    return layout
+
+
+def init_params(layout: dict, rng, keys: int, dtype='float32') -> dict:
+    """Seeded random parameters of a layout, from `keys` keys split off rng."""
+    keys, params = iter(jax.random.split(rng, keys)), {}
+    for path, p in layout.items():
+        if p.init == 'ones':
+            params[path] = jnp.ones(p.shape, dtype)
+        elif p.init == 'zeros':
+            params[path] = jnp.zeros(p.shape, dtype)
+        else:
+            weight = jax.random.normal(next(keys), p.shape, jnp.float32) * p.init
+            params[path] = weight.astype(dtype)
+    return traverse_util.unflatten_dict(params)
 
 
 def init_t5(cfg: T5Config, rng) -> dict:
-    """Seeded random T5 weights (transformers' init scheme; lm head scaled by fan-in)."""
-    D, HK, F = cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.d_ff
-    keys = iter(jax.random.split(rng, 64))
-    pdt = jnp.dtype(cfg.param_dtype)
-
-    def normal(shape, std):
-        return (jax.random.normal(next(keys), shape, jnp.float32) * std).astype(pdt)
-
-    def attention(L):
-        return {'norm': jnp.ones((L, D), pdt), 'q': normal((L, D, HK), (D * cfg.d_kv) ** -0.5),
-                'k': normal((L, D, HK), D ** -0.5), 'v': normal((L, D, HK), D ** -0.5),
-                'o': normal((L, HK, D), HK ** -0.5)}
-
-    def ffn(L):
-        wi = {name: normal((L, D, F), D ** -0.5) for name in ffn_inputs(cfg)}
-        return {'norm': jnp.ones((L, D), pdt), **wi, 'wo': normal((L, F, D), F ** -0.5)}
-
-    params = {'embed': normal((cfg.vocab_size, D), 1.0)}
-    for stack, L, blocks in stacks(cfg):
-        rel_bias = normal((cfg.num_buckets, cfg.num_heads), D ** -0.5)
-        layers = {block: attention(L) for block in blocks}
-        layers['ffn'] = ffn(L)
-        params[stack] = {'rel_bias': rel_bias, 'final_norm': jnp.ones((D,), pdt), 'layers': layers}
-    if not cfg.tie_word_embeddings:
-        params['lm_head'] = normal((D, cfg.vocab_size), D ** -0.5)
-    return params
+    return init_params(t5_layout(cfg), rng, 64, cfg.param_dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,8 +170,7 @@ def position_bias(table, q_pos, k_pos, bidirectional, cfg):
     return jnp.transpose(table.astype(jnp.float32)[buckets], (2, 0, 1))[None]
 
 
-def mask_bias(mask):
-    """[..., S] bool (True = attend) -> additive float32 bias."""
+def mask_bias(mask):  # [..., S] bool (True = attend) -> additive float32 bias
     return jnp.where(mask, 0.0, -1e9).astype(jnp.float32)
 
 
@@ -211,34 +190,30 @@ def weighted_sum(probs, v):  # probs [B,H,T,M], v [B,M,H,K] or [M,H,K] -> [B,T,H
 
 
 def attend(q, k, v, bias, extra=(), prefix=None, rate=0.0, rng=None):
-    """Attention of q [B,T,H,K] over k, v [B,S,H,K] (+ bias [B|1,H|1,T,S]) and, in one softmax, the
-    extra sets (k, v, bias [M] | [B,M] | None) -> [B,T,H*K]. No 1/sqrt(K): T5's q init has it."""
-    # Extra sets are HINT's instruction memory and prefixes (unmasked, no position bias); one
-    # without a batch axis ([M,H,K]) is one task state shared by the batch, never copied.
+    """q [B,T,H,K] attends to k, v [B,S,H,K] (+ bias [B|1,H|1,T,S]) -> [B,T,H*K]; no 1/sqrt(K) (T5's
+    q init has it). `extra`: HINT's memory and prefixes (k, v, bias [M] | [B,M] | None)."""
+    # one softmax over all sets; an extra set without a batch axis ([M,H,K]) is shared, not copied
     logits = [scores(q, k) + bias]
     for extra_k, _, extra_bias in extra:
         s = scores(q, extra_k)                                                       # [B, H, T, M]
         if extra_bias is not None:  # [M] or [B, M] -> [1|B, 1, 1, M]
             s = s + extra_bias.reshape(-1, 1, 1, extra_bias.shape[-1])
         logits.append(s)
-    sizes = [s.shape[-1] for s in logits]
-    probs = jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1)
-    probs = jnp.split(dropout(probs, rate, rng).astype(q.dtype), np.cumsum(sizes)[:-1], axis=-1)
+    probs = dropout(jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1), rate, rng)
+    ends = np.cumsum([s.shape[-1] for s in logits])[:-1]
+    probs = jnp.split(probs.astype(q.dtype), ends, axis=-1)
     out = weighted_sum(probs[0], v)                                                 # [B, T, H, K]
     for p, (_, extra_v, _) in zip(probs[1:], extra):
         out = out + weighted_sum(p, extra_v)
-    # --prefix-attention separate: the prefix has a softmax of its own and its output is added,
-    # so that zero prefix values leave T5 exactly as it was
+    # --prefix-attention separate: a softmax of its own, so that zero prefixes leave T5 as it was
     if prefix is not None:
         p = jax.nn.softmax(scores(q, prefix['k']), axis=-1)
         out = out + weighted_sum(dropout(p, rate, sub(rng, 1)).astype(q.dtype), prefix['v'])
     return out.reshape(*out.shape[:2], -1)
 
 
-def joined(m, name):
-    """A generated prefix that shares the layer's softmax, as an extra key/value set ([] if absent)."""
-    p = m.get(name)
-    return [] if p is None else [(p['k'], p['v'], None)]
+def joined(m, name):  # a generated prefix that shares the layer's softmax, as an extra set
+    return [] if m.get(name) is None else [(m[name]['k'], m[name]['v'], None)]
 
 
 def bmm(x, w):  # x [B,T,D] @ w: [D,N] shared by the batch or [B,D,N] per instance
@@ -249,8 +224,7 @@ def add_bias(x, b):  # x [B,T,N] + b: [N] shared by the batch or [B,N] per insta
     return x + b.reshape(-1, 1, b.shape[-1]).astype(x.dtype)
 
 
-def lora(x, a, b):
-    """A generated LoRA's term (x A) B: x [B,T,D], A [(B,)D,R], B [(B,)R,N] -> [B,T,N]."""
+def lora(x, a, b):  # a generated LoRA's term (x A) B: x [B,T,D], A [(B,)D,R], B [(B,)R,N]
     return bmm(bmm(x, a), b)
 
 
@@ -262,15 +236,6 @@ def project(h, w, n, m, cfg):
     return heads(y, cfg)
 
 
-def ffn(p, h, cfg, rng):
-    dt = h.dtype
-    if cfg.gated_gelu:  # gelu_new (tanh approximation) gate times linear
-        a = jax.nn.gelu(h @ p['wi_0'].astype(dt), approximate=True) * (h @ p['wi_1'].astype(dt))
-    else:
-        a = jax.nn.relu(h @ p['wi'].astype(dt))
-    return dropout(a, cfg.dropout_rate, rng) @ p['wo'].astype(dt)
-
-
 def adapter(m, h):
     """HINT's parallel adapter, generated per task: gelu(h Wd + bd) Wu + bu."""
     hidden = add_bias(bmm(h, m['down']), m['down_bias'])                            # [B, T, r]
@@ -280,17 +245,21 @@ def adapter(m, h):
 
 def ffn_block(p, m, x, cfg, rate, rng_ffn, rng_out):
     """The pre-norm feed-forward block and its residual, with HINT's adapter (if any) beside it."""
+    dt = x.dtype
     h = rms_norm(x, p['norm'], cfg.layer_norm_epsilon)
-    y = ffn(p, h, cfg, rng_ffn)
+    if cfg.gated_gelu:  # gelu_new (tanh approximation) gate times linear
+        a = jax.nn.gelu(h @ p['wi_0'].astype(dt), approximate=True) * (h @ p['wi_1'].astype(dt))
+    else:
+        a = jax.nn.relu(h @ p['wi'].astype(dt))
+    y = dropout(a, cfg.dropout_rate, rng_ffn) @ p['wo'].astype(dt)                  # [B, T, D]
     if m.get('adapter') is not None:
         y = y + adapter(m['adapter'], h)
     return x + dropout(y, rate, rng_out)
 
 
 # ----------------------------------------------------------------------------------------------
-# T5 stacks. `mods` is HINT's task state in stack layout (see hypernet.py); None = plain T5.
-# Every entry of mods['encoder'] / mods['decoder'] has a leading layer axis and is scanned with
-# the layer weights; an entry may be None (that module switched off).
+# T5 stacks. `mods` is HINT's task state (hypernet.py), None for plain T5: mods['encoder'/'decoder']
+# entries have a layer axis and are scanned with the layer weights (None: that module is off).
 
 
 def t5_encode(params, cfg, ids, mods=None, rng=None):
@@ -321,40 +290,35 @@ def t5_encode(params, cfg, ids, mods=None, rng=None):
 
 
 def cross_kv(params, cfg, enc, enc_mask, mods=None):
-    """Cross-attention keys/values of every decoder layer, once per input (and per task for the
-    instruction memory): {'k','v': [L,B,S,H,K], 'bias': [B,1,1,S], 'memory': None | the same}."""
+    """Every decoder layer's cross-attention keys/values, made once per input (the instruction
+    memory's once per task): {'k','v': [L,B,S,H,K], 'bias': [B,1,1,S], 'memory': None | same}."""
     dt, mods = jnp.dtype(cfg.dtype), mods or {}
     w = params['decoder']['layers']['cross_attn']
-
-    def every_layer(x, n):  # x [..., S, D] -> [L, ..., S, H, K]
-        return heads(jnp.einsum('...sd,ldn->l...sn', x.astype(dt), w[n].astype(dt)), cfg)
-
-    bias = mask_bias(enc_mask)[:, None, None, :]
-    kv = {'k': every_layer(enc, 'k'), 'v': every_layer(enc, 'v'), 'bias': bias, 'memory': None}
     lo = (mods.get('decoder') or {}).get('cross_lora')
-    lora_every_layer = jax.vmap(lora, in_axes=(None, 0, 0))   # A, B [L, ...] -> [L, B, S, H*K]
-    if lo is not None:  # the generated LoRA's value term, (enc A_v) B_v
-        kv['v'] = kv['v'] + heads(lora_every_layer(enc.astype(dt), lo['v_a'], lo['v_b']), cfg)
+
+    def keys_values(x):  # x [(B,) S, D] -> k, v [L, (B,) S, H, K]
+        k, v = (jnp.einsum('...sd,ldn->l...sn', x.astype(dt), w[n].astype(dt)) for n in 'kv')
+        if lo is not None:  # the generated LoRA's value term (x A_v) B_v, for every layer
+            x = x.reshape(-1, *x.shape[-2:]).astype(dt)                              # [B|1, S, D]
+            v = v + jax.vmap(lora, in_axes=(None, 0, 0))(x, lo['v_a'], lo['v_b']).reshape(v.shape)
+        return heads(k, cfg), heads(v, cfg)
+
+    k, v = keys_values(enc)
+    kv = {'k': k, 'v': v, 'bias': mask_bias(enc_mask)[:, None, None, :], 'memory': None}
     memory = mods.get('memory')
     if memory is not None:  # HINT's fusion: the encoded instruction E [(B,) n, D] and its mask
-        E = memory['E']
-        mem = {'k': every_layer(E, 'k'), 'v': every_layer(E, 'v'), 'bias': mask_bias(memory['mask'])}
-        if lo is not None:  # E goes through the same value projection, so through its LoRA too
-            E = E.reshape(-1, *E.shape[-2:]).astype(dt)                              # [B|1, n, D]
-            term = heads(lora_every_layer(E, lo['v_a'], lo['v_b']), cfg)        # [L, B|1, n, H, K]
-            mem['v'] = mem['v'] + term.reshape(mem['v'].shape)
-        kv['memory'] = mem
+        k, v = keys_values(memory['E'])
+        kv['memory'] = {'k': k, 'v': v, 'bias': mask_bias(memory['mask'])}
     return kv
 
 
 def t5_decode(params, cfg, tokens, kv, mods=None, rng=None, cache=None, index=0):
-    """Decoder on tokens [B, T] -> logits float32 [B, T, V]. With `cache` ({'k','v': [L,B,Tmax,H,K]})
-    the tokens sit at positions index.. and it returns (logits, their keys/values [L,B,T,H,K])."""
+    """Tokens [B, T] -> logits float32 [B, T, V]; with `cache` ({'k','v': [L,B,Tmax,H,K]}) at
+    positions index.., returning (logits, their keys/values [L,B,T,H,K])."""
     dt, eps = jnp.dtype(cfg.dtype), cfg.layer_norm_epsilon
     rate = cfg.dropout_rate if rng is not None else 0.0
-    T = tokens.shape[1]
-    q_pos = index + jnp.arange(T)
-    k_pos = jnp.arange(cache['k'].shape[2] if cache is not None else T)
+    q_pos = index + jnp.arange(tokens.shape[1])
+    k_pos = q_pos if cache is None else jnp.arange(cache['k'].shape[2])
     causal = mask_bias(k_pos[None, :] <= q_pos[:, None])
     self_bias = position_bias(params['decoder']['rel_bias'], q_pos, k_pos, False, cfg) + causal
     x = dropout(params['embed'][tokens].astype(dt), rate, sub(rng, 0))               # [B, T, D]
@@ -376,7 +340,7 @@ def t5_decode(params, cfg, tokens, kv, mods=None, rng=None, cache=None, index=0)
         # Cross-attention block, over the encoder states and HINT's instruction memory.
         c = p['cross_attn']
         h = rms_norm(x, c['norm'], eps)
-        q = project(h, c, 'q', m.get('cross_lora'), cfg)   # its v-term is in cross_kv, once per input
+        q = project(h, c, 'q', m.get('cross_lora'), cfg)   # its LoRA's v-term is in cross_kv
         extra = [] if mem is None else [(mem['k'], mem['v'], kv['memory']['bias'])]
         extra += joined(m, 'cross_prefix')
         o = attend(q, ck, cv, kv['bias'], extra, m.get('cross_prefix_separate'), rate, sub(r, 2))
@@ -412,17 +376,16 @@ def t5_forward(params, cfg, encoder_ids, decoder_input_ids, mods=None, rng=None)
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'max_len'))
 def t5_generate(params, cfg, encoder_ids, max_len=64, mods=None):
-    """Greedy decoding with a key/value cache: int32 [B, max_len] without the start token, 0 after
-    EOS; the loop stops as soon as every row has produced EOS."""
+    """Greedy decoding -> int32 [B, max_len]: no start token, 0 after EOS, stops at all EOS."""
     B = encoder_ids.shape[0]
     enc = t5_encode(params, cfg, encoder_ids, mods)
     kv = cross_kv(params, cfg, enc, encoder_ids != PAD_ID, mods)
     shape = (cfg.num_decoder_layers, B, max_len, cfg.num_heads, cfg.d_kv)
 
     def step(s):
-        i = s['i']
-        logits, new = t5_decode(params, cfg, s['prev'][:, None], kv, mods, cache=s['cache'], index=i)
-        cache = {n: jax.lax.dynamic_update_slice(s['cache'][n], new[n], (0, 0, i, 0, 0)) for n in 'kv'}
+        i, cache = s['i'], s['cache']
+        logits, new = t5_decode(params, cfg, s['prev'][:, None], kv, mods, cache=cache, index=i)
+        cache = {n: jax.lax.dynamic_update_slice(cache[n], new[n], (0, 0, i, 0, 0)) for n in 'kv'}
         token = jnp.where(s['done'], PAD_ID, jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32))
         out = jax.lax.dynamic_update_slice(s['out'], token[:, None], (0, i))
         return dict(i=i + 1, prev=token, done=s['done'] | (token == EOS_ID), out=out, cache=cache)
@@ -437,8 +400,7 @@ def t5_generate(params, cfg, encoder_ids, max_len=64, mods=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# RoBERTa encoder (optional separate instruction encoder): post-norm, learned absolute positions
-# offset by padding id + 1, token types, exact GELU.
+# RoBERTa (an optional instruction encoder): post-norm, learned positions from padding id + 1.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -454,31 +416,32 @@ class RobertaConfig:
     layer_norm_eps: float = 1e-5
     dtype: str = 'float32'
 
-    @staticmethod
-    def from_hf(c: dict) -> RobertaConfig:
-        fields = [f.name for f in dataclasses.fields(RobertaConfig)]
-        return RobertaConfig(**{name: c[name] for name in fields if name in c})
+
+def roberta_layout(cfg: RobertaConfig, prefix: str = '') -> dict:
+    """As t5_layout; `prefix` is 'roberta.' in a RobertaForMaskedLM (the hub's roberta-base)."""
+    D, F, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    e, layer = prefix + 'embeddings.', prefix + 'encoder.layer.{i}.'
+    layout = {('word',): Param((cfg.vocab_size, D), 0.02, e + 'word_embeddings.weight'),
+              ('pos',): Param((cfg.max_position_embeddings, D), 0.02,
+                              e + 'position_embeddings.weight'),
+              ('type',): Param((cfg.type_vocab_size, D), 0.02, e + 'token_type_embeddings.weight'),
+              ('emb_norm', 'scale'): Param((D,), 'ones', e + 'LayerNorm.weight'),
+              ('emb_norm', 'bias'): Param((D,), 'zeros', e + 'LayerNorm.bias')}
+    linears = {'q': ('attention.self.query', D, D), 'k': ('attention.self.key', D, D),
+               'v': ('attention.self.value', D, D), 'o': ('attention.output.dense', D, D),
+               'fc1': ('intermediate.dense', D, F), 'fc2': ('output.dense', F, D)}
+    for ours, (theirs, n_in, n_out) in linears.items():
+        layout[('layers', ours, 'w')] = Param((L, n_in, n_out), 0.02, f'{layer}{theirs}.weight')
+        layout[('layers', ours, 'b')] = Param((L, n_out), 'zeros', f'{layer}{theirs}.bias')
+    norms = {'attn_norm': 'attention.output.LayerNorm', 'ffn_norm': 'output.LayerNorm'}
+    for ours, theirs in norms.items():
+        layout[('layers', ours, 'scale')] = Param((L, D), 'ones', f'{layer}{theirs}.weight')
+        layout[('layers', ours, 'bias')] = Param((L, D), 'zeros', f'{layer}{theirs}.bias')
+    return layout
 
 
 def init_roberta(cfg: RobertaConfig, rng) -> dict:
-    """Random RoBERTa weights (normal, std 0.02), layers stacked [L, ...] as T5's."""
-    D, F, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-    keys = iter(jax.random.split(rng, 16))
-
-    def normal(*shape):
-        return jax.random.normal(next(keys), shape, jnp.float32) * 0.02
-
-    def linears(n_in, n_out):  # one per layer
-        return {'w': normal(L, n_in, n_out), 'b': jnp.zeros((L, n_out))}
-
-    def norm(*layers):
-        return {'scale': jnp.ones((*layers, D)), 'bias': jnp.zeros((*layers, D))}
-
-    params = {'word': normal(cfg.vocab_size, D), 'pos': normal(cfg.max_position_embeddings, D),
-              'type': normal(cfg.type_vocab_size, D), 'emb_norm': norm()}
-    layers = {n: linears(D, D) for n in 'qkvo'}
-    layers.update(attn_norm=norm(L), fc1=linears(D, F), fc2=linears(F, D), ffn_norm=norm(L))
-    return {**params, 'layers': layers}
+    return init_params(roberta_layout(cfg), rng, 16)
 
 
 def layer_norm(x, p, eps):
@@ -516,13 +479,13 @@ def roberta_forward(params, cfg, ids):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoint import: weights are read into one flat {transformers name: array} dict, in PyTorch's
-# layout (linears [out, in]), then mapped onto our pytree by a sources table.
+# Checkpoint import: the weights as one flat {transformers name: array} dict, then a layout.
+
+KERNELS = {'q', 'k', 'v', 'o', 'wi', 'wi_0', 'wi_1', 'wo', 'lm_head', 'w'}  # transposed on import
 
 
 class LazyWeights(dict):
-    """{name: safetensors file}; a weight is read when looked up, so that an XL or XXL checkpoint
-    is never all in host memory at once."""
+    """{name: safetensors file}, read when looked up: an XXL checkpoint never fills host memory."""
     def __getitem__(self, name):
         with safe_open(super().__getitem__(name), 'np') as f:
             return f.get_tensor(name)
@@ -545,7 +508,7 @@ def read_hf_weights(d: str) -> dict:
         flat = {}
         for (*module, leaf), w in traverse_util.flatten_dict(tree).items():
             name = '.'.join([*module, torch_leaf.get(leaf, leaf)])
-            flat[name] = np.asarray(w).T if leaf == 'kernel' else np.asarray(w)  # kernels [in, out]
+            flat[name] = np.asarray(w).T if leaf == 'kernel' else np.asarray(w)
         return flat
     if not os.path.exists(path('pytorch_model.bin')):
         raise FileNotFoundError(f'{d}: no model.safetensors(.index.json), flax_model.msgpack or '
@@ -566,75 +529,66 @@ def read_hf_checkpoint(name_or_dir: str):
     return d, config, read_hf_weights(d)
 
 
-def assign(expected, sources: dict, flat: dict, where: str, place=None):
-    """Our pytree, shaped as `expected`, from sources {our path: [(name, transpose?)], one name per
-    layer}. place(shape struct) -> sharding puts each weight straight onto its devices (FSDP)."""
-    expected, out = traverse_util.flatten_dict(expected), {}
-    for path, names in sources.items():
-        want = expected[path]
-        stacked = 'layers' in path   # [L, ...], one checkpoint weight per layer
-        shape = want.shape[1:] if stacked else want.shape
-        parts = [read_weight(flat, name, transpose, shape, where) for name, transpose in names]
-        arr = np.asarray(np.stack(parts) if stacked else parts[0], want.dtype)
-        out[path] = jax.device_put(arr, place(want)) if place else jnp.asarray(arr)
+def hf_names(p: Param) -> list:  # a parameter's transformers names, one per layer when stacked
+    if '{i}' in p.name:
+        return [p.name.format(i=i) for i in range(p.shape[0])]
+    return [p.name]
+
+
+def assign(layout: dict, flat: dict, where: str, dtype='float32', place=None) -> dict:
+    """Our pytree from the checkpoint's weights; place(array) -> sharding puts each on devices."""
+    out = {}
+    for path, p in layout.items():
+        names = hf_names(p)
+        missing = [name for name in names if name not in flat]
+        if missing:
+            raise ValueError(f'{where}: weight {missing[0]!r} is missing')
+        parts = [flat[name].T if path[-1] in KERNELS else flat[name] for name in names]
+        shape = p.shape[1:] if '{i}' in p.name else p.shape
+        if parts[0].shape != shape:
+            raise ValueError(f'{where}: weight {names[0]!r} has shape {parts[0].shape}, the config '
+                             f'wants {shape} (linears as [in, out])')
+        arr = np.asarray(np.stack(parts) if '{i}' in p.name else parts[0], dtype)
+        out[path] = jax.device_put(arr, place(arr)) if place else jnp.asarray(arr)
     return traverse_util.unflatten_dict(out)
 
 
-def read_weight(flat, name, transpose, shape, where):
-    """One checkpoint weight in our layout, if the config's shape for it fits."""
-    if name not in flat:
-        raise ValueError(f'{where}: weight {name!r} is missing')
-    w = flat[name]
-    want = shape[::-1] if transpose else shape   # transformers' linear weights are [out, in]
-    if w.shape != tuple(want):
-        raise ValueError(f'{where}: weight {name!r} has shape {w.shape}, the config wants {want}')
-    return w.T if transpose else w
-
-
-def t5_sources(cfg: T5Config) -> dict:
-    """Our parameter path -> [(transformers name, transpose?)], one per layer for stacked ones."""
-    src = {('embed',): [('shared.weight', False)]}
-    if not cfg.tie_word_embeddings:
-        src[('lm_head',)] = [('lm_head.weight', True)]
-    for stack, L, blocks in stacks(cfg):
-        bias = f'{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight'
-        src[(stack, 'rel_bias')] = [(bias, False)]
-        src[(stack, 'final_norm')] = [(f'{stack}.final_layer_norm.weight', False)]
-        # transformers numbers a block's sublayers: self-attention, (cross-attention,) feed-forward
-        sublayers = [(ours, theirs, 'qkvo') for ours, theirs in blocks.items()]
-        sublayers.append(('ffn', 'DenseReluDense', ffn_inputs(cfg) + ('wo',)))
-        for j, (ours, theirs, weights) in enumerate(sublayers):
-            names = [f'{stack}.block.{i}.layer.{j}.' for i in range(L)]
-            src[(stack, 'layers', ours, 'norm')] = [(n + 'layer_norm.weight', False) for n in names]
-            for w in weights:
-                src[(stack, 'layers', ours, w)] = [(f'{n}{theirs}.{w}.weight', True) for n in names]
-    return src
+# T5Config field -> transformers' config.json key, read by load_t5 and written by save_t5.
+HF_KEYS = {**{name: name for name in ('vocab_size', 'd_model', 'd_kv', 'd_ff', 'num_heads',
+                                      'num_layers', 'num_decoder_layers', 'dropout_rate',
+                                      'layer_norm_epsilon')},
+           'num_buckets': 'relative_attention_num_buckets',
+           'max_distance': 'relative_attention_max_distance'}
 
 
 def load_t5(name_or_dir: str, place=None, **overrides):
-    """(T5Config, params) from a hub name or a transformers directory. `overrides` set T5Config
-    fields such as dtype or dropout_rate; `place` as in assign()."""
-    d, config, flat = read_hf_checkpoint(name_or_dir)
-    try:
-        cfg = T5Config.from_hf(config, **overrides)
-    except KeyError as e:
-        raise ValueError(f'{d}/config.json: missing field {e} (not a T5 config?)') from None
-    expected = jax.eval_shape(lambda: init_t5(cfg, jax.random.PRNGKey(0)))
-    sources = t5_sources(cfg)
-    if 'lm_head' in expected and 'lm_head.weight' not in flat and config.get('tie_word_embeddings'):
-        # transformers 5 saves a v1.1 T5 with its output layer tied to the embedding (not rescaled:
-        # scale_decoder_outputs false) and writes no lm_head.weight: read it as transformers does
-        sources[('lm_head',)] = [('shared.weight', True)]
-    return cfg, assign(expected, sources, flat, d, place)
+    """(T5Config, params) from a hub name or a transformers directory; `overrides` (dtype,
+    dropout_rate) win over its config.json, `place` as in assign()."""
+    d, c, flat = read_hf_checkpoint(name_or_dir)
+    act = c.get('feed_forward_proj', 'relu')
+    if act not in ('relu', 'gated-gelu'):
+        raise ValueError(f'{d}/config.json: feed_forward_proj {act!r} is not relu or gated-gelu')
+    fields = {ours: c[theirs] for ours, theirs in HF_KEYS.items() if c.get(theirs) is not None}
+    fields.setdefault('num_decoder_layers', fields.get('num_layers', T5Config.num_layers))
+    # transformers 5 writes tie_word_embeddings=true for every T5 and marks v1.1's untied, unscaled
+    # output layer by scale_decoder_outputs=false; it may then write no lm_head.weight, when the
+    # output layer is the embedding (not rescaled): read that as transformers does
+    tied = c.get('scale_decoder_outputs', c.get('tie_word_embeddings', True))
+    cfg = T5Config(**{**fields, 'gated_gelu': act == 'gated-gelu', 'tie_word_embeddings': tied,
+                      **overrides})
+    layout = t5_layout(cfg)
+    if ('lm_head',) in layout and 'lm_head.weight' not in flat and c.get('tie_word_embeddings'):
+        layout[('lm_head',)] = layout[('lm_head',)]._replace(name='shared.weight')
+    return cfg, assign(layout, flat, d, cfg.param_dtype, place)
 
 
 def save_t5(params, cfg: T5Config, folder: str):
-    """The inverse of load_t5: a transformers T5 folder (config.json, model.safetensors, float32)."""
-    ours, weights = traverse_util.flatten_dict(params), {}
-    for path, names in t5_sources(cfg).items():
-        arr = np.asarray(ours[path], np.float32)
-        for (name, transpose), w in zip(names, arr if 'layers' in path else [arr]):  # per layer
-            weights[name] = np.ascontiguousarray(w.T if transpose else w)
+    """load_t5's inverse: a transformers T5 folder (config.json, model.safetensors, float32)."""
+    layout, weights = t5_layout(cfg), {}
+    for path, arr in traverse_util.flatten_dict(params).items():
+        p, arr = layout[path], np.asarray(arr, np.float32)
+        for name, w in zip(hf_names(p), arr if '{i}' in p.name else [arr]):  # one per layer
+            weights[name] = np.ascontiguousarray(w.T if path[-1] in KERNELS else w)
     config = {theirs: getattr(cfg, ours) for ours, theirs in HF_KEYS.items()}
     config.update(architectures=['T5ForConditionalGeneration'], model_type='t5',
                   is_encoder_decoder=True, tie_word_embeddings=cfg.tie_word_embeddings,
@@ -646,35 +600,10 @@ def save_t5(params, cfg: T5Config, folder: str):
         json.dump(config, f, indent=2)
 
 
-# RoBERTa module -> transformers' name, and its leaves -> (transformers' name, transpose?).
-LINEAR = {'w': ('weight', True), 'b': ('bias', False)}
-NORM = {'scale': ('weight', False), 'bias': ('bias', False)}
-ROBERTA_LAYER = {'q': ('attention.self.query', LINEAR), 'k': ('attention.self.key', LINEAR),
-                 'v': ('attention.self.value', LINEAR), 'o': ('attention.output.dense', LINEAR),
-                 'attn_norm': ('attention.output.LayerNorm', NORM),
-                 'fc1': ('intermediate.dense', LINEAR), 'fc2': ('output.dense', LINEAR),
-                 'ffn_norm': ('output.LayerNorm', NORM)}
-
-
-def roberta_sources(cfg: RobertaConfig, prefix: str) -> dict:
-    """As t5_sources; prefix 'roberta.' in a RobertaForMaskedLM (the hub's roberta-base)."""
-    e = prefix + 'embeddings.'
-    src = {('word',): [(e + 'word_embeddings.weight', False)],
-           ('pos',): [(e + 'position_embeddings.weight', False)],
-           ('type',): [(e + 'token_type_embeddings.weight', False)],
-           ('emb_norm', 'scale'): [(e + 'LayerNorm.weight', False)],
-           ('emb_norm', 'bias'): [(e + 'LayerNorm.bias', False)]}
-    for ours, (module, leaves) in ROBERTA_LAYER.items():
-        names = [f'{prefix}encoder.layer.{i}.{module}.' for i in range(cfg.num_hidden_layers)]
-        for leaf, (theirs, transpose) in leaves.items():
-            src[('layers', ours, leaf)] = [(n + theirs, transpose) for n in names]
-    return src
-
-
 def load_roberta(name_or_dir: str, **overrides):
     """(RobertaConfig, params) from a hub name or a transformers directory."""
     d, config, flat = read_hf_checkpoint(name_or_dir)
-    cfg = dataclasses.replace(RobertaConfig.from_hf(config), **overrides)
+    fields = {f.name for f in dataclasses.fields(RobertaConfig)}
+    cfg = RobertaConfig(**{**{k: v for k, v in config.items() if k in fields}, **overrides})
     prefix = 'roberta.' if 'roberta.embeddings.word_embeddings.weight' in flat else ''
-    expected = jax.eval_shape(lambda: init_roberta(cfg, jax.random.PRNGKey(0)))
-    return cfg, assign(expected, roberta_sources(cfg, prefix), flat, d)
+    return cfg, assign(roberta_layout(cfg, prefix), flat, d)
