@@ -1,11 +1,8 @@
 """T5 (v1.0, v1.1 / LM-adapted / Flan) and RoBERTa as plain JAX functions, and their import.
 
-Numerics match transformers (tests/test_parity.py); the T5 math follows t5x. HINT's task state adds
-prefixes and instruction memory to attention, and an adapter beside each feed-forward block.
-Shapes: B batch, T/S sequence, H heads, K head size, D width, L layers.
-"""
-from __future__ import annotations
-
+Numerics match transformers (tests/test_parity.py), the T5 math follows t5x. HINT's task state adds
+prefixes and memory to attention and an adapter beside each feed-forward block. Shapes: B batch,
+T/S sequence, H heads, K head size, D width, L layers."""
 import collections
 import dataclasses
 import functools
@@ -31,9 +28,8 @@ def resolve_dir(name_or_dir: str) -> str:
     from huggingface_hub import snapshot_download
     try:
         return snapshot_download(name_or_dir, allow_patterns=HUB_FILES)
-    except Exception as e:
-        raise FileNotFoundError(f'{name_or_dir}: no such directory, nor a hub model reachable or '
-                                f'cached ({type(e).__name__})') from None
+    except Exception as e:  # no such model, or offline and not in the cache
+        raise FileNotFoundError(f'{name_or_dir}: no such directory or hub model') from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,10 +65,9 @@ PRESETS = {
 
 
 # ----------------------------------------------------------------------------------------------
-# Parameters are plain pytrees, described by a layout {our path: Param} that init and import share:
-# init is a normal's std, 'ones' or 'zeros'; name is transformers', '{i}' standing for the layer.
-# Layers are stacked on a leading axis [L, ...] and run by lax.scan (compile time does not grow
-# with depth). Kernels are [in, out] (x @ w), transformers' linear weights [out, in].
+# Parameters: plain pytrees, laid out as {our path: Param} for init and import. Layers are stacked
+# [L, ...] and run by lax.scan (compile time does not grow with depth); kernels are [in, out].
+# init: a normal's std, jnp.ones or jnp.zeros; name: transformers', '{i}' standing for the layer.
 Param = collections.namedtuple('Param', ['shape', 'init', 'name'])
 
 
@@ -87,14 +82,13 @@ def t5_layout(cfg: T5Config) -> dict:
     for stack, L in (('encoder', cfg.num_layers), ('decoder', cfg.num_decoder_layers)):
         bias = f'{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight'  # layer 0's
         layout[(stack, 'rel_bias')] = Param((cfg.num_buckets, cfg.num_heads), D ** -0.5, bias)
-        layout[(stack, 'final_norm')] = Param((D,), 'ones', f'{stack}.final_layer_norm.weight')
-        # transformers numbers a block's sublayers: self-attention, (cross-attention,) feed-forward
-        sublayers = [('self_attn', 'SelfAttention', attention)]
+        layout[(stack, 'final_norm')] = Param((D,), jnp.ones, f'{stack}.final_layer_norm.weight')
+        sublayers = [('self_attn', 'SelfAttention', attention)]  # in transformers' numbering
         if stack == 'decoder':
             sublayers.append(('cross_attn', 'EncDecAttention', attention))
         for j, (ours, theirs, kernels) in enumerate(sublayers + [('ffn', 'DenseReluDense', ffn)]):
             block, prefix = (stack, 'layers', ours), f'{stack}.block.{{i}}.layer.{j}.'
-            layout[(*block, 'norm')] = Param((L, D), 'ones', prefix + 'layer_norm.weight')
+            layout[(*block, 'norm')] = Param((L, D), jnp.ones, prefix + 'layer_norm.weight')
             for w, (n_in, n_out, std) in kernels.items():
                 layout[(*block, w)] = Param((L, n_in, n_out), std, f'{prefix}{theirs}.{w}.weight')
     if not cfg.tie_word_embeddings:
@@ -105,23 +99,16 @@ def t5_layout(cfg: T5Config) -> dict:
 def init_params(layout: dict, rng, keys: int, dtype='float32') -> dict:
     """Seeded random parameters of a layout, from `keys` keys split off rng."""
     keys, params = iter(jax.random.split(rng, keys)), {}
-    for path, p in layout.items():
-        if p.init == 'ones':
-            params[path] = jnp.ones(p.shape, dtype)
-        elif p.init == 'zeros':
-            params[path] = jnp.zeros(p.shape, dtype)
+    for path, (shape, init, _) in layout.items():
+        if callable(init):  # jnp.ones, jnp.zeros
+            params[path] = init(shape, dtype)
         else:
-            weight = jax.random.normal(next(keys), p.shape, jnp.float32) * p.init
-            params[path] = weight.astype(dtype)
+            params[path] = (jax.random.normal(next(keys), shape, jnp.float32) * init).astype(dtype)
     return traverse_util.unflatten_dict(params)
 
 
 def init_t5(cfg: T5Config, rng) -> dict:
     return init_params(t5_layout(cfg), rng, 64, cfg.param_dtype)
-
-
-# ----------------------------------------------------------------------------------------------
-# T5 building blocks
 
 
 def rms_norm(x, scale, eps):
@@ -149,12 +136,10 @@ def sub(rng, i):
 def relative_bucket(rel, bidirectional, num_buckets, max_distance):
     """rel = key position - query position -> bucket id (as transformers' T5)."""
     bucket = 0
-    if bidirectional:
+    if bidirectional:  # half the buckets for keys after the query
         num_buckets //= 2
         bucket = (rel > 0).astype(jnp.int32) * num_buckets
-        rel = jnp.abs(rel)
-    else:
-        rel = -jnp.minimum(rel, 0)
+    rel = jnp.abs(rel) if bidirectional else -jnp.minimum(rel, 0)
     max_exact = num_buckets // 2
     # past max_exact, buckets grow logarithmically up to max_distance
     log_ratio = jnp.log(jnp.maximum(rel, 1).astype(jnp.float32) / max_exact)
@@ -190,9 +175,8 @@ def weighted_sum(probs, v):  # probs [B,H,T,M], v [B,M,H,K] or [M,H,K] -> [B,T,H
 
 
 def attend(q, k, v, bias, extra=(), prefix=None, rate=0.0, rng=None):
-    """q [B,T,H,K] attends to k, v [B,S,H,K] (+ bias [B|1,H|1,T,S]) -> [B,T,H*K]; no 1/sqrt(K) (T5's
-    q init has it). `extra`: HINT's memory and prefixes (k, v, bias [M] | [B,M] | None)."""
-    # one softmax over all sets; an extra set without a batch axis ([M,H,K]) is shared, not copied
+    """q [B,T,H,K] over k, v [B,S,H,K] (+ bias [B|1,H|1,T,S]) and, in one softmax, `extra` (HINT's
+    memory, prefixes: k, v [(B,)M,H,K] shared if unbatched, bias [(B,)M] | None) -> [B,T,H*K]."""
     logits = [scores(q, k) + bias]
     for extra_k, _, extra_bias in extra:
         s = scores(q, extra_k)                                                       # [B, H, T, M]
@@ -205,8 +189,7 @@ def attend(q, k, v, bias, extra=(), prefix=None, rate=0.0, rng=None):
     out = weighted_sum(probs[0], v)                                                 # [B, T, H, K]
     for p, (_, extra_v, _) in zip(probs[1:], extra):
         out = out + weighted_sum(p, extra_v)
-    # --prefix-attention separate: a softmax of its own, so that zero prefixes leave T5 as it was
-    if prefix is not None:
+    if prefix is not None:  # --prefix-attention separate: zero prefixes leave T5 as it was
         p = jax.nn.softmax(scores(q, prefix['k']), axis=-1)
         out = out + weighted_sum(dropout(p, rate, sub(rng, 1)).astype(q.dtype), prefix['v'])
     return out.reshape(*out.shape[:2], -1)
@@ -274,12 +257,11 @@ def t5_encode(params, cfg, ids, mods=None, rng=None):
     def layer(x, inputs):
         p, m, r = inputs
         # Self-attention block.
-        a = p['self_attn']
-        h = rms_norm(x, a['norm'], eps)
-        q, k, v = (project(h, a, n, m.get('lora'), cfg) for n in 'qkv')              # [B, S, H, K]
+        h = rms_norm(x, p['self_attn']['norm'], eps)
+        q, k, v = (project(h, p['self_attn'], n, m.get('lora'), cfg) for n in 'qkv')  # [B,S,H,K]
         bias = pos_bias + pad_bias   # [B, H, S, S], made in the layer: --remat does not keep it
         o = attend(q, k, v, bias, joined(m, 'prefix'), m.get('prefix_separate'), rate, sub(r, 0))
-        x = x + dropout(o @ a['o'].astype(dt), rate, sub(r, 1))
+        x = x + dropout(o @ p['self_attn']['o'].astype(dt), rate, sub(r, 1))
         # Feed-forward block.
         return ffn_block(p['ffn'], m, x, cfg, rate, sub(r, 2), sub(r, 3)), None
 
@@ -290,8 +272,7 @@ def t5_encode(params, cfg, ids, mods=None, rng=None):
 
 
 def cross_kv(params, cfg, enc, enc_mask, mods=None):
-    """Every decoder layer's cross-attention keys/values, made once per input (the instruction
-    memory's once per task): {'k','v': [L,B,S,H,K], 'bias': [B,1,1,S], 'memory': None | same}."""
+    """Cross-attention {'k','v': [L,B,S,H,K], 'bias'} of every layer, and of HINT's 'memory'."""
     dt, mods = jnp.dtype(cfg.dtype), mods or {}
     w = params['decoder']['layers']['cross_attn']
     lo = (mods.get('decoder') or {}).get('cross_lora')
@@ -313,8 +294,7 @@ def cross_kv(params, cfg, enc, enc_mask, mods=None):
 
 
 def t5_decode(params, cfg, tokens, kv, mods=None, rng=None, cache=None, index=0):
-    """Tokens [B, T] -> logits float32 [B, T, V]; with `cache` ({'k','v': [L,B,Tmax,H,K]}) at
-    positions index.., returning (logits, their keys/values [L,B,T,H,K])."""
+    """tokens [B, T] -> logits float32 [B, T, V], and their k/v with a cache (see t5_generate)."""
     dt, eps = jnp.dtype(cfg.dtype), cfg.layer_norm_epsilon
     rate = cfg.dropout_rate if rng is not None else 0.0
     q_pos = index + jnp.arange(tokens.shape[1])
@@ -338,13 +318,12 @@ def t5_decode(params, cfg, tokens, kv, mods=None, rng=None, cache=None, index=0)
         o = attend(q, k, v, self_bias, joined(m, 'self_prefix'), prefix, rate, sub(r, 0))
         x = x + dropout(o @ a['o'].astype(dt), rate, sub(r, 1))
         # Cross-attention block, over the encoder states and HINT's instruction memory.
-        c = p['cross_attn']
-        h = rms_norm(x, c['norm'], eps)
-        q = project(h, c, 'q', m.get('cross_lora'), cfg)   # its LoRA's v-term is in cross_kv
+        h = rms_norm(x, p['cross_attn']['norm'], eps)
+        q = project(h, p['cross_attn'], 'q', m.get('cross_lora'), cfg)   # (v's LoRA: cross_kv)
         extra = [] if mem is None else [(mem['k'], mem['v'], kv['memory']['bias'])]
         extra += joined(m, 'cross_prefix')
         o = attend(q, ck, cv, kv['bias'], extra, m.get('cross_prefix_separate'), rate, sub(r, 2))
-        x = x + dropout(o @ c['o'].astype(dt), rate, sub(r, 3))
+        x = x + dropout(o @ p['cross_attn']['o'].astype(dt), rate, sub(r, 3))
         # Feed-forward block.
         return ffn_block(p['ffn'], m, x, cfg, rate, sub(r, 4), sub(r, 5)), cache_l
 
@@ -425,18 +404,18 @@ def roberta_layout(cfg: RobertaConfig, prefix: str = '') -> dict:
               ('pos',): Param((cfg.max_position_embeddings, D), 0.02,
                               e + 'position_embeddings.weight'),
               ('type',): Param((cfg.type_vocab_size, D), 0.02, e + 'token_type_embeddings.weight'),
-              ('emb_norm', 'scale'): Param((D,), 'ones', e + 'LayerNorm.weight'),
-              ('emb_norm', 'bias'): Param((D,), 'zeros', e + 'LayerNorm.bias')}
+              ('emb_norm', 'scale'): Param((D,), jnp.ones, e + 'LayerNorm.weight'),
+              ('emb_norm', 'bias'): Param((D,), jnp.zeros, e + 'LayerNorm.bias')}
     linears = {'q': ('attention.self.query', D, D), 'k': ('attention.self.key', D, D),
                'v': ('attention.self.value', D, D), 'o': ('attention.output.dense', D, D),
                'fc1': ('intermediate.dense', D, F), 'fc2': ('output.dense', F, D)}
     for ours, (theirs, n_in, n_out) in linears.items():
         layout[('layers', ours, 'w')] = Param((L, n_in, n_out), 0.02, f'{layer}{theirs}.weight')
-        layout[('layers', ours, 'b')] = Param((L, n_out), 'zeros', f'{layer}{theirs}.bias')
+        layout[('layers', ours, 'b')] = Param((L, n_out), jnp.zeros, f'{layer}{theirs}.bias')
     norms = {'attn_norm': 'attention.output.LayerNorm', 'ffn_norm': 'output.LayerNorm'}
     for ours, theirs in norms.items():
-        layout[('layers', ours, 'scale')] = Param((L, D), 'ones', f'{layer}{theirs}.weight')
-        layout[('layers', ours, 'bias')] = Param((L, D), 'zeros', f'{layer}{theirs}.bias')
+        layout[('layers', ours, 'scale')] = Param((L, D), jnp.ones, f'{layer}{theirs}.weight')
+        layout[('layers', ours, 'bias')] = Param((L, D), jnp.zeros, f'{layer}{theirs}.bias')
     return layout
 
 
@@ -529,26 +508,21 @@ def read_hf_checkpoint(name_or_dir: str):
     return d, config, read_hf_weights(d)
 
 
-def hf_names(p: Param) -> list:  # a parameter's transformers names, one per layer when stacked
-    if '{i}' in p.name:
-        return [p.name.format(i=i) for i in range(p.shape[0])]
-    return [p.name]
-
-
 def assign(layout: dict, flat: dict, where: str, dtype='float32', place=None) -> dict:
     """Our pytree from the checkpoint's weights; place(array) -> sharding puts each on devices."""
     out = {}
     for path, p in layout.items():
-        names = hf_names(p)
+        stacked = '{i}' in p.name   # one checkpoint weight per layer
+        names = [p.name.format(i=i) for i in range(p.shape[0] if stacked else 1)]
         missing = [name for name in names if name not in flat]
         if missing:
             raise ValueError(f'{where}: weight {missing[0]!r} is missing')
         parts = [flat[name].T if path[-1] in KERNELS else flat[name] for name in names]
-        shape = p.shape[1:] if '{i}' in p.name else p.shape
+        shape = p.shape[1:] if stacked else p.shape
         if parts[0].shape != shape:
             raise ValueError(f'{where}: weight {names[0]!r} has shape {parts[0].shape}, the config '
                              f'wants {shape} (linears as [in, out])')
-        arr = np.asarray(np.stack(parts) if '{i}' in p.name else parts[0], dtype)
+        arr = np.asarray(np.stack(parts) if stacked else parts[0], dtype)
         out[path] = jax.device_put(arr, place(arr)) if place else jnp.asarray(arr)
     return traverse_util.unflatten_dict(out)
 
@@ -562,17 +536,15 @@ HF_KEYS = {**{name: name for name in ('vocab_size', 'd_model', 'd_kv', 'd_ff', '
 
 
 def load_t5(name_or_dir: str, place=None, **overrides):
-    """(T5Config, params) from a hub name or a transformers directory; `overrides` (dtype,
-    dropout_rate) win over its config.json, `place` as in assign()."""
+    """(T5Config, params) of a hub name or directory; `overrides` (dtype, ...) beat config.json."""
     d, c, flat = read_hf_checkpoint(name_or_dir)
     act = c.get('feed_forward_proj', 'relu')
     if act not in ('relu', 'gated-gelu'):
         raise ValueError(f'{d}/config.json: feed_forward_proj {act!r} is not relu or gated-gelu')
     fields = {ours: c[theirs] for ours, theirs in HF_KEYS.items() if c.get(theirs) is not None}
     fields.setdefault('num_decoder_layers', fields.get('num_layers', T5Config.num_layers))
-    # transformers 5 writes tie_word_embeddings=true for every T5 and marks v1.1's untied, unscaled
-    # output layer by scale_decoder_outputs=false; it may then write no lm_head.weight, when the
-    # output layer is the embedding (not rescaled): read that as transformers does
+    # transformers 5 writes tie_word_embeddings=true for every T5, marks v1.1's unscaled output by
+    # scale_decoder_outputs=false, and writes no lm_head.weight when the embedding is the output
     tied = c.get('scale_decoder_outputs', c.get('tie_word_embeddings', True))
     cfg = T5Config(**{**fields, 'gated_gelu': act == 'gated-gelu', 'tie_word_embeddings': tied,
                       **overrides})
@@ -587,8 +559,8 @@ def save_t5(params, cfg: T5Config, folder: str):
     layout, weights = t5_layout(cfg), {}
     for path, arr in traverse_util.flatten_dict(params).items():
         p, arr = layout[path], np.asarray(arr, np.float32)
-        for name, w in zip(hf_names(p), arr if '{i}' in p.name else [arr]):  # one per layer
-            weights[name] = np.ascontiguousarray(w.T if path[-1] in KERNELS else w)
+        for i, w in enumerate(arr if '{i}' in p.name else [arr]):  # one weight per layer
+            weights[p.name.format(i=i)] = np.ascontiguousarray(w.T if path[-1] in KERNELS else w)
     config = {theirs: getattr(cfg, ours) for ours, theirs in HF_KEYS.items()}
     config.update(architectures=['T5ForConditionalGeneration'], model_type='t5',
                   is_encoder_decoder=True, tie_word_embeddings=cfg.tie_word_embeddings,
