@@ -1,7 +1,6 @@
 """T5 (v1.0, v1.1 / LM-adapted / Flan) and RoBERTa as plain JAX functions, and their import.
 
-Numerics match transformers (tests/test_parity.py), the T5 math follows t5x. HINT's task state adds
-prefixes and memory to attention and an adapter beside each feed-forward block. Shapes: B batch,
+Numerics match transformers (tests/test_parity.py); the T5 math follows t5x. Shapes: B batch,
 T/S sequence, H heads, K head size, D width, L layers."""
 import collections
 import dataclasses
@@ -52,8 +51,7 @@ class T5Config:
     remat: bool = False            # recompute each layer in the backward pass (less memory)
 
 
-# T5 v1.1 / LM-adapted shapes (HINT's underlying model; d_kv 64), and a tiny one for tests.
-PRESETS = {
+PRESETS = {  # T5 v1.1 / LM-adapted shapes (HINT's underlying model; d_kv 64), tiny for tests
     'tiny': T5Config(vocab_size=259, d_model=64, d_kv=16, d_ff=128, num_heads=4, num_layers=2,
                      num_decoder_layers=2),
     'small': T5Config(d_model=512, d_ff=1024, num_heads=6, num_layers=8, num_decoder_layers=8),
@@ -67,7 +65,7 @@ PRESETS = {
 # ----------------------------------------------------------------------------------------------
 # Parameters: plain pytrees, laid out as {our path: Param} for init and import. Layers are stacked
 # [L, ...] and run by lax.scan (compile time does not grow with depth); kernels are [in, out].
-# init: a normal's std, jnp.ones or jnp.zeros; name: transformers', '{i}' standing for the layer.
+# A Param's init is a normal's std, jnp.ones or jnp.zeros; its name is transformers' ({i}: layer).
 Param = collections.namedtuple('Param', ['shape', 'init', 'name'])
 
 
@@ -96,9 +94,8 @@ def t5_layout(cfg: T5Config) -> dict:
     return layout
 
 
-def init_params(layout: dict, rng, keys: int, dtype='float32') -> dict:
-    """Seeded random parameters of a layout, from `keys` keys split off rng."""
-    keys, params = iter(jax.random.split(rng, keys)), {}
+def init_params(layout: dict, rng, n_keys: int, dtype='float32') -> dict:  # in layout order
+    keys, params = iter(jax.random.split(rng, n_keys)), {}
     for path, (shape, init, _) in layout.items():
         if callable(init):  # jnp.ones, jnp.zeros
             params[path] = init(shape, dtype)
@@ -109,6 +106,10 @@ def init_params(layout: dict, rng, keys: int, dtype='float32') -> dict:
 
 def init_t5(cfg: T5Config, rng) -> dict:
     return init_params(t5_layout(cfg), rng, 64, cfg.param_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# T5 building blocks
 
 
 def rms_norm(x, scale, eps):
@@ -140,16 +141,14 @@ def relative_bucket(rel, bidirectional, num_buckets, max_distance):
         num_buckets //= 2
         bucket = (rel > 0).astype(jnp.int32) * num_buckets
     rel = jnp.abs(rel) if bidirectional else -jnp.minimum(rel, 0)
-    max_exact = num_buckets // 2
-    # past max_exact, buckets grow logarithmically up to max_distance
+    max_exact = num_buckets // 2  # beyond it, buckets grow logarithmically up to max_distance
     log_ratio = jnp.log(jnp.maximum(rel, 1).astype(jnp.float32) / max_exact)
     scaled = log_ratio / math.log(max_distance / max_exact) * (num_buckets - max_exact)
     large = jnp.minimum(max_exact + scaled.astype(jnp.int32), num_buckets - 1)
     return bucket + jnp.where(rel < max_exact, rel, large)
 
 
-def position_bias(table, q_pos, k_pos, bidirectional, cfg):
-    """[1, H, T, S] bias from the learned bucket table [buckets, H]; made once per stack."""
+def position_bias(table, q_pos, k_pos, bidirectional, cfg):  # [1, H, T, S], once per stack
     rel = k_pos[None, :] - q_pos[:, None]                                            # [T, S]
     buckets = relative_bucket(rel, bidirectional, cfg.num_buckets, cfg.max_distance)
     return jnp.transpose(table.astype(jnp.float32)[buckets], (2, 0, 1))[None]
@@ -170,8 +169,7 @@ def scores(q, k):  # q [B,T,H,K], k [B,M,H,K] or [M,H,K] shared by the batch -> 
 
 def weighted_sum(probs, v):  # probs [B,H,T,M], v [B,M,H,K] or [M,H,K] -> [B,T,H,K]
     spec = 'bhtm,mhk->bthk' if v.ndim == 3 else 'bhtm,bmhk->bthk'
-    # generated (float32) values in the compute dtype: a bfloat16 layer's output stays bfloat16
-    return jnp.einsum(spec, probs, v.astype(probs.dtype))
+    return jnp.einsum(spec, probs, v.astype(probs.dtype))  # generated values are float32
 
 
 def attend(q, k, v, bias, extra=(), prefix=None, rate=0.0, rng=None):
@@ -211,16 +209,14 @@ def lora(x, a, b):  # a generated LoRA's term (x A) B: x [B,T,D], A [(B,)D,R], B
     return bmm(bmm(x, a), b)
 
 
-def project(h, w, n, m, cfg):
-    """Attention projection n of h [B,T,D] -> [B,T,H,K], plus the generated LoRA m on q and v."""
+def project(h, w, n, m, cfg):  # projection n of h [B,T,D] -> [B,T,H,K], + the LoRA m on q, v
     y = h @ w[n].astype(h.dtype)
     if m is not None and n in 'qv':
         y = y + lora(h, m[n + '_a'], m[n + '_b'])
     return heads(y, cfg)
 
 
-def adapter(m, h):
-    """HINT's parallel adapter, generated per task: gelu(h Wd + bd) Wu + bu."""
+def adapter(m, h):  # HINT's parallel adapter, generated per task: gelu(h Wd + bd) Wu + bu
     hidden = add_bias(bmm(h, m['down']), m['down_bias'])                            # [B, T, r]
     hidden = jax.nn.gelu(hidden, approximate=False)
     return add_bias(bmm(hidden, m['up']), m['up_bias'])                              # [B, T, D]
@@ -240,7 +236,6 @@ def ffn_block(p, m, x, cfg, rate, rng_ffn, rng_out):
     return x + dropout(y, rate, rng_out)
 
 
-# ----------------------------------------------------------------------------------------------
 # T5 stacks. `mods` is HINT's task state (hypernet.py), None for plain T5: mods['encoder'/'decoder']
 # entries have a layer axis and are scanned with the layer weights (None: that module is off).
 
@@ -272,7 +267,7 @@ def t5_encode(params, cfg, ids, mods=None, rng=None):
 
 
 def cross_kv(params, cfg, enc, enc_mask, mods=None):
-    """Cross-attention {'k','v': [L,B,S,H,K], 'bias'} of every layer, and of HINT's 'memory'."""
+    """Cross-attention {'k','v': [L,B,S,H,K], 'bias'} of every layer, and HINT's memory's."""
     dt, mods = jnp.dtype(cfg.dtype), mods or {}
     w = params['decoder']['layers']['cross_attn']
     lo = (mods.get('decoder') or {}).get('cross_lora')
@@ -289,7 +284,7 @@ def cross_kv(params, cfg, enc, enc_mask, mods=None):
     memory = mods.get('memory')
     if memory is not None:  # HINT's fusion: the encoded instruction E [(B,) n, D] and its mask
         k, v = keys_values(memory['E'])
-        kv['memory'] = {'k': k, 'v': v, 'bias': mask_bias(memory['mask'])}
+        kv.update(memory={'k': k, 'v': v}, memory_bias=mask_bias(memory['mask']))
     return kv
 
 
@@ -304,33 +299,30 @@ def t5_decode(params, cfg, tokens, kv, mods=None, rng=None, cache=None, index=0)
     x = dropout(params['embed'][tokens].astype(dt), rate, sub(rng, 0))               # [B, T, D]
 
     def layer(x, inputs):
-        p, m, ck, cv, mem, cache_l, r = inputs
+        p, m, ck, cv, mem, cached, r = inputs
         # Self-attention block (causal).
-        a = p['self_attn']
-        h = rms_norm(x, a['norm'], eps)
-        q, k, v = (project(h, a, n, m.get('self_lora'), cfg) for n in 'qkv')         # [B, T, H, K]
-        if cache_l is not None:  # attend over the cache with this step written in; return the
+        h = rms_norm(x, p['self_attn']['norm'], eps)
+        q, k, v = (project(h, p['self_attn'], n, m.get('self_lora'), cfg) for n in 'qkv')
+        if cached is not None:  # attend over the cache with this step written in; return the
             new = {'k': k, 'v': v}  # step's keys/values only (the caller writes them in once)
-            k, v = (jax.lax.dynamic_update_slice(cache_l[n], new[n].astype(cache_l[n].dtype),
-                                                 (0, index, 0, 0)) for n in 'kv')
-            cache_l = new
+            k, v = (jax.lax.dynamic_update_slice(cached[n], new[n], (0, index, 0, 0)) for n in 'kv')
+            cached = new
         prefix = m.get('self_prefix_separate')
         o = attend(q, k, v, self_bias, joined(m, 'self_prefix'), prefix, rate, sub(r, 0))
-        x = x + dropout(o @ a['o'].astype(dt), rate, sub(r, 1))
+        x = x + dropout(o @ p['self_attn']['o'].astype(dt), rate, sub(r, 1))
         # Cross-attention block, over the encoder states and HINT's instruction memory.
         h = rms_norm(x, p['cross_attn']['norm'], eps)
         q = project(h, p['cross_attn'], 'q', m.get('cross_lora'), cfg)   # (v's LoRA: cross_kv)
-        extra = [] if mem is None else [(mem['k'], mem['v'], kv['memory']['bias'])]
+        extra = [] if mem is None else [(mem['k'], mem['v'], kv['memory_bias'])]
         extra += joined(m, 'cross_prefix')
         o = attend(q, ck, cv, kv['bias'], extra, m.get('cross_prefix_separate'), rate, sub(r, 2))
         x = x + dropout(o @ p['cross_attn']['o'].astype(dt), rate, sub(r, 3))
         # Feed-forward block.
-        return ffn_block(p['ffn'], m, x, cfg, rate, sub(r, 4), sub(r, 5)), cache_l
+        return ffn_block(p['ffn'], m, x, cfg, rate, sub(r, 4), sub(r, 5)), cached
 
     layer_mods = (mods or {}).get('decoder') or {}
-    mem = None if kv['memory'] is None else {'k': kv['memory']['k'], 'v': kv['memory']['v']}
-    layer_rngs = rngs(sub(rng, 1), cfg.num_decoder_layers)
-    xs = (params['decoder']['layers'], layer_mods, kv['k'], kv['v'], mem, cache, layer_rngs)
+    xs = (params['decoder']['layers'], layer_mods, kv['k'], kv['v'], kv['memory'], cache,
+          rngs(sub(rng, 1), cfg.num_decoder_layers))
     x, cache = jax.lax.scan(jax.checkpoint(layer) if cfg.remat else layer, x, xs)
     x = dropout(rms_norm(x, params['decoder']['final_norm'], eps), rate, sub(rng, 2))
     if cfg.tie_word_embeddings:  # v1.0: tied embedding, output rescaled by d^-0.5
@@ -341,8 +333,7 @@ def t5_decode(params, cfg, tokens, kv, mods=None, rng=None, cache=None, index=0)
     return logits if cache is None else (logits, cache)
 
 
-def shift_right(targets):
-    """Teacher forcing: decoder input = targets shifted right, starting with id 0."""
+def shift_right(targets):  # teacher forcing: decoder input = targets shifted right, from id 0
     return jnp.pad(targets[:, :-1], ((0, 0), (1, 0)))
 
 
@@ -403,19 +394,19 @@ def roberta_layout(cfg: RobertaConfig, prefix: str = '') -> dict:
     layout = {('word',): Param((cfg.vocab_size, D), 0.02, e + 'word_embeddings.weight'),
               ('pos',): Param((cfg.max_position_embeddings, D), 0.02,
                               e + 'position_embeddings.weight'),
-              ('type',): Param((cfg.type_vocab_size, D), 0.02, e + 'token_type_embeddings.weight'),
-              ('emb_norm', 'scale'): Param((D,), jnp.ones, e + 'LayerNorm.weight'),
-              ('emb_norm', 'bias'): Param((D,), jnp.zeros, e + 'LayerNorm.bias')}
+              ('type',): Param((cfg.type_vocab_size, D), 0.02, e + 'token_type_embeddings.weight')}
     linears = {'q': ('attention.self.query', D, D), 'k': ('attention.self.key', D, D),
                'v': ('attention.self.value', D, D), 'o': ('attention.output.dense', D, D),
                'fc1': ('intermediate.dense', D, F), 'fc2': ('output.dense', F, D)}
     for ours, (theirs, n_in, n_out) in linears.items():
         layout[('layers', ours, 'w')] = Param((L, n_in, n_out), 0.02, f'{layer}{theirs}.weight')
         layout[('layers', ours, 'b')] = Param((L, n_out), jnp.zeros, f'{layer}{theirs}.bias')
-    norms = {'attn_norm': 'attention.output.LayerNorm', 'ffn_norm': 'output.LayerNorm'}
-    for ours, theirs in norms.items():
-        layout[('layers', ours, 'scale')] = Param((L, D), jnp.ones, f'{layer}{theirs}.weight')
-        layout[('layers', ours, 'bias')] = Param((L, D), jnp.zeros, f'{layer}{theirs}.bias')
+    norms = {('emb_norm',): (e + 'LayerNorm', (D,)),
+             ('layers', 'attn_norm'): (layer + 'attention.output.LayerNorm', (L, D)),
+             ('layers', 'ffn_norm'): (layer + 'output.LayerNorm', (L, D))}
+    for path, (theirs, shape) in norms.items():
+        layout[(*path, 'scale')] = Param(shape, jnp.ones, theirs + '.weight')
+        layout[(*path, 'bias')] = Param(shape, jnp.zeros, theirs + '.bias')
     return layout
 
 
@@ -463,8 +454,7 @@ def roberta_forward(params, cfg, ids):
 KERNELS = {'q', 'k', 'v', 'o', 'wi', 'wi_0', 'wi_1', 'wo', 'lm_head', 'w'}  # transposed on import
 
 
-class LazyWeights(dict):
-    """{name: safetensors file}, read when looked up: an XXL checkpoint never fills host memory."""
+class LazyWeights(dict):  # {name: safetensors file}, read on lookup: XXL never fills host memory
     def __getitem__(self, name):
         with safe_open(super().__getitem__(name), 'np') as f:
             return f.get_tensor(name)
@@ -474,9 +464,8 @@ def read_hf_weights(d: str) -> dict:
     """model.safetensors (or sharded, with its index), flax_model.msgpack or pytorch_model.bin."""
     path = functools.partial(os.path.join, d)
     if os.path.exists(path('model.safetensors.index.json')):
-        with open(path('model.safetensors.index.json')) as f:
-            shards = json.load(f)['weight_map']
-        return LazyWeights({name: path(shard) for name, shard in shards.items()})
+        with open(path('model.safetensors.index.json')) as f:  # {name: shard file}
+            return LazyWeights({k: path(shard) for k, shard in json.load(f)['weight_map'].items()})
     if os.path.exists(path('model.safetensors')):
         with safe_open(path('model.safetensors'), 'np') as f:
             return LazyWeights(dict.fromkeys(f.keys(), path('model.safetensors')))
@@ -489,12 +478,11 @@ def read_hf_weights(d: str) -> dict:
             name = '.'.join([*module, torch_leaf.get(leaf, leaf)])
             flat[name] = np.asarray(w).T if leaf == 'kernel' else np.asarray(w)
         return flat
-    if not os.path.exists(path('pytorch_model.bin')):
-        raise FileNotFoundError(f'{d}: no model.safetensors(.index.json), flax_model.msgpack or '
-                                'pytorch_model.bin')
-    import torch  # only for this format
-    state_dict = torch.load(path('pytorch_model.bin'), map_location='cpu', weights_only=True)
-    return {name: w.float().numpy() for name, w in state_dict.items()}
+    if os.path.exists(path('pytorch_model.bin')):
+        import torch  # only for this format
+        state_dict = torch.load(path('pytorch_model.bin'), map_location='cpu', weights_only=True)
+        return {name: w.float().numpy() for name, w in state_dict.items()}
+    raise FileNotFoundError(f'{d}: no model.safetensors, flax_model.msgpack or pytorch_model.bin')
 
 
 def read_hf_checkpoint(name_or_dir: str):
@@ -520,8 +508,7 @@ def assign(layout: dict, flat: dict, where: str, dtype='float32', place=None) ->
         parts = [flat[name].T if path[-1] in KERNELS else flat[name] for name in names]
         shape = p.shape[1:] if stacked else p.shape
         if parts[0].shape != shape:
-            raise ValueError(f'{where}: weight {names[0]!r} has shape {parts[0].shape}, the config '
-                             f'wants {shape} (linears as [in, out])')
+            raise ValueError(f'{where}: {names[0]!r} is {parts[0].shape}, the config says {shape}')
         arr = np.asarray(np.stack(parts) if stacked else parts[0], dtype)
         out[path] = jax.device_put(arr, place(arr)) if place else jnp.asarray(arr)
     return traverse_util.unflatten_dict(out)
