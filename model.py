@@ -1,13 +1,8 @@
-"""T5 (v1.0 and v1.1 / LM-adapted / Flan) and RoBERTa as plain JAX functions, checkpoint import, tokenizers.
+"""T5 (v1.0, v1.1 / LM-adapted / Flan) and RoBERTa as plain JAX functions, and their import.
 
-Numerics follow Hugging Face transformers exactly (tests/test_parity.py checks it); the T5 math
-follows t5x's examples/t5/network.py. Parameters are plain pytrees (flax only serializes), so the
-trainer can jit, shard and checkpoint them directly. HINT plugs into the attention (generated
-prefixes, and the encoded instruction as extra cross-attention memory) and into the feed-forward
-block (a parallel adapter); plain T5 pays for neither when they are None. Shapes: B batch, T/S sequence, H heads, K head size, D width.
-"""
-from __future__ import annotations
-
+Numerics match transformers (tests/test_parity.py); the T5 math follows t5x. Shapes: B batch,
+T/S sequence, H heads, K head size, D width, L layers."""
+import collections
 import dataclasses
 import functools
 import json
@@ -17,42 +12,30 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import serialization, traverse_util
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 PAD_ID, EOS_ID = 0, 1  # shared by T5's SentencePiece vocabulary and the byte tokenizer
-
-# ----------------------------------------------------------------------------------------------
-# Hugging Face hub: a local folder as it is, else a hub name (data.py reads tokenizers with it too).
+HUB_FILES = ['*.json', '*.model', '*.safetensors', '*.msgpack']  # what resolve_dir downloads
 
 
 def resolve_dir(name_or_dir: str) -> str:
-    """A local directory as is; otherwise a hub name, fetched (or read offline from the cache)."""
-    if os.path.isdir(name_or_dir):
-        return name_or_dir
+    """A local directory as is; else a hub name, downloaded (offline: huggingface_hub's cache)."""
     if os.path.exists(name_or_dir):
-        raise ValueError(f'{name_or_dir}: expected a checkpoint directory, found a file')
+        return name_or_dir
     from huggingface_hub import snapshot_download
-    patterns = ['*.json', '*.model', '*.safetensors', '*.msgpack']
     try:
-        return snapshot_download(name_or_dir, allow_patterns=patterns)
-    except Exception as e:  # no network: fall back to the local cache
-        try:
-            return snapshot_download(name_or_dir, allow_patterns=patterns, local_files_only=True)
-        except Exception:
-            raise FileNotFoundError(
-                f'{name_or_dir!r} is neither a local directory nor a reachable/cached Hugging Face '
-                f'hub model ({type(e).__name__}: {str(e).splitlines()[0]})') from None
-
-
-
-# ----------------------------------------------------------------------------------------------
-# T5 configuration and size presets
+        return snapshot_download(name_or_dir, allow_patterns=HUB_FILES)
+    except Exception as e:  # no such model, or offline and not in the cache
+        raise FileNotFoundError(f'{name_or_dir}: no such directory or hub model') from e
 
 
 @dataclasses.dataclass(frozen=True)
 class T5Config:
     vocab_size: int = 32128
     d_model: int = 512
-    d_kv: int = 64
+    d_kv: int = 64                 # head size
     d_ff: int = 1024
     num_heads: int = 6
     num_layers: int = 8            # encoder
@@ -65,71 +48,64 @@ class T5Config:
     tie_word_embeddings: bool = False  # v1.0 ties (and scales the decoder output by d^-0.5)
     dtype: str = 'float32'         # compute dtype (bfloat16 on accelerators); logits stay float32
     param_dtype: str = 'float32'
-    remat: bool = False            # recompute each layer's activations in the backward pass (less memory)
-
-    @staticmethod
-    def from_hf(c: dict, **overrides) -> 'T5Config':
-        act = c.get('feed_forward_proj', 'relu')
-        if act not in ('relu', 'gated-gelu'):
-            raise ValueError(f'config.json: feed_forward_proj={act!r} is not supported (relu, gated-gelu)')
-        fields = dict(
-            vocab_size=c['vocab_size'], d_model=c['d_model'], d_kv=c['d_kv'], d_ff=c['d_ff'],
-            num_heads=c['num_heads'], num_layers=c['num_layers'],
-            num_decoder_layers=c.get('num_decoder_layers') or c['num_layers'],
-            num_buckets=c.get('relative_attention_num_buckets', 32),
-            max_distance=c.get('relative_attention_max_distance', 128),
-            dropout_rate=c.get('dropout_rate', 0.1), layer_norm_epsilon=c.get('layer_norm_epsilon', 1e-6),
-            gated_gelu=act == 'gated-gelu',
-            # transformers 5 writes tie_word_embeddings=true for every T5 and marks v1.1's untied, unscaled
-            # output by scale_decoder_outputs=false
-            tie_word_embeddings=c.get('scale_decoder_outputs', c.get('tie_word_embeddings', True)))
-        return T5Config(**{**fields, **overrides})   # overrides (dropout, dtype) win over config.json
+    remat: bool = False            # recompute each layer in the backward pass (less memory)
 
 
-# T5 v1.1 / LM-adapted shapes (the underlying model of HINT), plus a tiny one for tests.
-PRESETS = {
-    'tiny': T5Config(vocab_size=259, d_model=64, d_kv=16, d_ff=128, num_heads=4, num_layers=2, num_decoder_layers=2),
-    'small': T5Config(d_model=512, d_kv=64, d_ff=1024, num_heads=6, num_layers=8, num_decoder_layers=8),
-    'base': T5Config(d_model=768, d_kv=64, d_ff=2048, num_heads=12, num_layers=12, num_decoder_layers=12),
-    'large': T5Config(d_model=1024, d_kv=64, d_ff=2816, num_heads=16, num_layers=24, num_decoder_layers=24),
-    'xl': T5Config(d_model=2048, d_kv=64, d_ff=5120, num_heads=32, num_layers=24, num_decoder_layers=24),
-    'xxl': T5Config(d_model=4096, d_kv=64, d_ff=10240, num_heads=64, num_layers=24, num_decoder_layers=24),
+PRESETS = {  # T5 v1.1 / LM-adapted shapes (HINT's underlying model; d_kv 64), tiny for tests
+    'tiny': T5Config(vocab_size=259, d_model=64, d_kv=16, d_ff=128, num_heads=4, num_layers=2,
+                     num_decoder_layers=2),
+    'small': T5Config(d_model=512, d_ff=1024, num_heads=6, num_layers=8, num_decoder_layers=8),
+    'base': T5Config(d_model=768, d_ff=2048, num_heads=12, num_layers=12, num_decoder_layers=12),
+    'large': T5Config(d_model=1024, d_ff=2816, num_heads=16, num_layers=24, num_decoder_layers=24),
+    'xl': T5Config(d_model=2048, d_ff=5120, num_heads=32, num_layers=24, num_decoder_layers=24),
+    'xxl': T5Config(d_model=4096, d_ff=10240, num_heads=64, num_layers=24, num_decoder_layers=24),
 }
 
 
 # ----------------------------------------------------------------------------------------------
-# T5 parameters: a plain pytree. Layers are stacked on a leading axis [L, ...] and run with
-# lax.scan, so compile time does not grow with depth. Kernels are [in, out] (x @ w).
+# Parameters: plain pytrees, laid out as {our path: Param} for init and import. Layers are stacked
+# [L, ...] and run by lax.scan (compile time does not grow with depth); kernels are [in, out].
+# A Param's init is a normal's std, jnp.ones or jnp.zeros; its name is transformers' ({i}: layer).
+Param = collections.namedtuple('Param', ['shape', 'init', 'name'])
+
+
+def t5_layout(cfg: T5Config) -> dict:
+    """Every T5 parameter in init order (transformers' init scheme; lm head scaled by fan-in)."""
+    D, HK, F = cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.d_ff
+    attention = {'q': (D, HK, (D * cfg.d_kv) ** -0.5), 'k': (D, HK, D ** -0.5),
+                 'v': (D, HK, D ** -0.5), 'o': (HK, D, HK ** -0.5)}          # [in, out], init std
+    wi = ('wi_0', 'wi_1') if cfg.gated_gelu else ('wi',)  # gated GELU: a gate and a linear kernel
+    ffn = {**{name: (D, F, D ** -0.5) for name in wi}, 'wo': (F, D, F ** -0.5)}
+    layout = {('embed',): Param((cfg.vocab_size, D), 1.0, 'shared.weight')}
+    for stack, L in (('encoder', cfg.num_layers), ('decoder', cfg.num_decoder_layers)):
+        bias = f'{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight'  # layer 0's
+        layout[(stack, 'rel_bias')] = Param((cfg.num_buckets, cfg.num_heads), D ** -0.5, bias)
+        layout[(stack, 'final_norm')] = Param((D,), jnp.ones, f'{stack}.final_layer_norm.weight')
+        sublayers = [('self_attn', 'SelfAttention', attention)]  # in transformers' numbering
+        if stack == 'decoder':
+            sublayers.append(('cross_attn', 'EncDecAttention', attention))
+        for j, (ours, theirs, kernels) in enumerate(sublayers + [('ffn', 'DenseReluDense', ffn)]):
+            block, prefix = (stack, 'layers', ours), f'{stack}.block.{{i}}.layer.{j}.'
+            layout[(*block, 'norm')] = Param((L, D), jnp.ones, prefix + 'layer_norm.weight')
+            for w, (n_in, n_out, std) in kernels.items():
+                layout[(*block, w)] = Param((L, n_in, n_out), std, f'{prefix}{theirs}.{w}.weight')
+    if not cfg.tie_word_embeddings:
+        layout[('lm_head',)] = Param((D, cfg.vocab_size), D ** -0.5, 'lm_head.weight')
+    return layout
+
+
+def init_params(layout: dict, rng, n_keys: int, dtype='float32') -> dict:  # in layout order
+    keys, params = iter(jax.random.split(rng, n_keys)), {}
+    for path, (shape, init, _) in layout.items():
+        if callable(init):  # jnp.ones, jnp.zeros
+            params[path] = init(shape, dtype)
+        else:
+            params[path] = (jax.random.normal(next(keys), shape, jnp.float32) * init).astype(dtype)
+    return traverse_util.unflatten_dict(params)
 
 
 def init_t5(cfg: T5Config, rng) -> dict:
-    """Seeded random T5 weights (HF's T5 init scheme; lm head fan-in scaled)."""
-    D, HK, F, L, Ld = cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.d_ff, cfg.num_layers, cfg.num_decoder_layers
-    keys = iter(jax.random.split(rng, 64))
-    pdt = jnp.dtype(cfg.param_dtype)
-
-    def normal(shape, std):
-        return (jax.random.normal(next(keys), shape, jnp.float32) * std).astype(pdt)
-
-    def attn(n):
-        return {'norm': jnp.ones((n, D), pdt), 'q': normal((n, D, HK), (D * cfg.d_kv) ** -0.5),
-                'k': normal((n, D, HK), D ** -0.5), 'v': normal((n, D, HK), D ** -0.5), 'o': normal((n, HK, D), HK ** -0.5)}
-
-    def ffn(n):
-        wi = {'wi_0': normal((n, D, F), D ** -0.5), 'wi_1': normal((n, D, F), D ** -0.5)} if cfg.gated_gelu \
-            else {'wi': normal((n, D, F), D ** -0.5)}
-        return {'norm': jnp.ones((n, D), pdt), **wi, 'wo': normal((n, F, D), F ** -0.5)}
-
-    params = {
-        'embed': normal((cfg.vocab_size, D), 1.0),
-        'encoder': {'rel_bias': normal((cfg.num_buckets, cfg.num_heads), D ** -0.5), 'final_norm': jnp.ones((D,), pdt),
-                    'layers': {'self_attn': attn(L), 'ffn': ffn(L)}},
-        'decoder': {'rel_bias': normal((cfg.num_buckets, cfg.num_heads), D ** -0.5), 'final_norm': jnp.ones((D,), pdt),
-                    'layers': {'self_attn': attn(Ld), 'cross_attn': attn(Ld), 'ffn': ffn(Ld)}},
-    }
-    if not cfg.tie_word_embeddings:
-        params['lm_head'] = normal((D, cfg.vocab_size), D ** -0.5)
-    return params
+    return init_params(t5_layout(cfg), rng, 64, cfg.param_dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,109 +126,6 @@ def dropout(x, rate, rng):
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def relative_bucket(rel, bidirectional, num_buckets, max_distance):
-    """rel = key position - query position -> bucket id (as transformers' T5)."""
-    bucket = 0
-    if bidirectional:
-        num_buckets //= 2
-        bucket = (rel > 0).astype(jnp.int32) * num_buckets
-        rel = jnp.abs(rel)
-    else:
-        rel = -jnp.minimum(rel, 0)
-    max_exact = num_buckets // 2
-    large = max_exact + (jnp.log(jnp.maximum(rel, 1).astype(jnp.float32) / max_exact)
-                         / math.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(jnp.int32)
-    large = jnp.minimum(large, num_buckets - 1)
-    return bucket + jnp.where(rel < max_exact, rel, large)
-
-
-def position_bias(table, q_pos, k_pos, bidirectional, cfg):
-    """[1, H, T, S] bias from learned bucket table [buckets, H]; computed once per stack."""
-    buckets = relative_bucket(k_pos[None, :] - q_pos[:, None], bidirectional, cfg.num_buckets, cfg.max_distance)
-    return jnp.transpose(table.astype(jnp.float32)[buckets], (2, 0, 1))[None]
-
-
-def mask_bias(mask):
-    """[..., S] bool (True = attend) -> additive float32 bias."""
-    return jnp.where(mask, 0.0, -1e9).astype(jnp.float32)
-
-
-def heads(x, cfg):  # [..., T, H*K] -> [..., T, H, K]
-    return x.reshape(*x.shape[:-1], cfg.num_heads, cfg.d_kv)
-
-
-def attend(q, k, v, bias, extra=(), prefix=None, rate=0.0, rng=None):
-    """Softmax attention of q [B,T,H,K] over k/v [B,S,H,K] (+ bias [B|1,H|1,T,S]), jointly with extra
-    key/value sets (k, v, bias [M] | [B,M] | None): HINT's fused instruction memory and, as in the
-    paper, its generated prefixes (unmasked, no position bias). `prefix` (k, v) is the option
-    `--prefix-attention separate`: a prefix with a softmax of its own whose output is added, so that
-    zero prefix values leave T5 exactly as it was. An extra set or prefix may lack the batch axis
-    ([M,H,K]): one task state shared by the whole batch, never copied. No 1/sqrt(K) scaling: T5 folds
-    it into the query init."""
-    f32 = jnp.float32
-    qk = lambda ek: jnp.einsum('bthk,mhk->bhtm' if ek.ndim == 3 else 'bthk,bmhk->bhtm', q, ek, preferred_element_type=f32)
-    # generated (float32) values in the compute dtype, so that a bfloat16 layer's output stays bfloat16
-    pv = lambda p, ev: jnp.einsum('bhtm,mhk->bthk' if ev.ndim == 3 else 'bhtm,bmhk->bthk', p, ev.astype(p.dtype))
-    scores = [jnp.einsum('bthk,bshk->bhts', q, k, preferred_element_type=f32) + bias]
-    for ek, _, ebias in extra:
-        s = qk(ek)
-        if ebias is not None:
-            s = s + (ebias if ebias.ndim == 1 else ebias[:, None, None, :])
-        scores.append(s)
-    sizes = [s.shape[-1] for s in scores]
-    probs = dropout(jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1), rate, rng).astype(q.dtype)
-    probs = jnp.split(probs, np.cumsum(sizes)[:-1], axis=-1)
-    out = jnp.einsum('bhts,bshk->bthk', probs[0], v)
-    for p, (_, ev, _) in zip(probs[1:], extra):
-        out = out + pv(p, ev)
-    if prefix is not None:
-        p = dropout(jax.nn.softmax(qk(prefix['k']), axis=-1), rate, sub(rng, 1)).astype(q.dtype)
-        out = out + pv(p, prefix['v'])
-    return out.reshape(*out.shape[:2], -1)  # [B, T, H*K]
-
-
-def joined(m, name):
-    """A generated prefix that shares the layer's softmax, as an extra key/value set ([] if absent)."""
-    p = m.get(name)
-    return [] if p is None else [(p['k'], p['v'], None)]
-
-
-def bmm(x, w):
-    """x [B,T,D] @ w: [D,N] shared by the batch or [B,D,N] per instance."""
-    return jnp.einsum('btd,dn->btn' if w.ndim == 2 else 'btd,bdn->btn', x, w.astype(x.dtype))
-
-
-def lora(x, a, b):
-    """A generated LoRA's term (x A) B: x [B,T,D], A [(B,)D,R], B [(B,)R,N] -> [B,T,N]."""
-    return bmm(bmm(x, a), b)
-
-
-def project(h, w, n, m, cfg):
-    """Attention projection n of h [B,T,D] -> [B,T,H,K], plus the generated LoRA m (if any) on q and v."""
-    y = h @ w[n].astype(h.dtype)
-    if m is not None and n in 'qv':
-        y = y + lora(h, m[n + '_a'], m[n + '_b'])
-    return heads(y, cfg)
-
-
-def add_bias(x, b):  # x [B,T,N]; b [N] shared or [B,N]
-    return x + (b if b.ndim == 1 else b[:, None, :]).astype(x.dtype)
-
-
-def ffn(p, h, cfg, rng):
-    dt = h.dtype
-    if cfg.gated_gelu:  # gelu_new (tanh approximation) gate times linear
-        a = jax.nn.gelu(h @ p['wi_0'].astype(dt), approximate=True) * (h @ p['wi_1'].astype(dt))
-    else:
-        a = jax.nn.relu(h @ p['wi'].astype(dt))
-    return dropout(a, cfg.dropout_rate, rng) @ p['wo'].astype(dt)
-
-
-def adapter(m, h):
-    """HINT's parallel adapter: gelu(h Wd + bd) Wu + bu, generated per task."""
-    return add_bias(bmm(jax.nn.gelu(add_bias(bmm(h, m['down']), m['down_bias']), approximate=False), m['up']), m['up_bias'])
-
-
 def rngs(rng, n):  # per-layer dropout keys (None when deterministic)
     return None if rng is None else jax.random.split(rng, n)
 
@@ -261,10 +134,110 @@ def sub(rng, i):
     return None if rng is None else jax.random.fold_in(rng, i)
 
 
-# ----------------------------------------------------------------------------------------------
-# T5 stacks. `mods` is HINT's task state in stack layout (see hypernet.py); None = plain T5.
-# Every entry of mods['encoder'] / mods['decoder'] has a leading layer axis and is scanned with
-# the layer weights; an entry may be None (that module switched off).
+def relative_bucket(rel, bidirectional, num_buckets, max_distance):
+    """rel = key position - query position -> bucket id (as transformers' T5)."""
+    bucket = 0
+    if bidirectional:  # half the buckets for keys after the query
+        num_buckets //= 2
+        bucket = (rel > 0).astype(jnp.int32) * num_buckets
+    rel = jnp.abs(rel) if bidirectional else -jnp.minimum(rel, 0)
+    max_exact = num_buckets // 2  # beyond it, buckets grow logarithmically up to max_distance
+    log_ratio = jnp.log(jnp.maximum(rel, 1).astype(jnp.float32) / max_exact)
+    scaled = log_ratio / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+    large = jnp.minimum(max_exact + scaled.astype(jnp.int32), num_buckets - 1)
+    return bucket + jnp.where(rel < max_exact, rel, large)
+
+
+def position_bias(table, q_pos, k_pos, bidirectional, cfg):  # [1, H, T, S], once per stack
+    rel = k_pos[None, :] - q_pos[:, None]                                            # [T, S]
+    buckets = relative_bucket(rel, bidirectional, cfg.num_buckets, cfg.max_distance)
+    return jnp.transpose(table.astype(jnp.float32)[buckets], (2, 0, 1))[None]
+
+
+def mask_bias(mask):  # [..., S] bool (True = attend) -> additive float32 bias
+    return jnp.where(mask, 0.0, -1e9).astype(jnp.float32)
+
+
+def heads(x, cfg):  # [..., T, H*K] -> [..., T, H, K]
+    return x.reshape(*x.shape[:-1], cfg.num_heads, cfg.d_kv)
+
+
+def scores(q, k):  # q [B,T,H,K], k [B,M,H,K] or [M,H,K] shared by the batch -> [B,H,T,M]
+    spec = 'bthk,mhk->bhtm' if k.ndim == 3 else 'bthk,bmhk->bhtm'
+    return jnp.einsum(spec, q, k, preferred_element_type=jnp.float32)
+
+
+def weighted_sum(probs, v):  # probs [B,H,T,M], v [B,M,H,K] or [M,H,K] -> [B,T,H,K]
+    spec = 'bhtm,mhk->bthk' if v.ndim == 3 else 'bhtm,bmhk->bthk'
+    return jnp.einsum(spec, probs, v.astype(probs.dtype))  # generated values are float32
+
+
+def attend(q, k, v, bias, extra=(), prefix=None, rate=0.0, rng=None):
+    """q [B,T,H,K] over k, v [B,S,H,K] (+ bias [B|1,H|1,T,S]) and, in one softmax, `extra` (HINT's
+    memory, prefixes: k, v [(B,)M,H,K] shared if unbatched, bias [(B,)M] | None) -> [B,T,H*K]."""
+    logits = [scores(q, k) + bias]
+    for extra_k, _, extra_bias in extra:
+        s = scores(q, extra_k)                                                       # [B, H, T, M]
+        if extra_bias is not None:  # [M] or [B, M] -> [1|B, 1, 1, M]
+            s = s + extra_bias.reshape(-1, 1, 1, extra_bias.shape[-1])
+        logits.append(s)
+    probs = dropout(jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1), rate, rng)
+    ends = np.cumsum([s.shape[-1] for s in logits])[:-1]
+    probs = jnp.split(probs.astype(q.dtype), ends, axis=-1)
+    out = weighted_sum(probs[0], v)                                                 # [B, T, H, K]
+    for p, (_, extra_v, _) in zip(probs[1:], extra):
+        out = out + weighted_sum(p, extra_v)
+    if prefix is not None:  # --prefix-attention separate: zero prefixes leave T5 as it was
+        p = jax.nn.softmax(scores(q, prefix['k']), axis=-1)
+        out = out + weighted_sum(dropout(p, rate, sub(rng, 1)).astype(q.dtype), prefix['v'])
+    return out.reshape(*out.shape[:2], -1)
+
+
+def joined(m, name):  # a generated prefix that shares the layer's softmax, as an extra set
+    return [] if m.get(name) is None else [(m[name]['k'], m[name]['v'], None)]
+
+
+def bmm(x, w):  # x [B,T,D] @ w: [D,N] shared by the batch or [B,D,N] per instance
+    return jnp.einsum('btd,dn->btn' if w.ndim == 2 else 'btd,bdn->btn', x, w.astype(x.dtype))
+
+
+def add_bias(x, b):  # x [B,T,N] + b: [N] shared by the batch or [B,N] per instance
+    return x + b.reshape(-1, 1, b.shape[-1]).astype(x.dtype)
+
+
+def lora(x, a, b):  # a generated LoRA's term (x A) B: x [B,T,D], A [(B,)D,R], B [(B,)R,N]
+    return bmm(bmm(x, a), b)
+
+
+def project(h, w, n, m, cfg):  # projection n of h [B,T,D] -> [B,T,H,K], + the LoRA m on q, v
+    y = h @ w[n].astype(h.dtype)
+    if m is not None and n in 'qv':
+        y = y + lora(h, m[n + '_a'], m[n + '_b'])
+    return heads(y, cfg)
+
+
+def adapter(m, h):  # HINT's parallel adapter, generated per task: gelu(h Wd + bd) Wu + bu
+    hidden = add_bias(bmm(h, m['down']), m['down_bias'])                            # [B, T, r]
+    hidden = jax.nn.gelu(hidden, approximate=False)
+    return add_bias(bmm(hidden, m['up']), m['up_bias'])                              # [B, T, D]
+
+
+def ffn_block(p, m, x, cfg, rate, rng_ffn, rng_out):
+    """The pre-norm feed-forward block and its residual, with HINT's adapter (if any) beside it."""
+    dt = x.dtype
+    h = rms_norm(x, p['norm'], cfg.layer_norm_epsilon)
+    if cfg.gated_gelu:  # gelu_new (tanh approximation) gate times linear
+        a = jax.nn.gelu(h @ p['wi_0'].astype(dt), approximate=True) * (h @ p['wi_1'].astype(dt))
+    else:
+        a = jax.nn.relu(h @ p['wi'].astype(dt))
+    y = dropout(a, cfg.dropout_rate, rng_ffn) @ p['wo'].astype(dt)                  # [B, T, D]
+    if m.get('adapter') is not None:
+        y = y + adapter(m['adapter'], h)
+    return x + dropout(y, rate, rng_out)
+
+
+# T5 stacks. `mods` is HINT's task state (hypernet.py), None for plain T5: mods['encoder'/'decoder']
+# entries have a layer axis and are scanned with the layer weights (None: that module is off).
 
 
 def t5_encode(params, cfg, ids, mods=None, rng=None):
@@ -272,106 +245,95 @@ def t5_encode(params, cfg, ids, mods=None, rng=None):
     dt, eps = jnp.dtype(cfg.dtype), cfg.layer_norm_epsilon
     rate = cfg.dropout_rate if rng is not None else 0.0
     pos = jnp.arange(ids.shape[1])
-    pos_bias = position_bias(params['encoder']['rel_bias'], pos, pos, True, cfg)       # [1, H, S, S]
+    pos_bias = position_bias(params['encoder']['rel_bias'], pos, pos, True, cfg)     # [1, H, S, S]
     pad_bias = mask_bias(ids != PAD_ID)[:, None, None, :]                            # [B, 1, 1, S]
-    x = dropout(params['embed'][ids].astype(dt), rate, sub(rng, 0))
-    layer_mods = (mods or {}).get('encoder') or {}
+    x = dropout(params['embed'][ids].astype(dt), rate, sub(rng, 0))                  # [B, S, D]
 
     def layer(x, inputs):
         p, m, r = inputs
-        a = p['self_attn']
-        h = rms_norm(x, a['norm'], eps)
-        q, k, v = (project(h, a, n, m.get('lora'), cfg) for n in 'qkv')
+        # Self-attention block.
+        h = rms_norm(x, p['self_attn']['norm'], eps)
+        q, k, v = (project(h, p['self_attn'], n, m.get('lora'), cfg) for n in 'qkv')  # [B,S,H,K]
         bias = pos_bias + pad_bias   # [B, H, S, S], made in the layer: --remat does not keep it
         o = attend(q, k, v, bias, joined(m, 'prefix'), m.get('prefix_separate'), rate, sub(r, 0))
-        o = o @ a['o'].astype(dt)
-        x = x + dropout(o, rate, sub(r, 1))
-        h = rms_norm(x, p['ffn']['norm'], eps)
-        y = ffn(p['ffn'], h, cfg, sub(r, 2))
-        if m.get('adapter') is not None:
-            y = y + adapter(m['adapter'], h)
-        return x + dropout(y, rate, sub(r, 3)), None
+        x = x + dropout(o @ p['self_attn']['o'].astype(dt), rate, sub(r, 1))
+        # Feed-forward block.
+        return ffn_block(p['ffn'], m, x, cfg, rate, sub(r, 2), sub(r, 3)), None
 
-    layer = jax.checkpoint(layer) if cfg.remat else layer
-    x, _ = jax.lax.scan(layer, x, (params['encoder']['layers'], layer_mods, rngs(sub(rng, 1), cfg.num_layers)))
+    layer_mods = (mods or {}).get('encoder') or {}
+    xs = (params['encoder']['layers'], layer_mods, rngs(sub(rng, 1), cfg.num_layers))
+    x, _ = jax.lax.scan(jax.checkpoint(layer) if cfg.remat else layer, x, xs)
     return dropout(rms_norm(x, params['encoder']['final_norm'], eps), rate, sub(rng, 2))
 
 
 def cross_kv(params, cfg, enc, enc_mask, mods=None):
-    """Cross-attention keys/values of every decoder layer, computed once per input (and per task
-    for the fused instruction memory): {'k','v': [Ld,B,S,H,K], 'bias': [B,1,1,S], 'memory': ...}."""
-    dt = jnp.dtype(cfg.dtype)
+    """Cross-attention {'k','v': [L,B,S,H,K], 'bias'} of every layer, and HINT's memory's."""
+    dt, mods = jnp.dtype(cfg.dtype), mods or {}
     w = params['decoder']['layers']['cross_attn']
-    proj = lambda x, n: heads(jnp.einsum('...sd,ldn->l...sn', x.astype(dt), w[n].astype(dt)), cfg)
-    kv = {'k': proj(enc, 'k'), 'v': proj(enc, 'v'), 'bias': mask_bias(enc_mask)[:, None, None, :], 'memory': None}
-    lo = ((mods or {}).get('decoder') or {}).get('cross_lora')
-    every_layer = jax.vmap(lora, in_axes=(None, 0, 0))   # x [B,S,D], A/B [Ld,...] -> [Ld,B,S,H*K]
-    if lo is not None:  # the generated LoRA's value term, (enc A_v) B_v
-        kv['v'] = kv['v'] + heads(every_layer(enc.astype(dt), lo['v_a'], lo['v_b']), cfg)
-    memory = (mods or {}).get('memory')
-    if memory is not None:  # HINT instruction fusion: the encoded instruction E [(B), n, D] and its mask
-        kv['memory'] = {'k': proj(memory['E'], 'k'), 'v': proj(memory['E'], 'v'), 'bias': mask_bias(memory['mask'])}
-        if lo is not None:  # E goes through the same value projection, so through its LoRA as well
-            E = memory['E'].reshape(-1, *memory['E'].shape[-2:]).astype(dt)               # [B or 1, n, D]
-            term = heads(every_layer(E, lo['v_a'], lo['v_b']), cfg)             # [Ld, B or 1, n, H, K]
-            kv['memory']['v'] = kv['memory']['v'] + term.reshape(kv['memory']['v'].shape)
+    lo = (mods.get('decoder') or {}).get('cross_lora')
+
+    def keys_values(x):  # x [(B,) S, D] -> k, v [L, (B,) S, H, K]
+        k, v = (jnp.einsum('...sd,ldn->l...sn', x.astype(dt), w[n].astype(dt)) for n in 'kv')
+        if lo is not None:  # the generated LoRA's value term (x A_v) B_v, for every layer
+            x = x.reshape(-1, *x.shape[-2:]).astype(dt)                              # [B|1, S, D]
+            v = v + jax.vmap(lora, in_axes=(None, 0, 0))(x, lo['v_a'], lo['v_b']).reshape(v.shape)
+        return heads(k, cfg), heads(v, cfg)
+
+    k, v = keys_values(enc)
+    kv = {'k': k, 'v': v, 'bias': mask_bias(enc_mask)[:, None, None, :], 'memory': None}
+    memory = mods.get('memory')
+    if memory is not None:  # HINT's fusion: the encoded instruction E [(B,) n, D] and its mask
+        k, v = keys_values(memory['E'])
+        kv.update(memory={'k': k, 'v': v}, memory_bias=mask_bias(memory['mask']))
     return kv
 
 
 def t5_decode(params, cfg, tokens, kv, mods=None, rng=None, cache=None, index=0):
-    """Decoder on tokens [B, T] -> logits float32 [B, T, V]. With `cache` ({'k','v': [Ld,B,Tmax,H,K]})
-    the tokens sit at positions index.. (incremental decoding); returns (logits, their keys/values
-    [Ld,B,T,H,K]), which the caller writes into its cache once (a copy out of every layer costs more)."""
+    """tokens [B, T] -> logits float32 [B, T, V], and their k/v with a cache (see t5_generate)."""
     dt, eps = jnp.dtype(cfg.dtype), cfg.layer_norm_epsilon
     rate = cfg.dropout_rate if rng is not None else 0.0
-    T = tokens.shape[1]
-    q_pos = index + jnp.arange(T)
-    k_pos = jnp.arange(cache['k'].shape[2] if cache is not None else T)
-    self_bias = position_bias(params['decoder']['rel_bias'], q_pos, k_pos, False, cfg) \
-        + mask_bias(k_pos[None, :] <= q_pos[:, None])
-    x = dropout(params['embed'][tokens].astype(dt), rate, sub(rng, 0))
-    layer_mods = (mods or {}).get('decoder') or {}
+    q_pos = index + jnp.arange(tokens.shape[1])
+    k_pos = q_pos if cache is None else jnp.arange(cache['k'].shape[2])
+    causal = mask_bias(k_pos[None, :] <= q_pos[:, None])
+    self_bias = position_bias(params['decoder']['rel_bias'], q_pos, k_pos, False, cfg) + causal
+    x = dropout(params['embed'][tokens].astype(dt), rate, sub(rng, 0))               # [B, T, D]
 
     def layer(x, inputs):
-        p, m, ck, cv, mem, cache_l, r = inputs
-        a = p['self_attn']
-        h = rms_norm(x, a['norm'], eps)
-        q, k, v = (project(h, a, n, m.get('self_lora'), cfg) for n in 'qkv')
-        if cache_l is not None:
-            k_all = jax.lax.dynamic_update_slice(cache_l['k'], k.astype(cache_l['k'].dtype), (0, index, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(cache_l['v'], v.astype(cache_l['v'].dtype), (0, index, 0, 0))
-            cache_l, k, v = {'k': k, 'v': v}, k_all, v_all   # only this step's keys/values leave the layer
-        o = attend(q, k, v, self_bias, joined(m, 'self_prefix'), m.get('self_prefix_separate'), rate, sub(r, 0))
-        o = o @ a['o'].astype(dt)
-        x = x + dropout(o, rate, sub(r, 1))
-        c = p['cross_attn']
-        h = rms_norm(x, c['norm'], eps)
-        q = project(h, c, 'q', m.get('cross_lora'), cfg)   # its v-term is in cross_kv, once per input
-        extra = [(mem['k'], mem['v'], kv['memory']['bias'])] if mem is not None else []
+        p, m, ck, cv, mem, cached, r = inputs
+        # Self-attention block (causal).
+        h = rms_norm(x, p['self_attn']['norm'], eps)
+        q, k, v = (project(h, p['self_attn'], n, m.get('self_lora'), cfg) for n in 'qkv')
+        if cached is not None:  # attend over the cache with this step written in; return the
+            new = {'k': k, 'v': v}  # step's keys/values only (the caller writes them in once)
+            k, v = (jax.lax.dynamic_update_slice(cached[n], new[n], (0, index, 0, 0)) for n in 'kv')
+            cached = new
+        prefix = m.get('self_prefix_separate')
+        o = attend(q, k, v, self_bias, joined(m, 'self_prefix'), prefix, rate, sub(r, 0))
+        x = x + dropout(o @ p['self_attn']['o'].astype(dt), rate, sub(r, 1))
+        # Cross-attention block, over the encoder states and HINT's instruction memory.
+        h = rms_norm(x, p['cross_attn']['norm'], eps)
+        q = project(h, p['cross_attn'], 'q', m.get('cross_lora'), cfg)   # (v's LoRA: cross_kv)
+        extra = [] if mem is None else [(mem['k'], mem['v'], kv['memory_bias'])]
         extra += joined(m, 'cross_prefix')
         o = attend(q, ck, cv, kv['bias'], extra, m.get('cross_prefix_separate'), rate, sub(r, 2))
-        o = o @ c['o'].astype(dt)
-        x = x + dropout(o, rate, sub(r, 3))
-        h = rms_norm(x, p['ffn']['norm'], eps)
-        y = ffn(p['ffn'], h, cfg, sub(r, 4))
-        if m.get('adapter') is not None:
-            y = y + adapter(m['adapter'], h)
-        return x + dropout(y, rate, sub(r, 5)), cache_l
+        x = x + dropout(o @ p['cross_attn']['o'].astype(dt), rate, sub(r, 3))
+        # Feed-forward block.
+        return ffn_block(p['ffn'], m, x, cfg, rate, sub(r, 4), sub(r, 5)), cached
 
-    mem = None if kv['memory'] is None else {'k': kv['memory']['k'], 'v': kv['memory']['v']}
-    xs = (params['decoder']['layers'], layer_mods, kv['k'], kv['v'], mem, cache, rngs(sub(rng, 1), cfg.num_decoder_layers))
+    layer_mods = (mods or {}).get('decoder') or {}
+    xs = (params['decoder']['layers'], layer_mods, kv['k'], kv['v'], kv['memory'], cache,
+          rngs(sub(rng, 1), cfg.num_decoder_layers))
     x, cache = jax.lax.scan(jax.checkpoint(layer) if cfg.remat else layer, x, xs)
     x = dropout(rms_norm(x, params['decoder']['final_norm'], eps), rate, sub(rng, 2))
     if cfg.tie_word_embeddings:  # v1.0: tied embedding, output rescaled by d^-0.5
         logits = (x * cfg.d_model ** -0.5) @ params['embed'].astype(dt).T
     else:
         logits = x @ params['lm_head'].astype(dt)
-    logits = logits.astype(jnp.float32)
+    logits = logits.astype(jnp.float32)                                              # [B, T, V]
     return logits if cache is None else (logits, cache)
 
 
-def shift_right(targets):
-    """Teacher forcing: decoder input = targets shifted right, starting with id 0."""
+def shift_right(targets):  # teacher forcing: decoder input = targets shifted right, from id 0
     return jnp.pad(targets[:, :-1], ((0, 0), (1, 0)))
 
 
@@ -384,33 +346,31 @@ def t5_forward(params, cfg, encoder_ids, decoder_input_ids, mods=None, rng=None)
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'max_len'))
 def t5_generate(params, cfg, encoder_ids, max_len=64, mods=None):
-    """Greedy decoding with a key/value cache: int32 [B, max_len] without the start token, 0 after
-    EOS; the loop stops as soon as every row has produced EOS."""
+    """Greedy decoding -> int32 [B, max_len]: no start token, 0 after EOS, stops at all EOS."""
     B = encoder_ids.shape[0]
     enc = t5_encode(params, cfg, encoder_ids, mods)
     kv = cross_kv(params, cfg, enc, encoder_ids != PAD_ID, mods)
     shape = (cfg.num_decoder_layers, B, max_len, cfg.num_heads, cfg.d_kv)
-    cache = {'k': jnp.zeros(shape, cfg.dtype), 'v': jnp.zeros(shape, cfg.dtype)}
-    out = jnp.zeros((B, max_len), jnp.int32)
 
-    def body(state):
-        i, prev, done, out, cache = state
-        logits, new = t5_decode(params, cfg, prev[:, None], kv, mods, cache=cache, index=i)
+    def step(s):
+        i, cache = s['i'], s['cache']
+        logits, new = t5_decode(params, cfg, s['prev'][:, None], kv, mods, cache=cache, index=i)
         cache = {n: jax.lax.dynamic_update_slice(cache[n], new[n], (0, 0, i, 0, 0)) for n in 'kv'}
-        nxt = jnp.where(done, PAD_ID, jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32))
-        out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
-        return i + 1, nxt, done | (nxt == EOS_ID), out, cache
+        token = jnp.where(s['done'], PAD_ID, jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32))
+        out = jax.lax.dynamic_update_slice(s['out'], token[:, None], (0, i))
+        return dict(i=i + 1, prev=token, done=s['done'] | (token == EOS_ID), out=out, cache=cache)
 
-    def cond(state):
-        return (state[0] < max_len) & ~jnp.all(state[2])
+    def running(s):
+        return (s['i'] < max_len) & ~jnp.all(s['done'])
 
-    init = (jnp.int32(0), jnp.zeros((B,), jnp.int32), jnp.zeros((B,), bool), out, cache)
-    return jax.lax.while_loop(cond, body, init)[3]
+    start = dict(i=jnp.int32(0), prev=jnp.zeros((B,), jnp.int32), done=jnp.zeros((B,), bool),
+                 out=jnp.zeros((B, max_len), jnp.int32),
+                 cache={'k': jnp.zeros(shape, cfg.dtype), 'v': jnp.zeros(shape, cfg.dtype)})
+    return jax.lax.while_loop(running, step, start)['out']
 
 
 # ----------------------------------------------------------------------------------------------
-# RoBERTa encoder (optional separate instruction encoder): post-norm, learned absolute positions
-# offset by padding id + 1, token types, exact GELU.
+# RoBERTa (an optional instruction encoder): post-norm, learned positions from padding id + 1.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -426,21 +386,32 @@ class RobertaConfig:
     layer_norm_eps: float = 1e-5
     dtype: str = 'float32'
 
-    @staticmethod
-    def from_hf(c: dict) -> 'RobertaConfig':
-        return RobertaConfig(**{f.name: c[f.name] for f in dataclasses.fields(RobertaConfig) if f.name in c})
+
+def roberta_layout(cfg: RobertaConfig, prefix: str = '') -> dict:
+    """As t5_layout; `prefix` is 'roberta.' in a RobertaForMaskedLM (the hub's roberta-base)."""
+    D, F, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    e, layer = prefix + 'embeddings.', prefix + 'encoder.layer.{i}.'
+    layout = {('word',): Param((cfg.vocab_size, D), 0.02, e + 'word_embeddings.weight'),
+              ('pos',): Param((cfg.max_position_embeddings, D), 0.02,
+                              e + 'position_embeddings.weight'),
+              ('type',): Param((cfg.type_vocab_size, D), 0.02, e + 'token_type_embeddings.weight')}
+    linears = {'q': ('attention.self.query', D, D), 'k': ('attention.self.key', D, D),
+               'v': ('attention.self.value', D, D), 'o': ('attention.output.dense', D, D),
+               'fc1': ('intermediate.dense', D, F), 'fc2': ('output.dense', F, D)}
+    for ours, (theirs, n_in, n_out) in linears.items():
+        layout[('layers', ours, 'w')] = Param((L, n_in, n_out), 0.02, f'{layer}{theirs}.weight')
+        layout[('layers', ours, 'b')] = Param((L, n_out), jnp.zeros, f'{layer}{theirs}.bias')
+    norms = {('emb_norm',): (e + 'LayerNorm', (D,)),
+             ('layers', 'attn_norm'): (layer + 'attention.output.LayerNorm', (L, D)),
+             ('layers', 'ffn_norm'): (layer + 'output.LayerNorm', (L, D))}
+    for path, (theirs, shape) in norms.items():
+        layout[(*path, 'scale')] = Param(shape, jnp.ones, theirs + '.weight')
+        layout[(*path, 'bias')] = Param(shape, jnp.zeros, theirs + '.bias')
+    return layout
 
 
 def init_roberta(cfg: RobertaConfig, rng) -> dict:
-    D, F, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-    keys = iter(jax.random.split(rng, 16))
-    normal = lambda shape: jax.random.normal(next(keys), shape, jnp.float32) * 0.02
-    dense = lambda i, o: {'w': normal((L, i, o)), 'b': jnp.zeros((L, o))}
-    norm = lambda *lead: {'scale': jnp.ones((*lead, D)), 'bias': jnp.zeros((*lead, D))}
-    return {'word': normal((cfg.vocab_size, D)), 'pos': normal((cfg.max_position_embeddings, D)),
-            'type': normal((cfg.type_vocab_size, D)), 'emb_norm': norm(),
-            'layers': {'q': dense(D, D), 'k': dense(D, D), 'v': dense(D, D), 'o': dense(D, D), 'attn_norm': norm(L),
-                       'fc1': dense(D, F), 'fc2': dense(F, D), 'ffn_norm': norm(L)}}
+    return init_params(roberta_layout(cfg), rng, 16)
 
 
 def layer_norm(x, p, eps):
@@ -450,205 +421,148 @@ def layer_norm(x, p, eps):
     return ((x32 - mean) * jax.lax.rsqrt(var + eps) * p['scale'] + p['bias']).astype(x.dtype)
 
 
+def linear(h, p):  # h [B, T, in] -> [B, T, out]
+    return h @ p['w'].astype(h.dtype) + p['b'].astype(h.dtype)
+
+
 def roberta_forward(params, cfg, ids):
     """ids [B, T] (cfg.pad_token_id = padding) -> last hidden states [B, T, D]."""
-    dt, H = jnp.dtype(cfg.dtype), cfg.num_attention_heads
+    B, T = ids.shape
+    eps, H = cfg.layer_norm_eps, cfg.num_attention_heads
     mask = ids != cfg.pad_token_id
     positions = jnp.cumsum(mask, axis=1) * mask + cfg.pad_token_id  # padding keeps position pad_id
     x = params['word'][ids] + params['pos'][positions] + params['type'][jnp.zeros_like(ids)]
-    x = layer_norm(x.astype(dt), params['emb_norm'], cfg.layer_norm_eps)
+    x = layer_norm(x.astype(cfg.dtype), params['emb_norm'], eps)                     # [B, T, D]
     bias = mask_bias(mask)[:, None, None, :]
     scale = (cfg.hidden_size // H) ** -0.5
 
     def layer(x, p):
-        dense = lambda h, n: h @ p[n]['w'].astype(dt) + p[n]['b'].astype(dt)
-        split = lambda h: h.reshape(*h.shape[:2], H, -1)
-        o = attend(split(dense(x, 'q')) * scale, split(dense(x, 'k')), split(dense(x, 'v')), bias)
-        x = layer_norm(x + dense(o, 'o'), p['attn_norm'], cfg.layer_norm_eps)
-        y = dense(jax.nn.gelu(dense(x, 'fc1'), approximate=False), 'fc2')
-        return layer_norm(x + y, p['ffn_norm'], cfg.layer_norm_eps), None
+        # Self-attention block (post-norm).
+        q, k, v = (linear(x, p[n]).reshape(B, T, H, -1) for n in 'qkv')             # [B, T, H, K]
+        o = attend(q * scale, k, v, bias)
+        x = layer_norm(x + linear(o, p['o']), p['attn_norm'], eps)
+        # Feed-forward block.
+        y = linear(jax.nn.gelu(linear(x, p['fc1']), approximate=False), p['fc2'])
+        return layer_norm(x + y, p['ffn_norm'], eps), None
 
     return jax.lax.scan(layer, x, params['layers'])[0]
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoint import from Hugging Face layouts. Weights are read into one flat {name: array} dict
-# in PyTorch's naming and layout ([out, in] linears), then mapped onto our pytree.
+# Checkpoint import: the weights as one flat {transformers name: array} dict, then a layout.
+
+KERNELS = {'q', 'k', 'v', 'o', 'wi', 'wi_0', 'wi_1', 'wo', 'lm_head', 'w'}  # transposed on import
 
 
-def read_hf_weights(d: str) -> dict:
-    """model.safetensors (single or sharded via its index), flax_model.msgpack, or pytorch_model.bin."""
-    path = lambda f: os.path.join(d, f)
-    if os.path.exists(path('model.safetensors.index.json')):
-        weight_map = json.load(open(path('model.safetensors.index.json')))['weight_map']
-        return LazyWeights({name: path(f) for name, f in weight_map.items()})
-    if os.path.exists(path('model.safetensors')):
-        from safetensors import safe_open
-        with safe_open(path('model.safetensors'), 'np') as f:
-            return LazyWeights({name: path('model.safetensors') for name in f.keys()})
-    if os.path.exists(path('flax_model.msgpack')):
-        from flax import serialization, traverse_util
-        tree = serialization.msgpack_restore(open(path('flax_model.msgpack'), 'rb').read())
-        flat = {}
-        for k, v in traverse_util.flatten_dict(tree).items():
-            v = np.asarray(v)
-            if k[-1] == 'kernel':  # flax Dense kernels are [in, out]
-                v = v.T
-            flat['.'.join(k[:-1] + (('weight',) if k[-1] in ('kernel', 'embedding', 'scale') else (k[-1],)))] = v
-        return flat
-    if os.path.exists(path('pytorch_model.bin')):
-        try:
-            import torch
-        except ImportError:
-            raise ImportError(f'{path("pytorch_model.bin")}: reading PyTorch checkpoints needs torch. Accepted without '
-                              'torch: model.safetensors (or sharded with its index), flax_model.msgpack') from None
-        sd = torch.load(path('pytorch_model.bin'), map_location='cpu', weights_only=True)
-        return {k: v.float().numpy() for k, v in sd.items()}
-    raise FileNotFoundError(f'{d}: no weights found. Accepted: model.safetensors, model.safetensors.index.json '
-                            '(sharded), flax_model.msgpack, pytorch_model.bin (needs torch)')
-
-
-class LazyWeights(dict):
-    """{name: file} of safetensors weights, each read from its file only when looked up: an XL or XXL
-    checkpoint is never all in host memory at once."""
+class LazyWeights(dict):  # {name: safetensors file}, read on lookup: XXL never fills host memory
     def __getitem__(self, name):
-        from safetensors import safe_open
         with safe_open(super().__getitem__(name), 'np') as f:
             return f.get_tensor(name)
 
 
-def read_hf_checkpoint(name_or_dir: str, kind: str):
+def read_hf_weights(d: str) -> dict:
+    """model.safetensors (or sharded, with its index), flax_model.msgpack or pytorch_model.bin."""
+    path = functools.partial(os.path.join, d)
+    if os.path.exists(path('model.safetensors.index.json')):
+        with open(path('model.safetensors.index.json')) as f:  # {name: shard file}
+            return LazyWeights({k: path(shard) for k, shard in json.load(f)['weight_map'].items()})
+    if os.path.exists(path('model.safetensors')):
+        with safe_open(path('model.safetensors'), 'np') as f:
+            return LazyWeights(dict.fromkeys(f.keys(), path('model.safetensors')))
+    if os.path.exists(path('flax_model.msgpack')):  # transformers' Flax T5
+        with open(path('flax_model.msgpack'), 'rb') as f:
+            tree = serialization.msgpack_restore(f.read())
+        torch_leaf = {'kernel': 'weight', 'embedding': 'weight', 'scale': 'weight'}
+        flat = {}
+        for (*module, leaf), w in traverse_util.flatten_dict(tree).items():
+            name = '.'.join([*module, torch_leaf.get(leaf, leaf)])
+            flat[name] = np.asarray(w).T if leaf == 'kernel' else np.asarray(w)
+        return flat
+    if os.path.exists(path('pytorch_model.bin')):
+        import torch  # only for this format
+        state_dict = torch.load(path('pytorch_model.bin'), map_location='cpu', weights_only=True)
+        return {name: w.float().numpy() for name, w in state_dict.items()}
+    raise FileNotFoundError(f'{d}: no model.safetensors, flax_model.msgpack or pytorch_model.bin')
+
+
+def read_hf_checkpoint(name_or_dir: str):
     """(directory, config.json as a dict, flat weights) of a hub name or a local directory."""
     d = resolve_dir(name_or_dir)
-    config_path = os.path.join(d, 'config.json')
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f'{config_path}: missing (a {kind} checkpoint directory needs config.json)')
-    try:
-        config = json.load(open(config_path))
-    except json.JSONDecodeError as e:
-        raise ValueError(f'{config_path}: not valid JSON ({e})') from None
+    with open(os.path.join(d, 'config.json')) as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f'{f.name}: not valid JSON ({e})') from None
     return d, config, read_hf_weights(d)
 
 
-def assign(expected, sources: dict, flat: dict, where: str, place=None):
-    """Fill the pytree `expected` (shape structs) from `sources` {our path: [(hf name, transpose)]};
-    stacked layers come from several names. Fails on the first missing name or shape mismatch.
-    place(shape struct) -> sharding puts each array straight onto its devices (e.g. FSDP shards)."""
+def assign(layout: dict, flat: dict, where: str, dtype='float32', place=None) -> dict:
+    """Our pytree from the checkpoint's weights; place(array) -> sharding puts each on devices."""
     out = {}
-    for path, names in sources.items():
-        parts = []
-        for name, transpose in names:
-            if name not in flat:
-                raise KeyError(f'{where}: weight {name!r} is missing from the checkpoint')
-            weight = flat[name]
-            parts.append(weight.T if transpose else weight)
-        arr = np.stack(parts) if len(names) > 1 or path_is_stacked(path) else parts[0]
-        want = get_path(expected, path).shape
-        if arr.shape != tuple(want):
-            bad = names[0][0]
-            raise ValueError(f'{where}: checkpoint weight {bad!r} has shape {tuple(flat[bad].shape)} but the config '
-                             f'expects {tuple(want)}{" per layer" if path_is_stacked(path) else ""} for {"/".join(path)}')
-        arr = np.asarray(arr, get_path(expected, path).dtype)
-        set_path(out, path, jax.device_put(arr, place(get_path(expected, path))) if place else jnp.asarray(arr))
-    return out
+    for path, p in layout.items():
+        stacked = '{i}' in p.name   # one checkpoint weight per layer
+        names = [p.name.format(i=i) for i in range(p.shape[0] if stacked else 1)]
+        missing = [name for name in names if name not in flat]
+        if missing:
+            raise ValueError(f'{where}: weight {missing[0]!r} is missing')
+        parts = [flat[name].T if path[-1] in KERNELS else flat[name] for name in names]
+        shape = p.shape[1:] if stacked else p.shape
+        if parts[0].shape != shape:
+            raise ValueError(f'{where}: {names[0]!r} is {parts[0].shape}, the config says {shape}')
+        arr = np.asarray(np.stack(parts) if stacked else parts[0], dtype)
+        out[path] = jax.device_put(arr, place(arr)) if place else jnp.asarray(arr)
+    return traverse_util.unflatten_dict(out)
 
 
-def path_is_stacked(path):
-    return 'layers' in path
-
-
-def get_path(tree, path):
-    for k in path:
-        tree = tree[k]
-    return tree
-
-
-def set_path(tree, path, value):
-    for k in path[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[path[-1]] = value
-
-
-def t5_sources(cfg: T5Config) -> dict:
-    """Our parameter path -> list of (transformers name, transpose?)."""
-    src = {('embed',): [('shared.weight', False)]}
-    if not cfg.tie_word_embeddings:
-        src[('lm_head',)] = [('lm_head.weight', True)]
-    ffn_names = ('wi_0', 'wi_1', 'wo') if cfg.gated_gelu else ('wi', 'wo')
-    for stack, n, blocks in (('encoder', cfg.num_layers, (('self_attn', 'SelfAttention'),)),
-                             ('decoder', cfg.num_decoder_layers, (('self_attn', 'SelfAttention'), ('cross_attn', 'EncDecAttention')))):
-        src[(stack, 'rel_bias')] = [(f'{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight', False)]
-        src[(stack, 'final_norm')] = [(f'{stack}.final_layer_norm.weight', False)]
-        for j, (ours, theirs) in enumerate(blocks):
-            src[(stack, 'layers', ours, 'norm')] = [(f'{stack}.block.{i}.layer.{j}.layer_norm.weight', False) for i in range(n)]
-            for w in 'qkvo':
-                src[(stack, 'layers', ours, w)] = [(f'{stack}.block.{i}.layer.{j}.{theirs}.{w}.weight', True) for i in range(n)]
-        j = len(blocks)
-        src[(stack, 'layers', 'ffn', 'norm')] = [(f'{stack}.block.{i}.layer.{j}.layer_norm.weight', False) for i in range(n)]
-        for w in ffn_names:
-            src[(stack, 'layers', 'ffn', w)] = [(f'{stack}.block.{i}.layer.{j}.DenseReluDense.{w}.weight', True) for i in range(n)]
-    return src
+# T5Config field -> transformers' config.json key, read by load_t5 and written by save_t5.
+HF_KEYS = {**{name: name for name in ('vocab_size', 'd_model', 'd_kv', 'd_ff', 'num_heads',
+                                      'num_layers', 'num_decoder_layers', 'dropout_rate',
+                                      'layer_norm_epsilon')},
+           'num_buckets': 'relative_attention_num_buckets',
+           'max_distance': 'relative_attention_max_distance'}
 
 
 def load_t5(name_or_dir: str, place=None, **overrides):
-    """(T5Config, params) from a hub name or a local transformers-style directory. `overrides` set
-    T5Config fields such as dtype or dropout_rate; `place` as in assign()."""
-    d, config, flat = read_hf_checkpoint(name_or_dir, 'T5')
-    try:
-        cfg = T5Config.from_hf(config, **overrides)
-    except KeyError as e:
-        raise ValueError(f'{os.path.join(d, "config.json")}: missing field {e} (not a T5 config?)') from None
-    expected = jax.eval_shape(lambda: init_t5(cfg, jax.random.PRNGKey(0)))
-    sources = t5_sources(cfg)
-    if 'lm_head' in expected and 'lm_head.weight' not in flat and config.get('tie_word_embeddings'):
-        # transformers 5 saves a v1.1 T5 with its output layer tied to the embedding (not rescaled:
-        # scale_decoder_outputs false) and writes no lm_head.weight: read it as transformers does
-        sources[('lm_head',)] = [('shared.weight', True)]
-    return cfg, assign(expected, sources, flat, d, place)
+    """(T5Config, params) of a hub name or directory; `overrides` (dtype, ...) beat config.json."""
+    d, c, flat = read_hf_checkpoint(name_or_dir)
+    act = c.get('feed_forward_proj', 'relu')
+    if act not in ('relu', 'gated-gelu'):
+        raise ValueError(f'{d}/config.json: feed_forward_proj {act!r} is not relu or gated-gelu')
+    fields = {ours: c[theirs] for ours, theirs in HF_KEYS.items() if c.get(theirs) is not None}
+    fields.setdefault('num_decoder_layers', fields.get('num_layers', T5Config.num_layers))
+    # transformers 5 writes tie_word_embeddings=true for every T5, marks v1.1's unscaled output by
+    # scale_decoder_outputs=false, and writes no lm_head.weight when the embedding is the output
+    tied = c.get('scale_decoder_outputs', c.get('tie_word_embeddings', True))
+    cfg = T5Config(**{**fields, 'gated_gelu': act == 'gated-gelu', 'tie_word_embeddings': tied,
+                      **overrides})
+    layout = t5_layout(cfg)
+    if ('lm_head',) in layout and 'lm_head.weight' not in flat and c.get('tie_word_embeddings'):
+        layout[('lm_head',)] = layout[('lm_head',)]._replace(name='shared.weight')
+    return cfg, assign(layout, flat, d, cfg.param_dtype, place)
 
 
 def save_t5(params, cfg: T5Config, folder: str):
-    """The inverse of load_t5: a transformers T5 folder (config.json, model.safetensors, float32)."""
-    from safetensors.numpy import save_file
-    weights = {}
-    for path, names in t5_sources(cfg).items():
-        arr = np.asarray(get_path(params, path), np.float32)
-        for (name, transpose), w in zip(names, arr if path_is_stacked(path) else [arr]):   # one per layer
-            weights[name] = np.ascontiguousarray(w.T if transpose else w)
-    config = dict(
-        architectures=['T5ForConditionalGeneration'], model_type='t5', is_encoder_decoder=True,
-        vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_kv=cfg.d_kv, d_ff=cfg.d_ff, num_heads=cfg.num_heads,
-        num_layers=cfg.num_layers, num_decoder_layers=cfg.num_decoder_layers,
-        relative_attention_num_buckets=cfg.num_buckets, relative_attention_max_distance=cfg.max_distance,
-        dropout_rate=cfg.dropout_rate, layer_norm_epsilon=cfg.layer_norm_epsilon,
-        feed_forward_proj='gated-gelu' if cfg.gated_gelu else 'relu',
-        tie_word_embeddings=cfg.tie_word_embeddings,   # what the hub's v1.0 (true) and v1.1 (false) write
-        decoder_start_token_id=PAD_ID, pad_token_id=PAD_ID, eos_token_id=EOS_ID)
+    """load_t5's inverse: a transformers T5 folder (config.json, model.safetensors, float32)."""
+    layout, weights = t5_layout(cfg), {}
+    for path, arr in traverse_util.flatten_dict(params).items():
+        p, arr = layout[path], np.asarray(arr, np.float32)
+        for i, w in enumerate(arr if '{i}' in p.name else [arr]):  # one weight per layer
+            weights[p.name.format(i=i)] = np.ascontiguousarray(w.T if path[-1] in KERNELS else w)
+    config = {theirs: getattr(cfg, ours) for ours, theirs in HF_KEYS.items()}
+    config.update(architectures=['T5ForConditionalGeneration'], model_type='t5',
+                  is_encoder_decoder=True, tie_word_embeddings=cfg.tie_word_embeddings,
+                  feed_forward_proj='gated-gelu' if cfg.gated_gelu else 'relu',
+                  decoder_start_token_id=PAD_ID, pad_token_id=PAD_ID, eos_token_id=EOS_ID)
     os.makedirs(folder, exist_ok=True)
     save_file(weights, os.path.join(folder, 'model.safetensors'), metadata={'format': 'pt'})
     with open(os.path.join(folder, 'config.json'), 'w') as f:
         json.dump(config, f, indent=2)
 
 
-def roberta_sources(cfg: RobertaConfig, prefix: str) -> dict:
-    e, L = prefix + 'embeddings.', range(cfg.num_hidden_layers)
-    src = {('word',): [(e + 'word_embeddings.weight', False)], ('pos',): [(e + 'position_embeddings.weight', False)],
-           ('type',): [(e + 'token_type_embeddings.weight', False)],
-           ('emb_norm', 'scale'): [(e + 'LayerNorm.weight', False)], ('emb_norm', 'bias'): [(e + 'LayerNorm.bias', False)]}
-    names = {'q': 'attention.self.query', 'k': 'attention.self.key', 'v': 'attention.self.value',
-             'o': 'attention.output.dense', 'fc1': 'intermediate.dense', 'fc2': 'output.dense'}
-    for ours, theirs in names.items():
-        for w, t in (('w', True), ('b', False)):
-            src[('layers', ours, w)] = [(f'{prefix}encoder.layer.{i}.{theirs}.{"weight" if w == "w" else "bias"}', t) for i in L]
-    for ours, theirs in (('attn_norm', 'attention.output.LayerNorm'), ('ffn_norm', 'output.LayerNorm')):
-        for w, hf in (('scale', 'weight'), ('bias', 'bias')):
-            src[('layers', ours, w)] = [(f'{prefix}encoder.layer.{i}.{theirs}.{hf}', False) for i in L]
-    return src
-
-
 def load_roberta(name_or_dir: str, **overrides):
-    d, config, flat = read_hf_checkpoint(name_or_dir, 'RoBERTa')
-    cfg = dataclasses.replace(RobertaConfig.from_hf(config), **overrides)
+    """(RobertaConfig, params) from a hub name or a transformers directory."""
+    d, config, flat = read_hf_checkpoint(name_or_dir)
+    fields = {f.name for f in dataclasses.fields(RobertaConfig)}
+    cfg = RobertaConfig(**{**{k: v for k, v in config.items() if k in fields}, **overrides})
     prefix = 'roberta.' if 'roberta.embeddings.word_embeddings.weight' in flat else ''
-    expected = jax.eval_shape(lambda: init_roberta(cfg, jax.random.PRNGKey(0)))
-    return cfg, assign(expected, roberta_sources(cfg, prefix), flat, d)
+    return cfg, assign(roberta_layout(cfg, prefix), flat, d)
