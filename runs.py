@@ -28,6 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import traverse_util
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import hypernet as HN
 import model as M
@@ -358,6 +359,16 @@ def stop_signals_and_writer(out_dir, lead):
                 writer.close()
         except Exception as e:   # OSError locally; google.api_core's errors on gs://
             print(f'warning: TensorBoard events not written ({e})', file=sys.stderr)
+
+
+def fsdp_sharding(mesh, x):
+    """Where an array of the train state lives: split over 'fsdp' along its largest dimension that
+    divides evenly (FSDP), else replicated (scalars; everything under --fsdp 1)."""
+    n, spec = mesh.shape['fsdp'], [None] * x.ndim
+    fits = [d for d in range(x.ndim) if x.shape[d] % n == 0]
+    if n > 1 and fits:
+        spec[max(fits, key=x.shape.__getitem__)] = 'fsdp'
+    return NamedSharding(mesh, P(*spec))
 
 
 # ----------------------------------------------------------------------------------------------

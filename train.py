@@ -41,7 +41,7 @@ class Args(data.DataArgs):
     init: str | None = None
     """a preset (tiny, mini, small, base, large, xl, xxl), a transformers checkpoint folder or hub
     name (google/t5-base-lm-adapt), or a run folder of this repo (e.g. C4 pretraining)"""
-    baseline: Literal['none', 'full-input', 'input-only'] = 'none'   # none = HINT; plain T5 fed both
+    baseline: Literal['none', 'full-input', 'input-only'] = 'none'   # none: HINT; else plain T5
     adapters: bool = True           # generated parallel adapters on every feed-forward block
     prefixes: bool = True           # generated key/value prefixes in every attention block
     fusion: bool = True             # the decoder also cross-attends to the encoded instruction
@@ -132,6 +132,8 @@ def check_args(args):
             roberta and not args.instruction_encoder_init,
         f'--instruction-encoder roberta with --task {args.task} needs --c4-documents N or '
         '--p3-examples N (in memory)': roberta and streamed(args),
+        f'--task {args.task} with a preset --init needs --tokenizer (e.g. a spiece.model)':
+            args.init in PRESETS and args.task != 'synthetic' and not args.tokenizer,
         f'--init {args.init}: is a file; expected a preset, a checkpoint folder or a hub name':
             args.init not in PRESETS and os.path.isfile(args.init),
         f'--init {args.init}: neither a run (no complete ckpt_*/ in it) nor a transformers '
@@ -143,8 +145,7 @@ def check_args(args):
             raise data.DataError(message)
 
 
-def say(*args, **kw):
-    """print() on process 0 only: one copy of the progress lines in a multi-host run."""
+def say(*args, **kw):   # print() on process 0 only: one copy of each line in a multi-host run
     if jax.process_index() == 0:
         print(*args, **kw)
 
@@ -166,9 +167,6 @@ def tokenizer_for(args) -> str:
     """--tokenizer, else bytes for the synthetic suite, else the --init checkpoint's or run's."""
     if args.tokenizer or args.task == 'synthetic':
         return args.tokenizer or 'byte'
-    if args.init in PRESETS:
-        raise data.DataError(f'--task {args.task} with a preset --init needs --tokenizer (e.g. '
-                             'a folder with spiece.model)')
     if not runs.is_run(args.init):
         return args.init
     return runs.newest_loadable(args.init, runs.read_meta)[1]['tokenizer']
@@ -219,16 +217,6 @@ def make_optimizer(args):
                                 momentum=args.momentum or None,
                                 multiply_by_parameter_scale=args.param_scale)
     return adafactor, schedule
-
-
-def fsdp_sharding(mesh, x):
-    """Where an array of the train state lives: split over 'fsdp' along its largest dimension that
-    divides evenly (FSDP), else replicated (scalars; everything under --fsdp 1)."""
-    n, spec = mesh.shape['fsdp'], [None] * x.ndim
-    fits = [d for d in range(x.ndim) if x.shape[d] % n == 0]
-    if n > 1 and fits:
-        spec[max(fits, key=x.shape.__getitem__)] = 'fsdp'
-    return NamedSharding(mesh, P(*spec))
 
 
 def make_grad_fn(cfg, hcfg, mesh, accum, n_tasks=None):
@@ -330,28 +318,23 @@ class Progress:
         self.since, self.steps, self.tokens, self.host, self.flops = time.time(), 0, 0, 0.0, 0.0
 
 
-def make_feed(args, train_data, tokenizer, start, positions):
+def make_feed(args, train_data, tokenizer, start, old_meta, progress):
     """Yields (host batch, stream position after it), made by a thread while the device runs."""
     if streamed(args):   # each process resumes at its own saved position
         stream = data.c4_stream if args.task == 'c4' else data.p3_stream
-        mine = positions[jax.process_index()] if positions else None
+        positions = (old_meta or {}).get('stream') or [None] * jax.process_count()
+        if len(positions) != jax.process_count():
+            print(f'warning: {progress.last_good} holds stream positions for {len(positions)} '
+                  f'process(es), not {jax.process_count()}: the stream starts again',
+                  file=sys.stderr)
+            positions = [None] * jax.process_count()
         feed = stream(args, tokenizer, args.batch_size, jax.process_index(), jax.process_count(),
-                      mine)
+                      positions[jax.process_index()])
     else:
         batches = data.batches(train_data, args.batch_size, args.seed, start, jax.process_index(),
                                jax.process_count(), args.group_by_length)
         feed = ((batch, None) for batch in batches)
     return data.prefetch(feed)
-
-
-def stream_positions(meta, progress):
-    """Every process's saved stream position, [] to start the stream again."""
-    positions = (meta or {}).get('stream') or []
-    if meta and len(positions) != jax.process_count():
-        print(f'warning: {progress.last_good} holds stream positions for {len(positions)} '
-              f'process(es), not {jax.process_count()}: the stream starts again', file=sys.stderr)
-        return []
-    return positions
 
 
 def to_device(batch, hcfg, args, mesh, progress):
@@ -458,7 +441,7 @@ def load_data(args):
 
 
 def resume(args, state, meta, place, progress):
-    """(state, its checkpoint's meta or None): the newest checkpoint of --out-dir, under --resume."""
+    """(state, its checkpoint's meta or None): --out-dir's newest checkpoint, under --resume."""
     ckpt, old_meta, restored = runs.restore(args.out_dir, state) if args.resume else (None,) * 3
     if restored is None:
         if args.resume:
@@ -479,7 +462,7 @@ def main(args: Args):
     tokenizer, train_data, test_data = load_data(args)
     mesh = jax.make_mesh((jax.device_count() // args.fsdp, args.fsdp), ('data', 'fsdp'),
                          axis_types=(jax.sharding.AxisType.Auto,) * 2)
-    place = functools.partial(fsdp_sharding, mesh)
+    place = functools.partial(runs.fsdp_sharding, mesh)
     cfg, hcfg, params = build_model(args, tokenizer, place)
     optimizer, schedule = make_optimizer(args)
     state = {'params': params, 'opt': optimizer.init(params), 'step': jnp.int32(0)}
@@ -493,12 +476,13 @@ def main(args: Args):
         (epath.Path(args.out_dir) / 'args.json').write_text(json.dumps(typed, indent=1))
     step_fn = make_train_step(cfg, hcfg, optimizer, schedule, mesh, args.grad_accum, args.seed)
     start = int(state['step'])
-    feed = make_feed(args, train_data, tokenizer, start, stream_positions(old_meta, progress))
+    feed = make_feed(args, train_data, tokenizer, start, old_meta, progress)
     n_train = 'streamed' if streamed(args) else len(train_data['input'])
-    say(f'{args.task}: {n_train} train / {len(test_data["input"])} test instances; '
-        f'{meta["hyper_config"] and "HINT" or args.baseline} T5 {args.init} '
-        f'({sum(x.size for x in jax.tree.leaves(params)) / 1e6:.2f}M params) on '
-        f'{jax.device_count()} {jax.default_backend()} device(s), {jax.process_count()} process(es)')
+    n_params = sum(x.size for x in jax.tree.leaves(params)) / 1e6
+    kind = 'HINT' if hcfg else args.baseline
+    say(f'{args.task}: {n_train} train / {len(test_data["input"])} test instances; {kind} T5 '
+        f'{args.init} ({n_params:.2f}M params) on {jax.device_count()} {jax.default_backend()} '
+        f'device(s), {jax.process_count()} process(es)')
 
     # Train loop
     flops_by_shape = {}
@@ -518,7 +502,7 @@ def main(args: Args):
             if step % args.save_every == 0 or step == args.steps or stopping:
                 save(args, step, state, meta, position, manager, lock, progress)
             if stopping:
-                say(f'{runs.STOP[0]}: saved {progress.last_good} (step {step}); continue with --resume')
+                say(f'{runs.STOP[0]}: saved {progress.last_good}; continue with --resume')
                 return state, None
             if args.eval_every and step % args.eval_every == 0 and step != args.steps:
                 evaluate(args, step, state, cfg, hcfg, test_data, tokenizer, writer)

@@ -10,7 +10,7 @@ every number comes from shapes or from a compiled step's memory_analysis().
 
 Per device = params + Adafactor / N + F / N + gathered layer + b x s, with b = 1024 / (N x accum)
 the sequences of one micro-batch on one device:
-- params + Adafactor: jax.eval_shape, each array split as train.fsdp_sharding splits it over N.
+- params + Adafactor: jax.eval_shape, each array split as runs.fsdp_sharding splits it over N.
 - the train step (train.make_train_step) is compiled on ONE CPU device for b = 1 and 2, and its temp
   fitted as temp(b) = F + b s: F (gradients, Adafactor's temporaries: weight-shaped) is split N
   ways as under FSDP; s is one sequence's activations, the hypernetwork's pooling block included.
@@ -91,7 +91,7 @@ def nbytes(x):
 
 
 def per_device(tree, n):
-    """Bytes on one device of n, each array split as train.fsdp_sharding splits it."""
+    """Bytes on one device of n, each array split as runs.fsdp_sharding splits it."""
     return sum(nbytes(x) // n if n > 1 and any(d % n == 0 for d in x.shape) else nbytes(x)
                for x in jax.tree.leaves(tree))
 
@@ -165,7 +165,7 @@ if args.check:   # the real program over fake devices, all FSDP, at reduced dept
     cfg, hcfg = configs(m, r, L)
     mesh = jax.make_mesh((1, n), ('data', 'fsdp'), devices=jax.devices()[:n], axis_types=AUTO)
     def place(x):
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=T.fsdp_sharding(mesh, x))
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=T.runs.fsdp_sharding(mesh, x))
     placed = jax.tree.map(place, part['state'])
     rows = NamedSharding(mesh, P(('data', 'fsdp')))
     step = T.make_train_step(cfg, hcfg, optimizer, schedule, mesh, 1, 0)

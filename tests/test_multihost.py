@@ -184,7 +184,7 @@ cfg, hcfg, params = T.build_model(args, T.data.load_tokenizer('byte'))
 optimizer, _ = T.make_optimizer(args)
 mesh = jax.make_mesh((8 // {n}, {n}), ('data', 'fsdp'), axis_types=(jax.sharding.AxisType.Auto,) * 2)
 state = {{'params': params, 'opt': optimizer.init(params)}}
-state = jax.device_put(state, jax.tree.map(functools.partial(T.fsdp_sharding, mesh), state))
+state = jax.device_put(state, jax.tree.map(functools.partial(T.runs.fsdp_sharding, mesh), state))
 ckpt, meta, state = T.runs.restore({str(run)!r}, state)
 leaves = jax.tree.leaves([state['params'], state['opt']])
 total = sum(x.nbytes for x in leaves)
@@ -214,7 +214,7 @@ mesh = jax.make_mesh((2, 4), ('data', 'fsdp'), axis_types=(jax.sharding.AxisType
 ids, n_tasks = T.task_ids(batch['instruction'], per_micro=8, accum=2)
 assert n_tasks == 4, n_tasks   # 3 tasks in every micro-batch of 8 rows: shared
 params = HN.init_params(CFG, HCFG, jax.random.PRNGKey(0))
-params = jax.device_put(params, jax.tree.map(lambda x: T.fsdp_sharding(mesh, x), params))
+params = jax.device_put(params, jax.tree.map(lambda x: T.runs.fsdp_sharding(mesh, x), params))
 rows = NamedSharding(mesh, P(('data', 'fsdp')))
 def run(n, b):
     b = {k: jax.device_put(v, rows) for k, v in b.items()}
