@@ -69,8 +69,8 @@ def tokenizer_name(args: DataArgs) -> str:
 
 
 def lengths(args: DataArgs) -> tuple[int, int, int]:
-    """(instruction_len, input_len, target_len): synthetic texts fit by construction; ni and p3 as
-    the paper. full-input: an [N, 1] padding instruction; synthetic's input holds both, uncut."""
+    """(instruction_len, input_len, target_len) as the paper (synthetic: fits by construction).
+    full-input: an [N, 1] padding instruction; synthetic's input holds both, uncut."""
     li, lx, ly = {'synthetic': (64 + 72 * args.shots, 32, 32), 'ni': (1024, 1024, 256),
                   'c4': (512, 512, 512), 'p3': (512, 1024, 256)}[args.task]
     li, ly = args.instruction_len or li, args.target_len or ly
@@ -109,8 +109,8 @@ def local_path(path):
 
 
 def absolute_paths(args, paths=(), maybe_paths=()):
-    """Local paths made absolute (orbax needs them; a run's meta works from any folder); URLs and
-    `maybe_paths` that exist nowhere (hub names) stay."""
+    """Local paths made absolute (orbax needs them); `maybe_paths` that exist nowhere (hub names)
+    stay."""
     for name in paths + maybe_paths:
         path = getattr(args, name)
         if name in paths or (path and os.path.exists(path)):
@@ -210,9 +210,9 @@ def load_tokenizer(name_or_dir: str):
     """'byte', a spiece.model or tokenizer.json file, or a checkpoint folder or hub name."""
     if name_or_dir == 'byte':
         return ByteTokenizer()
-    if os.path.isfile(name_or_dir) and name_or_dir.endswith('.model'):
-        return SentencePieceTokenizer(name_or_dir)
     if os.path.isfile(name_or_dir):
+        if name_or_dir.endswith('.model'):
+            return SentencePieceTokenizer(name_or_dir)
         return HFTokenizer(name_or_dir)
     d = M.resolve_dir(name_or_dir)
     for fname, cls in (('spiece.model', SentencePieceTokenizer), ('tokenizer.json', HFTokenizer)):
@@ -420,8 +420,7 @@ def read_ni_task(path: str) -> dict:
 
 
 def ni_texts(task: dict, path: str, instance_input: str, args: DataArgs, limit: int, tokenizer):
-    """(instruction, instance part). hint: each example that fits `limit` goes IN FRONT (the
-    original's ..._hyper_k); else Tk-Instruct's: after, while the whole text fits."""
+    """(instruction, instance part). hint: each example that fits goes IN FRONT (..._hyper_k)."""
     text = instruction_text('ni', task['Definition'][0], args.format, args.shots)
     instance = instance_text('ni', instance_input, args.format)
     for i, ex in enumerate(task['Positive Examples'][:args.shots], 1):
@@ -439,8 +438,7 @@ def ni_texts(task: dict, path: str, instance_input: str, args: DataArgs, limit: 
 
 
 def build_ni(args: DataArgs, split: str, tokenizer):
-    """max_instances_per_task rows per task, as Tk-Instruct (train: shuffled, a seeded random
-    output as target; test: the first ones, the first output); references: all outputs, '' too."""
+    """Rows as Tk-Instruct picks them (train: shuffled, a seeded random output as target)."""
     _, task_files = ni_task_files(args.data_dir, split)
     li, lx, _ = lengths(args)
     limit = lx if args.format == 'full-input' else li
@@ -487,8 +485,7 @@ def c4_files(args: DataArgs, split: str) -> list[str]:
 
 
 def c4_documents(args: DataArgs, split: str, process_index: int = 0, process_count: int = 1):
-    """(documents, where): this host's share of the split's documents (a datasets IterableDataset),
-    from the local shards in file order, or allenai/c4 (en) on the hub."""
+    """(documents, where): this host's share of the local shards or of allenai/c4 on the hub."""
     import datasets
     from datasets.distributed import split_dataset_by_node
     files = c4_files(args, split)
@@ -514,8 +511,7 @@ def c4_texts(documents, where: str):
 
 
 def c4_segments(args: DataArgs, window: list[int], seed: int, index: int, eos_id: int):
-    """({field: ids}, {field: was cut}): window `index` cut at two seeded points, each part closed
-    by EOS (an empty input is EOS alone, as t5's append_eos leaves it)."""
+    """({field: ids}, {field: was cut}) of window `index`: an empty input is EOS alone (t5's)."""
     rng = np.random.default_rng([seed, index])
     a = int(rng.integers(1, len(window) - 2))   # high is exclusive: [1, L-2)
     b = int(rng.integers(a, len(window) - 2))
@@ -530,8 +526,7 @@ def c4_segments(args: DataArgs, window: list[int], seed: int, index: int, eos_id
 
 
 def c4_rows(args: DataArgs, tokenizer, texts, seed: int, n: int = 0, carry=(), hosts=(0, 1)):
-    """Yields (ids, cut, n + 1, carry) for windows n, n+1, ...: window n of host h of H is cut with
-    seed (seed, n * H + h); carry: the tokens read past it (the position in its document)."""
+    """Yields (ids, cut, n + 1, carry) for windows n, n+1, ...; carry: the tokens read past it."""
     host, host_count = hosts
     tokens, length = list(carry), lengths(args)[2]
     for text in texts:
@@ -544,8 +539,7 @@ def c4_rows(args: DataArgs, tokenizer, texts, seed: int, n: int = 0, carry=(), h
 
 
 def build_c4(args: DataArgs, split: str, tokenizer):
-    """Token-id rows: the windows of the split's first --c4-documents documents (0: 1,000), cut as
-    c4_stream cuts them (one host); example texts are previews: each part's first 64 tokens."""
+    """The windows of the first --c4-documents documents (0: 1,000), cut as c4_stream cuts them."""
     seed = args.seed if split == 'train' else 0
     documents, where = c4_documents(args, split)
     texts = c4_texts(itertools.islice(documents, args.c4_documents or 1000), where)
@@ -605,8 +599,7 @@ def p3_split_files(folder: str, names) -> list[str]:
 
 
 def p3_configs(args: DataArgs, split: str) -> list[tuple[str, str, list[str], list[str]]]:
-    """[(dataset, configuration, files of the split, train files)], sorted; a configuration is the
-    dataset's with the longest matching prefix; _score_eval ones are not used."""
+    """[(dataset, configuration, files of the split, train files)], sorted by configuration."""
     root = os.path.join(args.data_dir, 'data')   # the configurations, under data/ or at the top
     if not os.path.isdir(root):
         root = args.data_dir
@@ -636,8 +629,7 @@ def p3_configs(args: DataArgs, split: str) -> list[tuple[str, str, list[str], li
 
 
 def fetch_p3(args: DataArgs) -> str:
-    """Only the files the selected datasets need (train splits; held-out: evaluation splits, and
-    train splits for demonstrations), downloaded once into the Hugging Face cache."""
+    """Only the files the selected datasets need, downloaded once into the Hugging Face cache."""
     needed = {'train': P3_TRAIN_SPLITS, 'test': P3_EVAL_SPLITS}
     if args.shots:
         needed['test'] += P3_TRAIN_SPLITS
@@ -677,10 +669,8 @@ def p3_words(text: str) -> list[str]:
 
 
 def p3_template(prompts: list[str], field: str = '[X]') -> str:
-    """The text that the prompted inputs of one template share, each span that varies between them
-    one `field`. Each prompt is aligned word by word (difflib) with the template so far; what either
-    side does not match becomes a gap. A literal between two gaps that is only whitespace, or occurs
-    twice in what gap + literal + gap cover in a prompt (a chance match in a field), joins them."""
+    """The text the prompts of one template share, each span that varies one `field`: prompts are
+    aligned word by word (difflib); chance matches inside fields are gaps (docs/data.md)."""
     words = p3_words(prompts[0])
     for prompt in prompts[1:]:
         other, out, i, j = p3_words(prompt), [], 0, 0
@@ -703,8 +693,7 @@ def p3_template(prompts: list[str], field: str = '[X]') -> str:
 
 
 def p3_chance_match(parts: list, k: int, prompts: list[str]) -> bool:
-    """Whether literal parts[k], between two gaps, is only whitespace or occurs more than once in
-    the text that it and the two gaps cover in some prompt."""
+    """Whether literal parts[k], between two gaps, is blank or repeats in what the three cover."""
     if not parts[k].strip():
         return True
     pattern = re.compile(''.join('(.*?)' if p is None else re.escape(p) for p in parts), re.S)
@@ -729,8 +718,7 @@ def p3_template_file(path: str) -> dict:
 
 
 def p3_demos(pool: dict, k: int, seed: str, tokenizer) -> str:
-    """k demonstrations '<prompted input> Output: <target>\\n\\n' of pool rows drawn with `seed`,
-    those that fit P3_DEMO_TOKENS tokens together (the original's pruning)."""
+    """k seeded demonstrations of pool rows, those that fit P3_DEMO_TOKENS (the original's)."""
     inputs, targets = pool['inputs_pretokenized'], pool['targets_pretokenized']
     demos, room = '', P3_DEMO_TOKENS
     for j in random.Random(seed).sample(range(len(inputs)), min(k, len(inputs))):
@@ -743,8 +731,7 @@ def p3_demos(pool: dict, k: int, seed: str, tokenizer) -> str:
 
 
 def p3_texts(args: DataArgs, split: str, configs, tokenizer) -> dict:
-    """{configuration: (hypernetwork text, encoder text before the prompt)}, cached: the template
-    (given, or p3_template of 16 rows), after --shots demos from the train split's first 1,000."""
+    """{configuration: (hypernetwork text, encoder text before the prompt)}, cached."""
     path = cache_path(args, split, tokenizer, source_files(args, split))[:-4] + '-texts.json'
     if os.path.exists(path):
         with open(path, encoding='utf-8') as f:
@@ -792,8 +779,7 @@ def p3_row_group(path: str, g: int) -> tuple[list, list]:
 
 
 def p3_rates(args: DataArgs, configs, groups) -> np.ndarray:
-    """T0's mixing rates: a template's size, or --p3-examples-per-dataset / T for the T templates of
-    a dataset whose largest template is larger."""
+    """T0's mixing rates: a template's size, capped per dataset (docs/data.md)."""
     sizes = np.array([sum(n for *_, n in g) for g in groups], np.float64)
     rates, names = sizes.copy(), np.array([d for d, *_ in configs])
     for d in set(names):
@@ -803,9 +789,8 @@ def p3_rates(args: DataArgs, configs, groups) -> np.ndarray:
 
 
 def p3_draws(args: DataArgs, configs, groups, state: dict):
-    """Yields (template, row group, row) without end, a pure function of (seed, position): draw n
-    picks a template at p3_rates; a template's k-th draw is row k of its shuffled passes. `state`
-    {'draws', 'counts' per template} advances in place; a copy of it resumes the stream."""
+    """Yields (template, row group, row), a pure function of (seed, position): `state` {'draws',
+    'counts' per template} advances in place; a copy of it resumes the stream."""
     rates = p3_rates(args, configs, groups)
     sizes = [sum(n for *_, n in g) for g in groups]
 
@@ -845,8 +830,7 @@ def p3_row(configs, texts: dict, groups, t: int, g: int, j: int) -> dict:
 
 
 def p3_mixture(args: DataArgs, tokenizer, state: dict | None = None):
-    """(configurations, texts, groups, draws, state, skipped) of T0's training mixture, from
-    `state`. A configuration without rows is left out, and counted in `skipped`."""
+    """(configurations, texts, groups, draws, state, skipped) of T0's mixture, from `state`."""
     configs = p3_configs(args, 'train')
     groups = [p3_groups(files) for _, _, files, _ in configs]
     sizes = [sum(n for *_, n in g) for g in groups]
@@ -864,8 +848,7 @@ def p3_mixture(args: DataArgs, tokenizer, state: dict | None = None):
 
 
 def build_p3(args: DataArgs, split: str, tokenizer):
-    """train: the first --p3-examples (0: 1,000) draws of T0's mixture. test: the held-out split of
-    original_task templates with 'choices' (answer_choices) and 'answer' (the target's index)."""
+    """train: the first --p3-examples (0: 1,000) draws; test: held-out rows with answer choices."""
     import pyarrow.parquet as pq
     if split == 'train':
         configs, texts, groups, draws, _, skipped = p3_mixture(args, tokenizer)
@@ -1044,8 +1027,8 @@ def sources(args: DataArgs, split: str) -> list[str]:
 
 
 def load_split(args: DataArgs, split: str, tokenizer) -> dict:
-    """{'instruction' [N, Li], 'input' [N, Lx], 'target' [N, Ly] int32, 'examples' (N dicts),
-    'skipped', 'truncated' (counts per field)}; built once, then read from cache_dir."""
+    """{'instruction' [N, Li], 'input' [N, Lx], 'target' [N, Ly] int32, 'examples', 'skipped',
+    'truncated'}; built once, then read from cache_dir."""
     if split not in ('train', 'test'):
         raise DataError(f'split must be train or test, got {split!r}')
     path = cache_path(args, split, tokenizer, sources(args, split))
@@ -1101,7 +1084,7 @@ def bucket(n: int, cap: int) -> int:
 def batches(data: dict, batch_size: int, seed: int, start_step: int = 0, process_index: int = 0,
             process_count: int = 1, group_by_length: bool = False):
     """Yields this host's share of each global batch, cut to the GLOBAL batch's bucket (the same
-    shapes on every host); group_by_length sorts runs of 50 batches of an epoch, longest first."""
+    shapes on every host)."""
     n = len(data['input'])
     if n == 0 or batch_size % process_count:
         raise ValueError(f'need data and batch_size ({batch_size}) divisible by process_count '
@@ -1141,8 +1124,7 @@ def c4_passes(documents, where: str, process_index: int):
 
 def c4_stream(args: DataArgs, tokenizer, batch_size: int, process_index: int = 0,
               process_count: int = 1, state: dict | None = None):
-    """Yields (batch, state to resume after it) without end: this host's share of C4's windows, read
-    as used, unshuffled (C4 is already shuffled; a shuffle buffer would not resume)."""
+    """Yields (batch, state to resume after it), unshuffled: a shuffle buffer would not resume."""
     documents, where = c4_documents(args, 'train', process_index, process_count)
     n, carry = 0, []
     if state:   # the epoch first: load_state_dict only applies to an iteration of the same epoch
@@ -1160,8 +1142,7 @@ def c4_stream(args: DataArgs, tokenizer, batch_size: int, process_index: int = 0
 
 def p3_stream(args: DataArgs, tokenizer, batch_size: int, process_index: int = 0,
               process_count: int = 1, state: dict | None = None):
-    """Yields (batch, state) without end: this host's share of T0's mixture, read as used; widths:
-    the batch's bucket on one host, `lengths` on several (every host has the same shapes)."""
+    """Yields (batch, state); widths: the bucket on one host, `lengths` on several (same shapes)."""
     configs, texts, groups, draws, state, skipped = p3_mixture(args, tokenizer, state)
     print(f'data: p3/train: streamed from {len(configs)} templates; skipped '
           f'{count_skipped(skipped)}', file=sys.stderr)
