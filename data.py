@@ -132,6 +132,15 @@ def reading(where: str):
         raise DataError(f'{where}: {type(e).__name__}: {e}') from None
 
 
+@contextlib.contextmanager
+def fetching(what: str, advice: str):
+    """No network, no git, hub errors: one line saying what to do instead of a traceback."""
+    try:
+        yield
+    except Exception as e:
+        raise DataError(f'could not {what} ({type(e).__name__}: {e}); {advice}') from None
+
+
 def strings(*values) -> bool:
     return all(isinstance(v, str) for v in values)
 
@@ -346,17 +355,17 @@ def fetch_ni(args: DataArgs) -> str:
     if os.path.isdir(os.path.join(dest, 'splits')):
         return dest
     tmp = dest + '.partial'
-    shutil.rmtree(tmp, ignore_errors=True)
     print(f'data: no --data-dir; cloning {args.ni_source} into {dest} (once)', file=sys.stderr)
-    command = ['git', 'clone', '--depth', '1', '--progress', args.ni_source, tmp]
+    git = ['git', 'clone', '--depth', '1', '--progress', args.ni_source, tmp]
     env = dict(os.environ, GIT_TERMINAL_PROMPT='0')   # fail, never ask for a password
+    advice = f'run `git clone --depth 1 {args.ni_source}` elsewhere and pass --data-dir'
     try:
-        subprocess.run(command, check=True, stdin=subprocess.DEVNULL, stdout=sys.stderr, env=env)
-    except (OSError, subprocess.CalledProcessError):   # no git, no network
         shutil.rmtree(tmp, ignore_errors=True)
-        raise DataError(f'could not clone {args.ni_source}: run `git clone --depth 1 '
-                        f'{args.ni_source}` where there is network and pass --data-dir') from None
-    os.replace(tmp, dest)
+        with fetching(f'clone {args.ni_source}', advice):
+            subprocess.run(git, check=True, stdin=subprocess.DEVNULL, stdout=sys.stderr, env=env)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
@@ -494,11 +503,8 @@ def c4_documents(args: DataArgs, split: str, process_index: int = 0, process_cou
     if files:
         where, source = files[0] + ', ...', dict(path='json', data_files=files, name=None)
         name = 'train'   # the json loader's only split
-    try:
+    with fetching(f'stream {where}', 'pass --data-dir with c4-*.json.gz shards'):
         ds = datasets.load_dataset(**source, split=name, streaming=True)
-    except Exception as e:   # no network, no such dataset: one line, not a traceback
-        raise DataError(f'could not stream {where} ({type(e).__name__}: {e}); pass --data-dir with '
-                        'c4-*.json.gz shards') from None
     return split_dataset_by_node(ds, rank=process_index, world_size=process_count), where
 
 
@@ -637,13 +643,10 @@ def fetch_p3(args: DataArgs) -> str:
                 for prefix, suffix in p3_table(args, split).values()
                 for name in names for top in ('data/', '')]
     print('data: no --data-dir; fetching the files needed from bigscience/P3', file=sys.stderr)
-    try:
+    with fetching('download bigscience/P3', 'see docs/data.md'):
         from huggingface_hub import snapshot_download
         return snapshot_download(repo_id='bigscience/P3', repo_type='dataset',
                                  allow_patterns=patterns)
-    except Exception as e:   # no network, hub errors: one line saying what to do
-        raise DataError(f'could not download bigscience/P3 ({type(e).__name__}: {e}); see '
-                        'docs/data.md') from None
 
 
 def read_p3(files: list[str], columns: list[str], limit: int | None = None) -> dict:
@@ -717,19 +720,6 @@ def p3_template_file(path: str) -> dict:
     return out
 
 
-def p3_demos(pool: dict, k: int, seed: str, tokenizer) -> str:
-    """k seeded demonstrations of pool rows, those that fit P3_DEMO_TOKENS (the original's)."""
-    inputs, targets = pool['inputs_pretokenized'], pool['targets_pretokenized']
-    demos, room = '', P3_DEMO_TOKENS
-    for j in random.Random(seed).sample(range(len(inputs)), min(k, len(inputs))):
-        demo = f'{inputs[j]} Output: {targets[j]}\n\n'
-        room -= len(tokenizer.encode(demo))
-        if room < 0:
-            break
-        demos += demo
-    return demos
-
-
 def p3_texts(args: DataArgs, split: str, configs, tokenizer) -> dict:
     """{configuration: (hypernetwork text, encoder text before the prompt)}, cached."""
     path = cache_path(args, split, tokenizer, source_files(args, split))[:-4] + '-texts.json'
@@ -737,7 +727,7 @@ def p3_texts(args: DataArgs, split: str, configs, tokenizer) -> dict:
         with open(path, encoding='utf-8') as f:
             return json.load(f)
     given = p3_template_file(args.p3_templates) if args.p3_templates else None
-    out = {}
+    seed, out = args.seed if split == 'train' else 0, {}
     for _, config, files, train_files in configs:
         rows = read_p3(files, P3_COLUMNS, 1000)
         if given is None:
@@ -747,13 +737,18 @@ def p3_texts(args: DataArgs, split: str, configs, tokenizer) -> dict:
             with reading(f'--p3-templates {args.p3_templates}'):
                 assert config.lower() in given, f'no template for configuration {config}'
             template = given[config.lower()]
-        demos = ''
+        if args.shots and train_files and split != 'train':   # held-out demos: from train rows
+            rows = read_p3(train_files, P3_COLUMNS, 1000)
+        inputs, targets = rows['inputs_pretokenized'], rows['targets_pretokenized']
+        demos, room = '', P3_DEMO_TOKENS   # the demonstrations that fit (the original's pruning)
+        draw = random.Random(f'{seed}:{config}')
+        for j in draw.sample(range(len(inputs)), min(args.shots, len(inputs))):
+            demo = f'{inputs[j]} Output: {targets[j]}\n\n'
+            room -= len(tokenizer.encode(demo))
+            if room < 0:
+                break
+            demos += demo
         if args.shots:
-            pool = rows
-            if train_files and split != 'train':   # held-out demonstrations: from the train split
-                pool = read_p3(train_files, P3_COLUMNS, 1000)
-            seed = args.seed if split == 'train' else 0
-            demos = p3_demos(pool, args.shots, f'{seed}:{config}', tokenizer)
             template = demos + ' Definition: ' + template
         out[config] = ('', demos) if args.format == 'full-input' else (template, '')
     write_atomic(path, json.dumps(out, ensure_ascii=False).encode('utf-8'))
