@@ -155,7 +155,6 @@ def encode(tokenizer, text: str, length: int) -> tuple[list[int], bool]:
     return ids[:length - 1] + [tokenizer.eos_id], len(ids) > length - 1
 
 
-# ----------------------------------------------------------------------------------------------
 # Tokenizers: encode(text) -> ids without EOS, decode(ids) -> text (stops at EOS).
 
 
@@ -230,7 +229,6 @@ def load_tokenizer(name_or_dir: str):
     raise FileNotFoundError(f'{d}: no tokenizer found (expected spiece.model or tokenizer.json)')
 
 
-# ----------------------------------------------------------------------------------------------
 # 1. Synthetic suite: list manipulations ("c a 7" -> "7 a c") solved only by reading the
 # instruction. A task = (family, parameter, phrasing); test tasks have held-out parameters only.
 
@@ -345,7 +343,6 @@ def build_synthetic(args: DataArgs, split: str, tokenizer=None):
     return rows, {}
 
 
-# ----------------------------------------------------------------------------------------------
 # 2. Super-NaturalInstructions: HINT's texts, or Tk-Instruct's split or whole (HINT.md section 6).
 
 
@@ -417,17 +414,6 @@ def ni_task_files(data_dir: str | None, split: str) -> tuple[str, list[tuple[str
     return split_file, tasks
 
 
-def read_ni_task(path: str) -> dict:
-    with reading(path), open(path, encoding='utf-8') as f:
-        task = json.load(f)   # Python's json reads the NaN some task files hold (e.g. "URL": [NaN])
-        for key in ('Definition', 'Positive Examples', 'Instances', 'Categories'):
-            assert isinstance(task[key], list), f'field {key!r} must be a list'
-        for key in ('Definition', 'Categories'):
-            problem = f'field {key!r} must be a non-empty list of strings'
-            assert task[key] and strings(task[key][0]), problem
-    return task
-
-
 def ni_texts(task: dict, path: str, instance_input: str, args: DataArgs, limit: int, tokenizer):
     """(instruction, instance part). hint: each example that fits goes IN FRONT (..._hyper_k)."""
     text = instruction_text('ni', task['Definition'][0], args.format, args.shots)
@@ -453,7 +439,13 @@ def build_ni(args: DataArgs, split: str, tokenizer):
     limit = lx if args.format == 'full-input' else li
     rows, skipped = [], {}
     for name, path in task_files:
-        task = read_ni_task(path)
+        with reading(path), open(path, encoding='utf-8') as f:
+            task = json.load(f)   # Python's json reads the NaN some task files hold ("URL": [NaN])
+            for key in ('Definition', 'Positive Examples', 'Instances', 'Categories'):
+                assert isinstance(task[key], list), f'field {key!r} must be a list'
+            for key in ('Definition', 'Categories'):
+                problem = f'field {key!r} must be a non-empty list of strings'
+                assert task[key] and strings(task[key][0]), problem
         if not task['Instances']:   # listed in the split file, but nothing to learn or score
             skipped.setdefault('tasks_without_instances', []).append(name)
         order = list(range(len(task['Instances'])))
@@ -476,7 +468,6 @@ def build_ni(args: DataArgs, split: str, tokenizer):
     return rows, skipped
 
 
-# ----------------------------------------------------------------------------------------------
 # 3. C4, as the original's c4_pretrain (t5's prefix-LM objective): the documents' tokens in a row,
 # cut into windows of L = --target-len tokens, each cut in three at a ~ U[1, L-2), b ~ U[a, L-2):
 # instruction w[:a], input w[a:b] (may be empty), target w[b:]; with widths of L, nothing is cut.
@@ -557,7 +548,6 @@ def build_c4(args: DataArgs, split: str, tokenizer):
     return rows, {}
 
 
-# ----------------------------------------------------------------------------------------------
 # 4. P3 (T0's prompted datasets) as bigscience/P3 lays it out (docs/data.md): a configuration
 # per (dataset, prompt template), named <dataset>[_<subset>]_<template>.
 
@@ -575,10 +565,9 @@ P3_HELD_OUT.update({d: (d + '_', '') for d in (
 P3_EVAL_SPLITS = ('validation', 'dev_r1', 'dev_r2', 'dev_r3')   # held-out: the first one present
 P3_TRAIN_SPLITS = ('train', 'train_r1', 'train_r2', 'train_r3')   # (ANLI's may be named by round)
 # Held-out templates promptsource does not mark original_task: true, which T0 and HINT leave out.
-P3_NOT_ORIGINAL = ('hellaswag_Open_ended_completion', 'hellaswag_how_ends',
-                   'hellaswag_Appropriate_continuation_Yes_or_No',
-                   'hellaswag_Reversed_appropriate_continuation_Yes_or_No',
-                   'winogrande_winogrande_xl_True_or_False', 'story_cloze_2016_Generate_Ending')
+P3_NOT_ORIGINAL = tuple("""hellaswag_Open_ended_completion hellaswag_how_ends
+    hellaswag_Appropriate_continuation_Yes_or_No winogrande_winogrande_xl_True_or_False
+    hellaswag_Reversed_appropriate_continuation_Yes_or_No story_cloze_2016_Generate_Ending""".split())
 P3_DEMO_TOKENS = 960   # the original keeps the demonstrations that fit this many (FLAN's 1024 - 64)
 P3_COLUMNS = ['inputs_pretokenized', 'targets_pretokenized']
 P3_BLOCK = 4096   # draws of the mixture whose templates one generator call picks
@@ -722,7 +711,7 @@ def p3_template_file(path: str) -> dict:
 
 def p3_texts(args: DataArgs, split: str, configs, tokenizer) -> dict:
     """{configuration: (hypernetwork text, encoder text before the prompt)}, cached."""
-    path = cache_path(args, split, tokenizer, source_files(args, split))[:-4] + '-texts.json'
+    path = cache_path(args, split, tokenizer, sources(args, split))[:-4] + '-texts.json'
     if os.path.exists(path):
         with open(path, encoding='utf-8') as f:
             return json.load(f)
@@ -773,21 +762,14 @@ def p3_row_group(path: str, g: int) -> tuple[list, list]:
     return table.column(0).to_pylist(), table.column(1).to_pylist()
 
 
-def p3_rates(args: DataArgs, configs, groups) -> np.ndarray:
-    """T0's mixing rates: a template's size, capped per dataset (docs/data.md)."""
-    sizes = np.array([sum(n for *_, n in g) for g in groups], np.float64)
-    rates, names = sizes.copy(), np.array([d for d, *_ in configs])
-    for d in set(names):
-        if sizes[names == d].max() > args.p3_examples_per_dataset:
-            rates[names == d] = args.p3_examples_per_dataset / np.sum(names == d)
-    return rates
-
-
 def p3_draws(args: DataArgs, configs, groups, state: dict):
     """Yields (template, row group, row), a pure function of (seed, position): `state` {'draws',
     'counts' per template} advances in place; a copy of it resumes the stream."""
-    rates = p3_rates(args, configs, groups)
     sizes = [sum(n for *_, n in g) for g in groups]
+    rates, names = np.array(sizes, np.float64), np.array([d for d, *_ in configs])
+    for d in set(names):   # T0's mixing rates: a template's size, capped per dataset
+        if rates[names == d].max() > args.p3_examples_per_dataset:
+            rates[names == d] = args.p3_examples_per_dataset / np.sum(names == d)
 
     @functools.lru_cache(maxsize=1024)
     def pass_order(t, e):   # template t's row groups in pass e, and the draw each starts at
@@ -816,12 +798,15 @@ def p3_row(configs, texts: dict, groups, t: int, g: int, j: int) -> dict:
     dataset, config = configs[t][:2]
     path, group, _ = groups[t][g]
     prompts, targets = p3_row_group(path, group)
-    prompt, target = prompts[j], targets[j]
     with reading(f'{path}: configuration {config} row group {group} row {j}'):
-        assert strings(prompt, target), f'{P3_COLUMNS} must be strings: {prompt!r}, {target!r}'
+        return p3_example(texts, dataset, config, f'{group}-{j}', prompts[j], targets[j])
+
+
+def p3_example(texts: dict, dataset: str, config: str, row: str, prompt, target, **more) -> dict:
+    assert strings(prompt, target), f'{P3_COLUMNS} must be strings: {prompt!r}, {target!r}'
     instruction, prefix = texts[config]
-    return dict(task=config, id=f'{config}-{group}-{j}', instruction=instruction,
-                input=prefix + prompt, target=target, references=[target], category=dataset)
+    return dict(task=config, id=f'{config}-{row}', instruction=instruction, input=prefix + prompt,
+                target=target, references=[target], category=dataset, **more)
 
 
 def p3_mixture(args: DataArgs, tokenizer, state: dict | None = None):
@@ -863,18 +848,14 @@ def build_p3(args: DataArgs, split: str, tokenizer):
         table = read_p3(files, P3_COLUMNS + ['answer_choices'])
         if not table['inputs_pretokenized']:
             skipped.setdefault('empty_configurations', []).append(config)
-        instruction, prefix = texts[config]
         for i, (prompt, target, choices) in enumerate(zip(*table.values())):
             with reading(f'{files[0]}: configuration {config} row {i}'):
-                assert strings(prompt, target), f'{P3_COLUMNS} must be strings: {prompt!r}'
-
                 stripped = [c.strip() for c in choices]
                 assert target.strip() in stripped, \
                     f"'targets_pretokenized' {target!r} is not one of 'answer_choices' {choices}"
-            answer = stripped.index(target.strip())
-            rows.append(dict(task=config, id=f'{config}-{i}', instruction=instruction,
-                             input=prefix + prompt, target=choices[answer], category=dataset,
-                             references=[choices[answer]], choices=list(choices), answer=answer))
+                answer = stripped.index(target.strip())
+                rows.append(p3_example(texts, dataset, config, str(i), prompt, choices[answer],
+                                       choices=list(choices), answer=answer))
     return rows, skipped
 
 
@@ -890,7 +871,6 @@ def p3_choice_arrays(examples: list[dict], tokenizer, width: int) -> dict:
     return {'choices': out, 'answer': np.array([ex['answer'] for ex in examples], np.int32)}
 
 
-# ----------------------------------------------------------------------------------------------
 # Tokenize, cache, report.
 
 
@@ -920,13 +900,13 @@ def padded(rows: list[dict], widths, pad_id: int) -> dict:
     return out
 
 
-def pack(rows, args: DataArgs, skipped: dict, pad_id: int = 0) -> dict:
-    data = padded([seqs for _, seqs, _ in rows], lengths(args), pad_id)
-    truncated = {k: sum(flags[k] for _, _, flags in rows) for k in FIELDS}
-    return dict(data, examples=[r[0] for r in rows], skipped=skipped, truncated=truncated)
-
-
-def source_files(args: DataArgs, split: str) -> list[str]:
+def sources(args: DataArgs, split: str) -> list[str]:
+    """The split's source files, after checking the flags and fetching SNI or P3 if needed."""
+    check_args(args)
+    if args.task == 'ni' and not args.data_dir:
+        args.data_dir = fetch_ni(args)
+    if args.task == 'p3' and not args.data_dir:
+        args.data_dir = fetch_p3(args)
     if args.task == 'ni':
         split_file, tasks = ni_task_files(args.data_dir, split)
         return [split_file] + [p for _, p in tasks]
@@ -1011,26 +991,16 @@ def interrupted(kept: str = 'nothing was written'):
     sys.exit(130)
 
 
-def sources(args: DataArgs, split: str) -> list[str]:
-    """The split's source files, after checking the flags and fetching SNI or P3 if needed."""
-    check_args(args)
-    if args.task == 'ni' and not args.data_dir:
-        args.data_dir = fetch_ni(args)
-    if args.task == 'p3' and not args.data_dir:
-        args.data_dir = fetch_p3(args)
-    return source_files(args, split)
-
-
 def load_split(args: DataArgs, split: str, tokenizer) -> dict:
     """{'instruction' [N, Li], 'input' [N, Lx], 'target' [N, Ly] int32, 'examples', 'skipped',
     'truncated'}; built once, then read from cache_dir."""
     if split not in ('train', 'test'):
         raise DataError(f'split must be train or test, got {split!r}')
-    path = cache_path(args, split, tokenizer, sources(args, split))
-    data = None
+    files = sources(args, split)
+    path, data = cache_path(args, split, tokenizer, files), None
     if os.path.exists(path):
         try:
-            data, how = load_cache(path), f'cached {path}'
+            data, how = load_cache(path), 'cached'
         except Exception as e:   # cut short by a full disk or a copy: any cache that does not load
             print(f'data: {path} does not load ({type(e).__name__}: {e}); rebuilding it',
                   file=sys.stderr)
@@ -1039,10 +1009,12 @@ def load_split(args: DataArgs, split: str, tokenizer) -> dict:
         rows, skipped = build[args.task](args, split, tokenizer)
         if args.task != 'c4':   # C4's rows are token ids already
             rows = list(tokenize_rows(rows, args, tokenizer))
-        data, how = pack(rows, args, skipped, tokenizer.pad_id), f'built {path}'
-        if not data['examples']:
-            where = ', '.join(source_files(args, split)[:1]) or args.task
+        if not rows:
+            where = ', '.join(files[:1]) or args.task
             raise DataError(f'{where}: no {split} instances (skipped: {skipped})')
+        data, how = padded([ids for _, ids, _ in rows], lengths(args), tokenizer.pad_id), 'built'
+        data.update(examples=[r[0] for r in rows], skipped=skipped,
+                    truncated={k: sum(cut[k] for *_, cut in rows) for k in FIELDS})
         if args.task == 'p3' and split == 'test':   # rank classification's answer choices
             data.update(p3_choice_arrays(data['examples'], tokenizer, lengths(args)[2]))
         save_cache(path, data)
@@ -1051,12 +1023,11 @@ def load_split(args: DataArgs, split: str, tokenizer) -> dict:
     tasks = len({e['task'] for e in data['examples']})
     print(f'data: {args.task}/{split} ({args.format}, {args.shots} shots): '
           f'{len(data["examples"])} instances from {tasks} tasks; skipped '
-          f'{count_skipped(data["skipped"])}; truncated {data["truncated"]}; {how}',
+          f'{count_skipped(data["skipped"])}; truncated {data["truncated"]}; {how} {path}',
           file=sys.stderr)
     return data
 
 
-# ----------------------------------------------------------------------------------------------
 # Batches: the global batch of step s is a pure function of (seed, s), so resuming and multi-host
 # agree. Each is cut to its longest row's bucket: right padding is masked, so no result changes.
 
@@ -1170,9 +1141,6 @@ def prefetch(iterator, size: int = 2):
             yield item
     finally:   # the consumer is done: items asked for and not started are dropped
         pool.shutdown(wait=False, cancel_futures=True)
-
-
-# ----------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
