@@ -565,9 +565,9 @@ P3_HELD_OUT.update({d: (d + '_', '') for d in (
 P3_EVAL_SPLITS = ('validation', 'dev_r1', 'dev_r2', 'dev_r3')   # held-out: the first one present
 P3_TRAIN_SPLITS = ('train', 'train_r1', 'train_r2', 'train_r3')   # (ANLI's may be named by round)
 # Held-out templates promptsource does not mark original_task: true, which T0 and HINT leave out.
-P3_NOT_ORIGINAL = tuple("""hellaswag_Open_ended_completion hellaswag_how_ends
-    hellaswag_Appropriate_continuation_Yes_or_No winogrande_winogrande_xl_True_or_False
-    hellaswag_Reversed_appropriate_continuation_Yes_or_No story_cloze_2016_Generate_Ending""".split())
+P3_NOT_ORIGINAL = tuple("""hellaswag_Reversed_appropriate_continuation_Yes_or_No hellaswag_how_ends
+    hellaswag_Appropriate_continuation_Yes_or_No hellaswag_Open_ended_completion
+    winogrande_winogrande_xl_True_or_False story_cloze_2016_Generate_Ending""".split())
 P3_DEMO_TOKENS = 960   # the original keeps the demonstrations that fit this many (FLAN's 1024 - 64)
 P3_COLUMNS = ['inputs_pretokenized', 'targets_pretokenized']
 P3_BLOCK = 4096   # draws of the mixture whose templates one generator call picks
