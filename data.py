@@ -109,8 +109,7 @@ def local_path(path):
 
 
 def absolute_paths(args, paths=(), maybe_paths=()):
-    """Local paths made absolute (orbax needs them); `maybe_paths` that exist nowhere (hub names)
-    stay."""
+    """Local paths made absolute (orbax needs them); `maybe_paths` that exist nowhere stay."""
     for name in paths + maybe_paths:
         path = getattr(args, name)
         if name in paths or (path and os.path.exists(path)):
@@ -931,10 +930,8 @@ def cache_path(args: DataArgs, split: str, tokenizer, files: list[str]) -> str:
 
     with open(__file__, 'rb') as f:
         code = hashlib.sha256(f.read()).hexdigest()
-    flags = ['task', 'shots', 'format'] + {
-        'synthetic': ['max_instances_per_task'], 'ni': ['max_instances_per_task'],
-        'c4': ['c4_documents', 'data_dir'], 'p3': ['p3_examples_per_dataset', 'p3_examples'],
-    }[args.task]
+    flags = {'c4': ['c4_documents', 'data_dir'], 'p3': ['p3_examples_per_dataset', 'p3_examples']}
+    flags = ['task', 'shots', 'format'] + flags.get(args.task, ['max_instances_per_task'])
     key = dict(code=code, split=split, lengths=lengths(args), tokenizer=tokenizer.name,
                seed=args.seed if split == 'train' else 0, files=[stamp(p) for p in files],
                **{flag: getattr(args, flag) for flag in flags})
