@@ -1018,10 +1018,9 @@ def load_split(args: DataArgs, split: str, tokenizer) -> dict:
     lens = [row_lengths(data[k], tokenizer.pad_id) for k in FIELDS]
     data['lengths'] = np.stack(lens, 1)   # [N, 3]
     tasks = len({e['task'] for e in data['examples']})
-    print(f'data: {args.task}/{split} ({args.format}, {args.shots} shots): '
-          f'{len(data["examples"])} instances from {tasks} tasks; skipped '
-          f'{count_skipped(data["skipped"])}; truncated {data["truncated"]}; {how} {path}',
-          file=sys.stderr)
+    print(f'data: {args.task}/{split} ({args.format}, {args.shots} shots): {len(data["examples"])} '
+          f'instances from {tasks} tasks; skipped {count_skipped(data["skipped"])}; truncated '
+          f'{data["truncated"]}; {how} {path}', file=sys.stderr)
     return data
 
 
