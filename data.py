@@ -972,14 +972,9 @@ def load_cache(path: str) -> dict:
 
 
 def count_skipped(skipped: dict, first: int = 3) -> dict:
-    """{reason: {count, first names}} of a split's 'skipped' (reason -> names, or a count)."""
-    out = {}
-    for reason, what in skipped.items():
-        names = [] if isinstance(what, int) else list(what)
-        count = what if isinstance(what, int) else len(names)
-        if count:
-            out[reason] = {'count': count, 'first': names[:first]}
-    return out
+    """{reason: {count, first names}} of a split's 'skipped' {reason: names}."""
+    return {reason: {'count': len(names), 'first': list(names)[:first]}
+            for reason, names in skipped.items() if names}
 
 
 def interrupted(kept: str = 'nothing was written'):
