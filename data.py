@@ -233,10 +233,8 @@ def load_tokenizer(name_or_dir: str):
 
 LETTERS, DIGITS = 'abcdefghij', '0123456789'
 PAIRS = [(a, b) for a in LETTERS for b in LETTERS if a != b]
-
-
-def _held_pair(p):   # 10 pairs whose letters both appear in train pairs
-    return (LETTERS.index(p[0]) + LETTERS.index(p[1])) % 9 == 0
+# 10 held-out pairs whose letters both appear in train pairs
+HELD_PAIRS = [(a, b) for a, b in PAIRS if (LETTERS.index(a) + LETTERS.index(b)) % 9 == 0]
 
 
 def _split_params(values, held):
@@ -258,8 +256,7 @@ FAMILIES = {
     'drop': (['Remove every {p}.', 'Delete all occurrences of {p} from the list.',
               'Output the list without any {p}.'], *_split_params(list(LETTERS), 'ch')),
     'replace': (['Replace every {a} with {b}.', 'Change each {a} into {b}.',
-                 'Write {b} instead of every {a}.'],
-                [p for p in PAIRS if not _held_pair(p)], [p for p in PAIRS if _held_pair(p)]),
+                 'Write {b} instead of every {a}.'], *_split_params(PAIRS, HELD_PAIRS)),
     'double': (['Write every {p} twice.', 'Repeat each {p} once more.',
                 'Duplicate every {p} in the list.'], *_split_params(list(LETTERS), 'bg')),
     'count': (['How many times does {p} appear?', 'Count the occurrences of {p}.',
@@ -949,10 +946,9 @@ def write_atomic(path: str, content: bytes):
         with open(tmp, 'wb') as f:
             f.write(content)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    finally:   # gone after the rename; else what was written is not left behind
+        with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
-        raise
 
 
 def save_cache(path: str, data: dict):
