@@ -897,8 +897,7 @@ def padded(rows: list[dict], widths, pad_id: int) -> dict:
 
 
 def sources(args: DataArgs, split: str) -> list[str]:
-    """The split's source files, after checking the flags and fetching SNI or P3 if needed."""
-    check_args(args)
+    """The split's source files, after fetching SNI or P3 if needed."""
     if args.task == 'ni' and not args.data_dir:
         args.data_dir = fetch_ni(args)
     if args.task == 'p3' and not args.data_dir:
@@ -984,6 +983,7 @@ def load_split(args: DataArgs, split: str, tokenizer) -> dict:
     'truncated'}; built once, then read from cache_dir."""
     if split not in ('train', 'test'):
         raise DataError(f'split must be train or test, got {split!r}')
+    check_args(args)
     files = sources(args, split)
     path, data = cache_path(args, split, tokenizer, files), None
     if os.path.exists(path):
@@ -1137,6 +1137,7 @@ class ShowArgs(DataArgs):
 
 
 def main(args: ShowArgs):
+    check_args(args)
     sources(args, args.split)   # a bad --data-dir is reported before a slow tokenizer download
     data = load_split(args, args.split, load_tokenizer(tokenizer_name(args)))
     for ex in data['examples'][:args.show]:
