@@ -98,6 +98,10 @@ def check_args(args: DataArgs):
         raise DataError(f'--format split is for --task ni only, not {args.task}')
     if args.p3_templates and not os.path.isfile(args.p3_templates):
         raise DataError(f'--p3-templates {args.p3_templates}: no such file')
+    known = P3_TRAIN + tuple(P3_HELD_OUT)
+    unknown = [d for d in args.p3_datasets if d not in known]
+    if unknown:
+        raise DataError(f'--p3-datasets: unknown {unknown}; known: {", ".join(known)}')
 
 
 DATA_PATHS = ('data_dir', 'cache_dir', 'p3_templates')   # DataArgs' local paths (absolute_paths)
@@ -571,10 +575,6 @@ P3_BLOCK = 4096   # draws of the mixture whose templates one generator call pick
 
 def p3_table(args: DataArgs, split: str) -> dict:
     """{dataset: (prefix, suffix)} of T0's train or held-out datasets (--p3-datasets' if any)."""
-    known = P3_TRAIN + tuple(P3_HELD_OUT)
-    unknown = [d for d in args.p3_datasets if d not in known]
-    if unknown:
-        raise DataError(f'--p3-datasets: unknown {unknown}; known: {", ".join(known)}')
     table = {d: (d + '_', '') for d in P3_TRAIN} if split == 'train' else P3_HELD_OUT
     named = {d: v for d, v in table.items() if d in args.p3_datasets}
     return named or table
