@@ -69,8 +69,8 @@ def tokenizer_name(args: DataArgs) -> str:
 
 
 def lengths(args: DataArgs) -> tuple[int, int, int]:
-    """(instruction_len, input_len, target_len): synthetic texts fit by construction; ni and p3 as
-    the paper. full-input: an [N, 1] padding instruction; synthetic's input holds both, uncut."""
+    """(instruction_len, input_len, target_len) as the paper (synthetic: fits by construction).
+    full-input: an [N, 1] padding instruction; synthetic's input holds both, uncut."""
     li, lx, ly = {'synthetic': (64 + 72 * args.shots, 32, 32), 'ni': (1024, 1024, 256),
                   'c4': (512, 512, 512), 'p3': (512, 1024, 256)}[args.task]
     li, ly = args.instruction_len or li, args.target_len or ly
@@ -98,6 +98,10 @@ def check_args(args: DataArgs):
         raise DataError(f'--format split is for --task ni only, not {args.task}')
     if args.p3_templates and not os.path.isfile(args.p3_templates):
         raise DataError(f'--p3-templates {args.p3_templates}: no such file')
+    known = P3_TRAIN + tuple(P3_HELD_OUT)
+    unknown = [d for d in args.p3_datasets if d not in known]
+    if unknown:
+        raise DataError(f'--p3-datasets: unknown {unknown}; known: {", ".join(known)}')
 
 
 DATA_PATHS = ('data_dir', 'cache_dir', 'p3_templates')   # DataArgs' local paths (absolute_paths)
@@ -109,8 +113,7 @@ def local_path(path):
 
 
 def absolute_paths(args, paths=(), maybe_paths=()):
-    """Local paths made absolute (orbax needs them; a run's meta works from any folder); URLs and
-    `maybe_paths` that exist nowhere (hub names) stay."""
+    """Local paths made absolute (orbax needs them); `maybe_paths` that exist nowhere stay."""
     for name in paths + maybe_paths:
         path = getattr(args, name)
         if name in paths or (path and os.path.exists(path)):
@@ -132,6 +135,15 @@ def reading(where: str):
         raise DataError(f'{where}: {type(e).__name__}: {e}') from None
 
 
+@contextlib.contextmanager
+def fetching(what: str, advice: str):
+    """No network, no git, hub errors: one line saying what to do instead of a traceback."""
+    try:
+        yield
+    except Exception as e:
+        raise DataError(f'could not {what} ({type(e).__name__}: {e}); {advice}') from None
+
+
 def strings(*values) -> bool:
     return all(isinstance(v, str) for v in values)
 
@@ -146,7 +158,6 @@ def encode(tokenizer, text: str, length: int) -> tuple[list[int], bool]:
     return ids[:length - 1] + [tokenizer.eos_id], len(ids) > length - 1
 
 
-# ----------------------------------------------------------------------------------------------
 # Tokenizers: encode(text) -> ids without EOS, decode(ids) -> text (stops at EOS).
 
 
@@ -210,9 +221,9 @@ def load_tokenizer(name_or_dir: str):
     """'byte', a spiece.model or tokenizer.json file, or a checkpoint folder or hub name."""
     if name_or_dir == 'byte':
         return ByteTokenizer()
-    if os.path.isfile(name_or_dir) and name_or_dir.endswith('.model'):
-        return SentencePieceTokenizer(name_or_dir)
     if os.path.isfile(name_or_dir):
+        if name_or_dir.endswith('.model'):
+            return SentencePieceTokenizer(name_or_dir)
         return HFTokenizer(name_or_dir)
     d = M.resolve_dir(name_or_dir)
     for fname, cls in (('spiece.model', SentencePieceTokenizer), ('tokenizer.json', HFTokenizer)):
@@ -221,16 +232,13 @@ def load_tokenizer(name_or_dir: str):
     raise FileNotFoundError(f'{d}: no tokenizer found (expected spiece.model or tokenizer.json)')
 
 
-# ----------------------------------------------------------------------------------------------
 # 1. Synthetic suite: list manipulations ("c a 7" -> "7 a c") solved only by reading the
 # instruction. A task = (family, parameter, phrasing); test tasks have held-out parameters only.
 
 LETTERS, DIGITS = 'abcdefghij', '0123456789'
 PAIRS = [(a, b) for a in LETTERS for b in LETTERS if a != b]
-
-
-def _held_pair(p):   # 10 pairs whose letters both appear in train pairs
-    return (LETTERS.index(p[0]) + LETTERS.index(p[1])) % 9 == 0
+# 10 held-out pairs whose letters both appear in train pairs
+HELD_PAIRS = [(a, b) for a, b in PAIRS if (LETTERS.index(a) + LETTERS.index(b)) % 9 == 0]
 
 
 def _split_params(values, held):
@@ -252,8 +260,7 @@ FAMILIES = {
     'drop': (['Remove every {p}.', 'Delete all occurrences of {p} from the list.',
               'Output the list without any {p}.'], *_split_params(list(LETTERS), 'ch')),
     'replace': (['Replace every {a} with {b}.', 'Change each {a} into {b}.',
-                 'Write {b} instead of every {a}.'],
-                [p for p in PAIRS if not _held_pair(p)], [p for p in PAIRS if _held_pair(p)]),
+                 'Write {b} instead of every {a}.'], *_split_params(PAIRS, HELD_PAIRS)),
     'double': (['Write every {p} twice.', 'Repeat each {p} once more.',
                 'Duplicate every {p} in the list.'], *_split_params(list(LETTERS), 'bg')),
     'count': (['How many times does {p} appear?', 'Count the occurrences of {p}.',
@@ -336,7 +343,6 @@ def build_synthetic(args: DataArgs, split: str, tokenizer=None):
     return rows, {}
 
 
-# ----------------------------------------------------------------------------------------------
 # 2. Super-NaturalInstructions: HINT's texts, or Tk-Instruct's split or whole (HINT.md section 6).
 
 
@@ -346,17 +352,17 @@ def fetch_ni(args: DataArgs) -> str:
     if os.path.isdir(os.path.join(dest, 'splits')):
         return dest
     tmp = dest + '.partial'
-    shutil.rmtree(tmp, ignore_errors=True)
     print(f'data: no --data-dir; cloning {args.ni_source} into {dest} (once)', file=sys.stderr)
-    command = ['git', 'clone', '--depth', '1', '--progress', args.ni_source, tmp]
+    git = ['git', 'clone', '--depth', '1', '--progress', args.ni_source, tmp]
     env = dict(os.environ, GIT_TERMINAL_PROMPT='0')   # fail, never ask for a password
+    advice = f'run `git clone --depth 1 {args.ni_source}` elsewhere and pass --data-dir'
     try:
-        subprocess.run(command, check=True, stdin=subprocess.DEVNULL, stdout=sys.stderr, env=env)
-    except (OSError, subprocess.CalledProcessError):   # no git, no network
         shutil.rmtree(tmp, ignore_errors=True)
-        raise DataError(f'could not clone {args.ni_source}: run `git clone --depth 1 '
-                        f'{args.ni_source}` where there is network and pass --data-dir') from None
-    os.replace(tmp, dest)
+        with fetching(f'clone {args.ni_source}', advice):
+            subprocess.run(git, check=True, stdin=subprocess.DEVNULL, stdout=sys.stderr, env=env)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
@@ -408,20 +414,8 @@ def ni_task_files(data_dir: str | None, split: str) -> tuple[str, list[tuple[str
     return split_file, tasks
 
 
-def read_ni_task(path: str) -> dict:
-    with reading(path), open(path, encoding='utf-8') as f:
-        task = json.load(f)   # Python's json reads the NaN some task files hold (e.g. "URL": [NaN])
-        for key in ('Definition', 'Positive Examples', 'Instances', 'Categories'):
-            assert isinstance(task[key], list), f'field {key!r} must be a list'
-        for key in ('Definition', 'Categories'):
-            problem = f'field {key!r} must be a non-empty list of strings'
-            assert task[key] and strings(task[key][0]), problem
-    return task
-
-
 def ni_texts(task: dict, path: str, instance_input: str, args: DataArgs, limit: int, tokenizer):
-    """(instruction, instance part). hint: each example that fits `limit` goes IN FRONT (the
-    original's ..._hyper_k); else Tk-Instruct's: after, while the whole text fits."""
+    """(instruction, instance part). hint: each example that fits goes IN FRONT (..._hyper_k)."""
     text = instruction_text('ni', task['Definition'][0], args.format, args.shots)
     instance = instance_text('ni', instance_input, args.format)
     for i, ex in enumerate(task['Positive Examples'][:args.shots], 1):
@@ -439,14 +433,19 @@ def ni_texts(task: dict, path: str, instance_input: str, args: DataArgs, limit: 
 
 
 def build_ni(args: DataArgs, split: str, tokenizer):
-    """max_instances_per_task rows per task, as Tk-Instruct (train: shuffled, a seeded random
-    output as target; test: the first ones, the first output); references: all outputs, '' too."""
+    """Rows as Tk-Instruct picks them (train: shuffled, a seeded random output as target)."""
     _, task_files = ni_task_files(args.data_dir, split)
     li, lx, _ = lengths(args)
     limit = lx if args.format == 'full-input' else li
     rows, skipped = [], {}
     for name, path in task_files:
-        task = read_ni_task(path)
+        with reading(path), open(path, encoding='utf-8') as f:
+            task = json.load(f)   # Python's json reads the NaN some task files hold ("URL": [NaN])
+            for key in ('Definition', 'Positive Examples', 'Instances', 'Categories'):
+                assert isinstance(task[key], list), f'field {key!r} must be a list'
+            for key in ('Definition', 'Categories'):
+                problem = f'field {key!r} must be a non-empty list of strings'
+                assert task[key] and strings(task[key][0]), problem
         if not task['Instances']:   # listed in the split file, but nothing to learn or score
             skipped.setdefault('tasks_without_instances', []).append(name)
         order = list(range(len(task['Instances'])))
@@ -469,7 +468,6 @@ def build_ni(args: DataArgs, split: str, tokenizer):
     return rows, skipped
 
 
-# ----------------------------------------------------------------------------------------------
 # 3. C4, as the original's c4_pretrain (t5's prefix-LM objective): the documents' tokens in a row,
 # cut into windows of L = --target-len tokens, each cut in three at a ~ U[1, L-2), b ~ U[a, L-2):
 # instruction w[:a], input w[a:b] (may be empty), target w[b:]; with widths of L, nothing is cut.
@@ -487,8 +485,7 @@ def c4_files(args: DataArgs, split: str) -> list[str]:
 
 
 def c4_documents(args: DataArgs, split: str, process_index: int = 0, process_count: int = 1):
-    """(documents, where): this host's share of the split's documents (a datasets IterableDataset),
-    from the local shards in file order, or allenai/c4 (en) on the hub."""
+    """(documents, where): this host's share of the local shards or of allenai/c4 on the hub."""
     import datasets
     from datasets.distributed import split_dataset_by_node
     files = c4_files(args, split)
@@ -497,11 +494,8 @@ def c4_documents(args: DataArgs, split: str, process_index: int = 0, process_cou
     if files:
         where, source = files[0] + ', ...', dict(path='json', data_files=files, name=None)
         name = 'train'   # the json loader's only split
-    try:
+    with fetching(f'stream {where}', 'pass --data-dir with c4-*.json.gz shards'):
         ds = datasets.load_dataset(**source, split=name, streaming=True)
-    except Exception as e:   # no network, no such dataset: one line, not a traceback
-        raise DataError(f'could not stream {where} ({type(e).__name__}: {e}); pass --data-dir with '
-                        'c4-*.json.gz shards') from None
     return split_dataset_by_node(ds, rank=process_index, world_size=process_count), where
 
 
@@ -514,8 +508,7 @@ def c4_texts(documents, where: str):
 
 
 def c4_segments(args: DataArgs, window: list[int], seed: int, index: int, eos_id: int):
-    """({field: ids}, {field: was cut}): window `index` cut at two seeded points, each part closed
-    by EOS (an empty input is EOS alone, as t5's append_eos leaves it)."""
+    """({field: ids}, {field: was cut}) of window `index`: an empty input is EOS alone (t5's)."""
     rng = np.random.default_rng([seed, index])
     a = int(rng.integers(1, len(window) - 2))   # high is exclusive: [1, L-2)
     b = int(rng.integers(a, len(window) - 2))
@@ -530,8 +523,7 @@ def c4_segments(args: DataArgs, window: list[int], seed: int, index: int, eos_id
 
 
 def c4_rows(args: DataArgs, tokenizer, texts, seed: int, n: int = 0, carry=(), hosts=(0, 1)):
-    """Yields (ids, cut, n + 1, carry) for windows n, n+1, ...: window n of host h of H is cut with
-    seed (seed, n * H + h); carry: the tokens read past it (the position in its document)."""
+    """Yields (ids, cut, n + 1, carry) for windows n, n+1, ...; carry: the tokens read past it."""
     host, host_count = hosts
     tokens, length = list(carry), lengths(args)[2]
     for text in texts:
@@ -544,8 +536,7 @@ def c4_rows(args: DataArgs, tokenizer, texts, seed: int, n: int = 0, carry=(), h
 
 
 def build_c4(args: DataArgs, split: str, tokenizer):
-    """Token-id rows: the windows of the split's first --c4-documents documents (0: 1,000), cut as
-    c4_stream cuts them (one host); example texts are previews: each part's first 64 tokens."""
+    """The windows of the first --c4-documents documents (0: 1,000), cut as c4_stream cuts them."""
     seed = args.seed if split == 'train' else 0
     documents, where = c4_documents(args, split)
     texts = c4_texts(itertools.islice(documents, args.c4_documents or 1000), where)
@@ -557,7 +548,6 @@ def build_c4(args: DataArgs, split: str, tokenizer):
     return rows, {}
 
 
-# ----------------------------------------------------------------------------------------------
 # 4. P3 (T0's prompted datasets) as bigscience/P3 lays it out (docs/data.md): a configuration
 # per (dataset, prompt template), named <dataset>[_<subset>]_<template>.
 
@@ -575,10 +565,9 @@ P3_HELD_OUT.update({d: (d + '_', '') for d in (
 P3_EVAL_SPLITS = ('validation', 'dev_r1', 'dev_r2', 'dev_r3')   # held-out: the first one present
 P3_TRAIN_SPLITS = ('train', 'train_r1', 'train_r2', 'train_r3')   # (ANLI's may be named by round)
 # Held-out templates promptsource does not mark original_task: true, which T0 and HINT leave out.
-P3_NOT_ORIGINAL = ('hellaswag_Open_ended_completion', 'hellaswag_how_ends',
-                   'hellaswag_Appropriate_continuation_Yes_or_No',
-                   'hellaswag_Reversed_appropriate_continuation_Yes_or_No',
-                   'winogrande_winogrande_xl_True_or_False', 'story_cloze_2016_Generate_Ending')
+P3_NOT_ORIGINAL = tuple("""hellaswag_Reversed_appropriate_continuation_Yes_or_No hellaswag_how_ends
+    hellaswag_Appropriate_continuation_Yes_or_No hellaswag_Open_ended_completion
+    winogrande_winogrande_xl_True_or_False story_cloze_2016_Generate_Ending""".split())
 P3_DEMO_TOKENS = 960   # the original keeps the demonstrations that fit this many (FLAN's 1024 - 64)
 P3_COLUMNS = ['inputs_pretokenized', 'targets_pretokenized']
 P3_BLOCK = 4096   # draws of the mixture whose templates one generator call picks
@@ -586,10 +575,6 @@ P3_BLOCK = 4096   # draws of the mixture whose templates one generator call pick
 
 def p3_table(args: DataArgs, split: str) -> dict:
     """{dataset: (prefix, suffix)} of T0's train or held-out datasets (--p3-datasets' if any)."""
-    known = P3_TRAIN + tuple(P3_HELD_OUT)
-    unknown = [d for d in args.p3_datasets if d not in known]
-    if unknown:
-        raise DataError(f'--p3-datasets: unknown {unknown}; known: {", ".join(known)}')
     table = {d: (d + '_', '') for d in P3_TRAIN} if split == 'train' else P3_HELD_OUT
     named = {d: v for d, v in table.items() if d in args.p3_datasets}
     return named or table
@@ -605,8 +590,7 @@ def p3_split_files(folder: str, names) -> list[str]:
 
 
 def p3_configs(args: DataArgs, split: str) -> list[tuple[str, str, list[str], list[str]]]:
-    """[(dataset, configuration, files of the split, train files)], sorted; a configuration is the
-    dataset's with the longest matching prefix; _score_eval ones are not used."""
+    """[(dataset, configuration, files of the split, train files)], sorted by configuration."""
     root = os.path.join(args.data_dir, 'data')   # the configurations, under data/ or at the top
     if not os.path.isdir(root):
         root = args.data_dir
@@ -636,8 +620,7 @@ def p3_configs(args: DataArgs, split: str) -> list[tuple[str, str, list[str], li
 
 
 def fetch_p3(args: DataArgs) -> str:
-    """Only the files the selected datasets need (train splits; held-out: evaluation splits, and
-    train splits for demonstrations), downloaded once into the Hugging Face cache."""
+    """Only the files the selected datasets need, downloaded once into the Hugging Face cache."""
     needed = {'train': P3_TRAIN_SPLITS, 'test': P3_EVAL_SPLITS}
     if args.shots:
         needed['test'] += P3_TRAIN_SPLITS
@@ -645,13 +628,10 @@ def fetch_p3(args: DataArgs) -> str:
                 for prefix, suffix in p3_table(args, split).values()
                 for name in names for top in ('data/', '')]
     print('data: no --data-dir; fetching the files needed from bigscience/P3', file=sys.stderr)
-    try:
+    with fetching('download bigscience/P3', 'see docs/data.md'):
         from huggingface_hub import snapshot_download
         return snapshot_download(repo_id='bigscience/P3', repo_type='dataset',
                                  allow_patterns=patterns)
-    except Exception as e:   # no network, hub errors: one line saying what to do
-        raise DataError(f'could not download bigscience/P3 ({type(e).__name__}: {e}); see '
-                        'docs/data.md') from None
 
 
 def read_p3(files: list[str], columns: list[str], limit: int | None = None) -> dict:
@@ -677,10 +657,8 @@ def p3_words(text: str) -> list[str]:
 
 
 def p3_template(prompts: list[str], field: str = '[X]') -> str:
-    """The text that the prompted inputs of one template share, each span that varies between them
-    one `field`. Each prompt is aligned word by word (difflib) with the template so far; what either
-    side does not match becomes a gap. A literal between two gaps that is only whitespace, or occurs
-    twice in what gap + literal + gap cover in a prompt (a chance match in a field), joins them."""
+    """The text the prompts of one template share, each span that varies one `field`: prompts are
+    aligned word by word (difflib); chance matches inside fields are gaps (docs/data.md)."""
     words = p3_words(prompts[0])
     for prompt in prompts[1:]:
         other, out, i, j = p3_words(prompt), [], 0, 0
@@ -703,8 +681,7 @@ def p3_template(prompts: list[str], field: str = '[X]') -> str:
 
 
 def p3_chance_match(parts: list, k: int, prompts: list[str]) -> bool:
-    """Whether literal parts[k], between two gaps, is only whitespace or occurs more than once in
-    the text that it and the two gaps cover in some prompt."""
+    """Whether literal parts[k], between two gaps, is blank or repeats in what the three cover."""
     if not parts[k].strip():
         return True
     pattern = re.compile(''.join('(.*?)' if p is None else re.escape(p) for p in parts), re.S)
@@ -728,29 +705,14 @@ def p3_template_file(path: str) -> dict:
     return out
 
 
-def p3_demos(pool: dict, k: int, seed: str, tokenizer) -> str:
-    """k demonstrations '<prompted input> Output: <target>\\n\\n' of pool rows drawn with `seed`,
-    those that fit P3_DEMO_TOKENS tokens together (the original's pruning)."""
-    inputs, targets = pool['inputs_pretokenized'], pool['targets_pretokenized']
-    demos, room = '', P3_DEMO_TOKENS
-    for j in random.Random(seed).sample(range(len(inputs)), min(k, len(inputs))):
-        demo = f'{inputs[j]} Output: {targets[j]}\n\n'
-        room -= len(tokenizer.encode(demo))
-        if room < 0:
-            break
-        demos += demo
-    return demos
-
-
 def p3_texts(args: DataArgs, split: str, configs, tokenizer) -> dict:
-    """{configuration: (hypernetwork text, encoder text before the prompt)}, cached: the template
-    (given, or p3_template of 16 rows), after --shots demos from the train split's first 1,000."""
-    path = cache_path(args, split, tokenizer, source_files(args, split))[:-4] + '-texts.json'
+    """{configuration: (hypernetwork text, encoder text before the prompt)}, cached."""
+    path = cache_path(args, split, tokenizer, sources(args, split))[:-4] + '-texts.json'
     if os.path.exists(path):
         with open(path, encoding='utf-8') as f:
             return json.load(f)
     given = p3_template_file(args.p3_templates) if args.p3_templates else None
-    out = {}
+    seed, out = args.seed if split == 'train' else 0, {}
     for _, config, files, train_files in configs:
         rows = read_p3(files, P3_COLUMNS, 1000)
         if given is None:
@@ -760,13 +722,18 @@ def p3_texts(args: DataArgs, split: str, configs, tokenizer) -> dict:
             with reading(f'--p3-templates {args.p3_templates}'):
                 assert config.lower() in given, f'no template for configuration {config}'
             template = given[config.lower()]
-        demos = ''
+        if args.shots and train_files and split != 'train':   # held-out demos: from train rows
+            rows = read_p3(train_files, P3_COLUMNS, 1000)
+        inputs, targets = rows['inputs_pretokenized'], rows['targets_pretokenized']
+        demos, room = '', P3_DEMO_TOKENS   # the demonstrations that fit (the original's pruning)
+        draw = random.Random(f'{seed}:{config}')
+        for j in draw.sample(range(len(inputs)), min(args.shots, len(inputs))):
+            demo = f'{inputs[j]} Output: {targets[j]}\n\n'
+            room -= len(tokenizer.encode(demo))
+            if room < 0:
+                break
+            demos += demo
         if args.shots:
-            pool = rows
-            if train_files and split != 'train':   # held-out demonstrations: from the train split
-                pool = read_p3(train_files, P3_COLUMNS, 1000)
-            seed = args.seed if split == 'train' else 0
-            demos = p3_demos(pool, args.shots, f'{seed}:{config}', tokenizer)
             template = demos + ' Definition: ' + template
         out[config] = ('', demos) if args.format == 'full-input' else (template, '')
     write_atomic(path, json.dumps(out, ensure_ascii=False).encode('utf-8'))
@@ -791,23 +758,14 @@ def p3_row_group(path: str, g: int) -> tuple[list, list]:
     return table.column(0).to_pylist(), table.column(1).to_pylist()
 
 
-def p3_rates(args: DataArgs, configs, groups) -> np.ndarray:
-    """T0's mixing rates: a template's size, or --p3-examples-per-dataset / T for the T templates of
-    a dataset whose largest template is larger."""
-    sizes = np.array([sum(n for *_, n in g) for g in groups], np.float64)
-    rates, names = sizes.copy(), np.array([d for d, *_ in configs])
-    for d in set(names):
-        if sizes[names == d].max() > args.p3_examples_per_dataset:
-            rates[names == d] = args.p3_examples_per_dataset / np.sum(names == d)
-    return rates
-
-
 def p3_draws(args: DataArgs, configs, groups, state: dict):
-    """Yields (template, row group, row) without end, a pure function of (seed, position): draw n
-    picks a template at p3_rates; a template's k-th draw is row k of its shuffled passes. `state`
-    {'draws', 'counts' per template} advances in place; a copy of it resumes the stream."""
-    rates = p3_rates(args, configs, groups)
+    """Yields (template, row group, row), a pure function of (seed, position): `state` {'draws',
+    'counts' per template} advances in place; a copy of it resumes the stream."""
     sizes = [sum(n for *_, n in g) for g in groups]
+    rates, names = np.array(sizes, np.float64), np.array([d for d, *_ in configs])
+    for d in set(names):   # T0's mixing rates: a template's size, capped per dataset
+        if rates[names == d].max() > args.p3_examples_per_dataset:
+            rates[names == d] = args.p3_examples_per_dataset / np.sum(names == d)
 
     @functools.lru_cache(maxsize=1024)
     def pass_order(t, e):   # template t's row groups in pass e, and the draw each starts at
@@ -836,17 +794,19 @@ def p3_row(configs, texts: dict, groups, t: int, g: int, j: int) -> dict:
     dataset, config = configs[t][:2]
     path, group, _ = groups[t][g]
     prompts, targets = p3_row_group(path, group)
-    prompt, target = prompts[j], targets[j]
     with reading(f'{path}: configuration {config} row group {group} row {j}'):
-        assert strings(prompt, target), f'{P3_COLUMNS} must be strings: {prompt!r}, {target!r}'
+        return p3_example(texts, dataset, config, f'{group}-{j}', prompts[j], targets[j])
+
+
+def p3_example(texts: dict, dataset: str, config: str, row: str, prompt, target, **more) -> dict:
+    assert strings(prompt, target), f'{P3_COLUMNS} must be strings: {prompt!r}, {target!r}'
     instruction, prefix = texts[config]
-    return dict(task=config, id=f'{config}-{group}-{j}', instruction=instruction,
-                input=prefix + prompt, target=target, references=[target], category=dataset)
+    return dict(task=config, id=f'{config}-{row}', instruction=instruction, input=prefix + prompt,
+                target=target, references=[target], category=dataset, **more)
 
 
 def p3_mixture(args: DataArgs, tokenizer, state: dict | None = None):
-    """(configurations, texts, groups, draws, state, skipped) of T0's training mixture, from
-    `state`. A configuration without rows is left out, and counted in `skipped`."""
+    """(configurations, texts, groups, draws, state, skipped) of T0's mixture, from `state`."""
     configs = p3_configs(args, 'train')
     groups = [p3_groups(files) for _, _, files, _ in configs]
     sizes = [sum(n for *_, n in g) for g in groups]
@@ -864,8 +824,7 @@ def p3_mixture(args: DataArgs, tokenizer, state: dict | None = None):
 
 
 def build_p3(args: DataArgs, split: str, tokenizer):
-    """train: the first --p3-examples (0: 1,000) draws of T0's mixture. test: the held-out split of
-    original_task templates with 'choices' (answer_choices) and 'answer' (the target's index)."""
+    """train: the first --p3-examples (0: 1,000) draws; test: held-out rows with answer choices."""
     import pyarrow.parquet as pq
     if split == 'train':
         configs, texts, groups, draws, _, skipped = p3_mixture(args, tokenizer)
@@ -885,18 +844,14 @@ def build_p3(args: DataArgs, split: str, tokenizer):
         table = read_p3(files, P3_COLUMNS + ['answer_choices'])
         if not table['inputs_pretokenized']:
             skipped.setdefault('empty_configurations', []).append(config)
-        instruction, prefix = texts[config]
         for i, (prompt, target, choices) in enumerate(zip(*table.values())):
             with reading(f'{files[0]}: configuration {config} row {i}'):
-                assert strings(prompt, target), f'{P3_COLUMNS} must be strings: {prompt!r}'
-
                 stripped = [c.strip() for c in choices]
                 assert target.strip() in stripped, \
                     f"'targets_pretokenized' {target!r} is not one of 'answer_choices' {choices}"
-            answer = stripped.index(target.strip())
-            rows.append(dict(task=config, id=f'{config}-{i}', instruction=instruction,
-                             input=prefix + prompt, target=choices[answer], category=dataset,
-                             references=[choices[answer]], choices=list(choices), answer=answer))
+                answer = stripped.index(target.strip())
+                rows.append(p3_example(texts, dataset, config, str(i), prompt, choices[answer],
+                                       choices=list(choices), answer=answer))
     return rows, skipped
 
 
@@ -912,7 +867,6 @@ def p3_choice_arrays(examples: list[dict], tokenizer, width: int) -> dict:
     return {'choices': out, 'answer': np.array([ex['answer'] for ex in examples], np.int32)}
 
 
-# ----------------------------------------------------------------------------------------------
 # Tokenize, cache, report.
 
 
@@ -942,13 +896,12 @@ def padded(rows: list[dict], widths, pad_id: int) -> dict:
     return out
 
 
-def pack(rows, args: DataArgs, skipped: dict, pad_id: int = 0) -> dict:
-    data = padded([seqs for _, seqs, _ in rows], lengths(args), pad_id)
-    truncated = {k: sum(flags[k] for _, _, flags in rows) for k in FIELDS}
-    return dict(data, examples=[r[0] for r in rows], skipped=skipped, truncated=truncated)
-
-
-def source_files(args: DataArgs, split: str) -> list[str]:
+def sources(args: DataArgs, split: str) -> list[str]:
+    """The split's source files, after fetching SNI or P3 if needed."""
+    if args.task == 'ni' and not args.data_dir:
+        args.data_dir = fetch_ni(args)
+    if args.task == 'p3' and not args.data_dir:
+        args.data_dir = fetch_p3(args)
     if args.task == 'ni':
         split_file, tasks = ni_task_files(args.data_dir, split)
         return [split_file] + [p for _, p in tasks]
@@ -973,10 +926,8 @@ def cache_path(args: DataArgs, split: str, tokenizer, files: list[str]) -> str:
 
     with open(__file__, 'rb') as f:
         code = hashlib.sha256(f.read()).hexdigest()
-    flags = ['task', 'shots', 'format'] + {
-        'synthetic': ['max_instances_per_task'], 'ni': ['max_instances_per_task'],
-        'c4': ['c4_documents', 'data_dir'], 'p3': ['p3_examples_per_dataset', 'p3_examples'],
-    }[args.task]
+    flags = {'c4': ['c4_documents', 'data_dir'], 'p3': ['p3_examples_per_dataset', 'p3_examples']}
+    flags = ['task', 'shots', 'format'] + flags.get(args.task, ['max_instances_per_task'])
     key = dict(code=code, split=split, lengths=lengths(args), tokenizer=tokenizer.name,
                seed=args.seed if split == 'train' else 0, files=[stamp(p) for p in files],
                **{flag: getattr(args, flag) for flag in flags})
@@ -994,10 +945,9 @@ def write_atomic(path: str, content: bytes):
         with open(tmp, 'wb') as f:
             f.write(content)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    finally:   # gone after the rename; else what was written is not left behind
+        with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
-        raise
 
 
 def save_cache(path: str, data: dict):
@@ -1017,14 +967,9 @@ def load_cache(path: str) -> dict:
 
 
 def count_skipped(skipped: dict, first: int = 3) -> dict:
-    """{reason: {count, first names}} of a split's 'skipped' (reason -> names, or a count)."""
-    out = {}
-    for reason, what in skipped.items():
-        names = [] if isinstance(what, int) else list(what)
-        count = what if isinstance(what, int) else len(names)
-        if count:
-            out[reason] = {'count': count, 'first': names[:first]}
-    return out
+    """{reason: {count, first names}} of a split's 'skipped' {reason: names}."""
+    return {reason: {'count': len(names), 'first': list(names)[:first]}
+            for reason, names in skipped.items() if names}
 
 
 def interrupted(kept: str = 'nothing was written'):
@@ -1033,26 +978,17 @@ def interrupted(kept: str = 'nothing was written'):
     sys.exit(130)
 
 
-def sources(args: DataArgs, split: str) -> list[str]:
-    """The split's source files, after checking the flags and fetching SNI or P3 if needed."""
-    check_args(args)
-    if args.task == 'ni' and not args.data_dir:
-        args.data_dir = fetch_ni(args)
-    if args.task == 'p3' and not args.data_dir:
-        args.data_dir = fetch_p3(args)
-    return source_files(args, split)
-
-
 def load_split(args: DataArgs, split: str, tokenizer) -> dict:
-    """{'instruction' [N, Li], 'input' [N, Lx], 'target' [N, Ly] int32, 'examples' (N dicts),
-    'skipped', 'truncated' (counts per field)}; built once, then read from cache_dir."""
+    """{'instruction' [N, Li], 'input' [N, Lx], 'target' [N, Ly] int32, 'examples', 'skipped',
+    'truncated'}; built once, then read from cache_dir."""
     if split not in ('train', 'test'):
         raise DataError(f'split must be train or test, got {split!r}')
-    path = cache_path(args, split, tokenizer, sources(args, split))
-    data = None
+    check_args(args)
+    files = sources(args, split)
+    path, data = cache_path(args, split, tokenizer, files), None
     if os.path.exists(path):
         try:
-            data, how = load_cache(path), f'cached {path}'
+            data, how = load_cache(path), 'cached'
         except Exception as e:   # cut short by a full disk or a copy: any cache that does not load
             print(f'data: {path} does not load ({type(e).__name__}: {e}); rebuilding it',
                   file=sys.stderr)
@@ -1061,24 +997,24 @@ def load_split(args: DataArgs, split: str, tokenizer) -> dict:
         rows, skipped = build[args.task](args, split, tokenizer)
         if args.task != 'c4':   # C4's rows are token ids already
             rows = list(tokenize_rows(rows, args, tokenizer))
-        data, how = pack(rows, args, skipped, tokenizer.pad_id), f'built {path}'
-        if not data['examples']:
-            where = ', '.join(source_files(args, split)[:1]) or args.task
+        if not rows:
+            where = ', '.join(files[:1]) or args.task
             raise DataError(f'{where}: no {split} instances (skipped: {skipped})')
+        data, how = padded([ids for _, ids, _ in rows], lengths(args), tokenizer.pad_id), 'built'
+        data.update(examples=[r[0] for r in rows], skipped=skipped,
+                    truncated={k: sum(cut[k] for *_, cut in rows) for k in FIELDS})
         if args.task == 'p3' and split == 'test':   # rank classification's answer choices
             data.update(p3_choice_arrays(data['examples'], tokenizer, lengths(args)[2]))
         save_cache(path, data)
     lens = [row_lengths(data[k], tokenizer.pad_id) for k in FIELDS]
     data['lengths'] = np.stack(lens, 1)   # [N, 3]
     tasks = len({e['task'] for e in data['examples']})
-    print(f'data: {args.task}/{split} ({args.format}, {args.shots} shots): '
-          f'{len(data["examples"])} instances from {tasks} tasks; skipped '
-          f'{count_skipped(data["skipped"])}; truncated {data["truncated"]}; {how}',
-          file=sys.stderr)
+    print(f'data: {args.task}/{split} ({args.format}, {args.shots} shots): {len(data["examples"])} '
+          f'instances from {tasks} tasks; skipped {count_skipped(data["skipped"])}; truncated '
+          f'{data["truncated"]}; {how} {path}', file=sys.stderr)
     return data
 
 
-# ----------------------------------------------------------------------------------------------
 # Batches: the global batch of step s is a pure function of (seed, s), so resuming and multi-host
 # agree. Each is cut to its longest row's bucket: right padding is masked, so no result changes.
 
@@ -1101,7 +1037,7 @@ def bucket(n: int, cap: int) -> int:
 def batches(data: dict, batch_size: int, seed: int, start_step: int = 0, process_index: int = 0,
             process_count: int = 1, group_by_length: bool = False):
     """Yields this host's share of each global batch, cut to the GLOBAL batch's bucket (the same
-    shapes on every host); group_by_length sorts runs of 50 batches of an epoch, longest first."""
+    shapes on every host)."""
     n = len(data['input'])
     if n == 0 or batch_size % process_count:
         raise ValueError(f'need data and batch_size ({batch_size}) divisible by process_count '
@@ -1141,8 +1077,7 @@ def c4_passes(documents, where: str, process_index: int):
 
 def c4_stream(args: DataArgs, tokenizer, batch_size: int, process_index: int = 0,
               process_count: int = 1, state: dict | None = None):
-    """Yields (batch, state to resume after it) without end: this host's share of C4's windows, read
-    as used, unshuffled (C4 is already shuffled; a shuffle buffer would not resume)."""
+    """Yields (batch, state to resume after it), unshuffled: a shuffle buffer would not resume."""
     documents, where = c4_documents(args, 'train', process_index, process_count)
     n, carry = 0, []
     if state:   # the epoch first: load_state_dict only applies to an iteration of the same epoch
@@ -1160,8 +1095,7 @@ def c4_stream(args: DataArgs, tokenizer, batch_size: int, process_index: int = 0
 
 def p3_stream(args: DataArgs, tokenizer, batch_size: int, process_index: int = 0,
               process_count: int = 1, state: dict | None = None):
-    """Yields (batch, state) without end: this host's share of T0's mixture, read as used; widths:
-    the batch's bucket on one host, `lengths` on several (every host has the same shapes)."""
+    """Yields (batch, state); widths: the bucket on one host, `lengths` on several (same shapes)."""
     configs, texts, groups, draws, state, skipped = p3_mixture(args, tokenizer, state)
     print(f'data: p3/train: streamed from {len(configs)} templates; skipped '
           f'{count_skipped(skipped)}', file=sys.stderr)
@@ -1196,9 +1130,6 @@ def prefetch(iterator, size: int = 2):
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-# ----------------------------------------------------------------------------------------------
-
-
 @dataclasses.dataclass
 class ShowArgs(DataArgs):
     split: Literal['train', 'test'] = 'train'   # which split to build and show
@@ -1206,6 +1137,7 @@ class ShowArgs(DataArgs):
 
 
 def main(args: ShowArgs):
+    check_args(args)
     sources(args, args.split)   # a bad --data-dir is reported before a slow tokenizer download
     data = load_split(args, args.split, load_tokenizer(tokenizer_name(args)))
     for ex in data['examples'][:args.show]:
