@@ -3,11 +3,8 @@
     python eval.py --checkpoint runs/synthetic                 # the run's own test split
     python eval.py --checkpoint runs/ni --data-dir natural-instructions --shots 2
     printf 'a b c\\nd e\\n' | python eval.py --checkpoint runs/synthetic --instruction "Reverse."
-
-SNI: Tk-Instruct's released metrics; P3: rank classification (see docs/formats.md).
 """
 import argparse
-import collections
 import dataclasses
 import functools
 import json
@@ -30,19 +27,18 @@ import model as M
 import runs
 
 
-# SNI metrics, as Tk-Instruct's src/compute_metrics.py computes them, so numbers compare ---------
+# SNI metrics: Tk-Instruct's src/compute_metrics.py, so numbers compare (docs/formats.md) -----
 
 # The released script drops this task's rows (src/split_tasks.py: "this task data is not good").
 EXCLUDED_TASK_PREFIX = 'task1415_'   # task1415_youtube_caption_corrections_grammar_correction
 
 # The metric the released script reports for each test category.
-HEADLINE_METRIC = {
-    'Textual Entailment': 'exact_match', 'Cause Effect Classification': 'exact_match',
-    'Coreference Resolution': 'exact_match', 'Dialogue Act Recognition': 'exact_match',
-    'Answerability Classification': 'exact_match', 'Word Analogy': 'exact_match',
-    'Overlap Extraction': 'rougeL', 'Keyword Tagging': 'rougeL', 'Question Rewriting': 'rougeL',
-    'Title Generation': 'rougeL', 'Data to Text': 'rougeL', 'Grammar Error Correction': 'rougeL',
-}
+HEADLINE_METRIC = dict.fromkeys((
+    'Textual Entailment', 'Cause Effect Classification', 'Coreference Resolution',
+    'Dialogue Act Recognition', 'Answerability Classification', 'Word Analogy'), 'exact_match')
+HEADLINE_METRIC.update(dict.fromkeys((
+    'Overlap Extraction', 'Keyword Tagging', 'Question Rewriting', 'Title Generation',
+    'Data to Text', 'Grammar Error Correction'), 'rougeL'))
 
 
 def category_key(name: str) -> str:
@@ -89,9 +85,9 @@ def mean(scores: list[dict]) -> dict:
 
 def grouped(keys, values) -> dict:
     """{key: [its values]}, keys in first-seen order."""
-    groups = collections.defaultdict(list)
+    groups = {}
     for key, value in zip(keys, values):
-        groups[key].append(value)
+        groups.setdefault(key, []).append(value)
     return groups
 
 
@@ -177,12 +173,6 @@ def first(split, n):
     return {**split, **cut}
 
 
-def by_instruction(split):
-    """[the row indices of each distinct instruction], in first-seen order."""
-    keys = [row.tobytes() for row in split['instruction']]
-    return [np.array(rows) for rows in grouped(keys, range(len(keys))).values()]
-
-
 def on_hosts(params, work, run, what):
     """run(params, rows) on this process's share of work (lists of rows); all results, on all."""
     if jax.process_count() > 1:
@@ -193,21 +183,21 @@ def on_hosts(params, work, run, what):
         for i, result in zip(rows, run(params, rows)):
             results[i] = result
         if (done % 20 == 0 or done == len(mine)) and jax.process_index() == 0:
-            spent = time.time() - t0
-            eta = spent / done * (len(mine) - done)
-            print(f'eval: {done}/{len(mine)} {what}, {spent:.0f} s, ETA {eta:.0f} s', flush=True)
+            eta = (time.time() - t0) / done * (len(mine) - done)
+            print(f'eval: {done}/{len(mine)} {what} done, ETA {eta:.0f} s', flush=True)
     return gather(results)
 
 
 def predict(params, cfg, hcfg, split, tokenizer, batch_size=64):
     """Predicted texts for a load_split() result, in order (each host predicts its share)."""
+    tasks = grouped([row.tobytes() for row in split['instruction']], range(len(split['input'])))
     max_len = split['target'].shape[1]
 
     def predict_task(params, rows):
         mods = task_state(params, cfg, hcfg, split['instruction'][rows[0]])
         ids = predict_ids(params, cfg, mods, split['input'][rows], max_len, batch_size)
         return [tokenizer.decode(row) for row in ids]
-    return on_hosts(params, by_instruction(split), predict_task, 'tasks')
+    return on_hosts(params, list(tasks.values()), predict_task, 'tasks')
 
 
 def gather(preds):
@@ -238,9 +228,8 @@ def choice_scores(params, cfg, hcfg, instruction, inputs, choices):
     enc = M.t5_encode(params['t5'], cfg, inputs, mods)   # [B, Lx, D]
     kv = M.cross_kv(params['t5'], cfg, enc, inputs != M.PAD_ID, mods)
     # each input's keys and values C times in a row, one per choice
-    kv['k'] = jnp.repeat(kv['k'], C, axis=1)   # [Ld, B*C, S, H, K]
-    kv['v'] = jnp.repeat(kv['v'], C, axis=1)
-    kv['bias'] = jnp.repeat(kv['bias'], C, axis=0)   # [B*C, ...]
+    for name, axis in (('k', 1), ('v', 1), ('bias', 0)):   # k, v: [Ld, B*C, S, H, K]
+        kv[name] = jnp.repeat(kv[name], C, axis=axis)
     flat = choices.reshape(B * C, Lc)
     logits = M.t5_decode(params['t5'], cfg, M.shift_right(flat), kv, mods)   # [B*C, Lc, V]
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), flat[..., None], -1)[..., 0]
@@ -255,7 +244,8 @@ def rank_classify(params, cfg, hcfg, split, batch_size=64):
     n, num_choices, choice_len = choices.shape
     choice_lengths = data.row_lengths(choices.reshape(n * num_choices, -1)).reshape(n, -1).max(1)
     work = []
-    for rows in by_instruction(split):
+    for rows in grouped([row.tobytes() for row in instructions], range(n)).values():   # templates
+        rows = np.array(rows)
         work += [rows[c] for c in chunks(lengths[rows, 1], max(1, batch_size // num_choices))]
 
     def score_chunk(params, idx):
@@ -341,7 +331,7 @@ def check_args(args: EvalArgs):
         raise FileNotFoundError(f'--task-state {args.task_state}: no such file')
     if args.merge_into and not args.instruction:
         raise data.DataError('--merge-into needs --instruction: the task whose LoRA to merge')
-    if not (args.merge_into or args.instruction is not None):
+    if args.instruction is None:   # the run's meta is read for one-off mode and --merge-into only
         return
     hyper = runs.newest_loadable(args.checkpoint, runs.read_meta)[1]['hyper_config'] or {}
     if args.merge_into and (not hyper.get('lora_rank') or hyper['adapters'] or hyper['prefixes']
@@ -470,12 +460,9 @@ def results_dir(args, run):
         differs['ckpt'], folder = runs.step_of(folder), folder.parent
     if not differs:
         return str(folder)
-    parts = []
-    for k, v in differs.items():
-        value = os.path.basename(str(v).rstrip('/'))   # a path: its last part
-        if isinstance(v, tuple):
-            value = '+'.join(map(str, v))
-        parts.append(k.replace('_', '-') + '-' + (value or 'none'))
+    values = {k: os.path.basename(str(v).rstrip('/')) for k, v in differs.items()}   # paths: a name
+    values.update({k: '+'.join(map(str, v)) for k, v in differs.items() if isinstance(v, tuple)})
+    parts = [k.replace('_', '-') + '-' + (v or 'none') for k, v in values.items()]
     out = str(folder / ('eval-' + '-'.join(parts)))
     print(f'note: settings differ from the run\'s own: results go to {out}', file=sys.stderr)
     return out
