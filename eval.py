@@ -3,16 +3,8 @@
     python eval.py --checkpoint runs/synthetic                 # the run's own test split
     python eval.py --checkpoint runs/ni --data-dir natural-instructions --shots 2
     printf 'a b c\\nd e\\n' | python eval.py --checkpoint runs/synthetic --instruction "Reverse."
-
-SNI metrics are those of Tk-Instruct's released src/compute_metrics.py, so that numbers compare with
-published ones: exact match (lower-cased, no punctuation, whitespace collapsed) and ROUGE-L F
-(rouge_score, Porter stemmer), each the max over the instance's whole output list ('' included),
-micro-averaged, x100, rounded to 4 decimals. P3 (T0's held-out tasks): rank classification.
 """
-from __future__ import annotations
-
 import argparse
-import collections
 import dataclasses
 import functools
 import json
@@ -35,21 +27,18 @@ import model as M
 import runs
 
 
-# ----------------------------------------------------------------------------------------------
-# SNI metrics
+# SNI metrics: Tk-Instruct's src/compute_metrics.py, so numbers compare (docs/formats.md) -----
 
-# The released script drops this task's rows (natural-instructions' src/split_tasks.py: "this task
-# data is not good, need to fix"), matching the name by this prefix.
+# The released script drops this task's rows (src/split_tasks.py: "this task data is not good").
 EXCLUDED_TASK_PREFIX = 'task1415_'   # task1415_youtube_caption_corrections_grammar_correction
 
 # The metric the released script reports for each test category.
-HEADLINE_METRIC = {
-    'Textual Entailment': 'exact_match', 'Cause Effect Classification': 'exact_match',
-    'Coreference Resolution': 'exact_match', 'Dialogue Act Recognition': 'exact_match',
-    'Answerability Classification': 'exact_match', 'Word Analogy': 'exact_match',
-    'Overlap Extraction': 'rougeL', 'Keyword Tagging': 'rougeL', 'Question Rewriting': 'rougeL',
-    'Title Generation': 'rougeL', 'Data to Text': 'rougeL', 'Grammar Error Correction': 'rougeL',
-}
+HEADLINE_METRIC = dict.fromkeys((
+    'Textual Entailment', 'Cause Effect Classification', 'Coreference Resolution',
+    'Dialogue Act Recognition', 'Answerability Classification', 'Word Analogy'), 'exact_match')
+HEADLINE_METRIC.update(dict.fromkeys((
+    'Overlap Extraction', 'Keyword Tagging', 'Question Rewriting', 'Title Generation',
+    'Data to Text', 'Grammar Error Correction'), 'rougeL'))
 
 
 def category_key(name: str) -> str:
@@ -96,9 +85,9 @@ def mean(scores: list[dict]) -> dict:
 
 def grouped(keys, values) -> dict:
     """{key: [its values]}, keys in first-seen order."""
-    groups = collections.defaultdict(list)
+    groups = {}
     for key, value in zip(keys, values):
-        groups[key].append(value)
+        groups.setdefault(key, []).append(value)
     return groups
 
 
@@ -109,8 +98,7 @@ def group_means(rows: list[dict], scores: list[dict], field: str) -> dict:
 
 
 def compute_metrics(rows: list[dict]) -> dict:
-    """rows: {prediction, references, task, category} -> overall (also without task1415), count, per
-    task, per category, and each test category's headline metric (without task1415)."""
+    """rows: {prediction, references, task, category} -> the metrics of docs/formats.md."""
     scores = [score(r['prediction'], r['references']) for r in rows]
     kept = [i for i, r in enumerate(rows) if not r['task'].startswith(EXCLUDED_TASK_PREFIX)]
     kept_rows, kept_scores = [rows[i] for i in kept], [scores[i] for i in kept]
@@ -125,8 +113,7 @@ def compute_metrics(rows: list[dict]) -> dict:
             'headline_per_category': headline}
 
 
-# ----------------------------------------------------------------------------------------------
-# Prediction: one task state per distinct instruction, shared (not copied) by its instances.
+# Prediction: one task state per distinct instruction, shared (not copied) by its instances ----
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
@@ -136,8 +123,7 @@ def _encode_task(params, instruction, cfg, hcfg):
 
 
 def task_state(params, cfg, hcfg, instruction):
-    """_encode_task of instruction [Li] (None for a baseline) cut to its data.bucket: right padding
-    changes no result, it only costs time."""
+    """_encode_task of instruction [Li] (None for a baseline), cut to its bucket: padding costs."""
     if hcfg is None:
         return None
     pad = HN.instruction_pad_id(hcfg)
@@ -145,14 +131,17 @@ def task_state(params, cfg, hcfg, instruction):
     return _encode_task(params, jnp.asarray(instruction[:width]), cfg, hcfg)
 
 
-def predict_ids(params, cfg, mods, inputs, max_len, batch_size):
-    """Greedy ids [N, max_len] for inputs [N, Lx] of ONE task (mods: its task_state), in chunks
-    sorted by length, each cut to its longest row's data.bucket."""
-    lengths = data.row_lengths(inputs)   # [N]
+def chunks(lengths, size):
+    """Row indices sorted by length, in chunks of size: each chunk is cut to few padding."""
     order = np.argsort(lengths, kind='stable')
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+def predict_ids(params, cfg, mods, inputs, max_len, batch_size):
+    """Greedy ids [N, max_len] for inputs [N, Lx] of ONE task (mods: its task_state)."""
+    lengths = data.row_lengths(inputs)   # [N]
     out = np.zeros((len(inputs), max_len), np.int32)
-    for i in range(0, len(inputs), batch_size):
-        rows = order[i:i + batch_size]
+    for rows in chunks(lengths, batch_size):
         width = data.bucket(int(lengths[rows].max()), inputs.shape[1])
         # padded to a power of two with copies of its own rows, which stop decoding when those do
         x = inputs[np.resize(rows, min(batch_size, data.next_pow2(len(rows)))), :width]   # [b, W]
@@ -184,29 +173,31 @@ def first(split, n):
     return {**split, **cut}
 
 
-def host_share(params, work):
-    """This process's share of the work (every process_count-th item), its own copy of params."""
+def on_hosts(params, work, run, what):
+    """run(params, rows) on this process's share of work (lists of rows); all results, on all."""
     if jax.process_count() > 1:
         params = multihost_utils.process_allgather(params, tiled=True)
-    return params, work[jax.process_index()::jax.process_count()]
+    mine = work[jax.process_index()::jax.process_count()]
+    results, t0 = [None] * sum(len(rows) for rows in work), time.time()
+    for done, rows in enumerate(mine, 1):
+        for i, result in zip(rows, run(params, rows)):
+            results[i] = result
+        if (done % 20 == 0 or done == len(mine)) and jax.process_index() == 0:
+            eta = (time.time() - t0) / done * (len(mine) - done)
+            print(f'eval: {done}/{len(mine)} {what} done, ETA {eta:.0f} s', flush=True)
+    return gather(results)
 
 
 def predict(params, cfg, hcfg, split, tokenizer, batch_size=64):
     """Predicted texts for a load_split() result, in order (each host predicts its share)."""
     tasks = grouped([row.tobytes() for row in split['instruction']], range(len(split['input'])))
-    params, mine = host_share(params, list(tasks.values()))
-    preds = [None] * len(split['input'])
-    max_len, t0 = split['target'].shape[1], time.time()
-    for g, idx in enumerate(mine, 1):
-        mods = task_state(params, cfg, hcfg, split['instruction'][idx[0]])
-        ids = predict_ids(params, cfg, mods, split['input'][idx], max_len, batch_size)
-        for i, row in zip(idx, ids):
-            preds[i] = tokenizer.decode(row)
-        if (g % 20 == 0 or g == len(mine)) and jax.process_index() == 0:
-            eta = (time.time() - t0) / g * (len(mine) - g)
-            print(f'eval: {g}/{len(mine)} tasks, {time.time() - t0:.0f} s, ETA {eta:.0f} s',
-                  flush=True)
-    return gather(preds)
+    max_len = split['target'].shape[1]
+
+    def predict_task(params, rows):
+        mods = task_state(params, cfg, hcfg, split['instruction'][rows[0]])
+        ids = predict_ids(params, cfg, mods, split['input'][rows], max_len, batch_size)
+        return [tokenizer.decode(row) for row in ids]
+    return on_hosts(params, list(tasks.values()), predict_task, 'tasks')
 
 
 def gather(preds):
@@ -215,24 +206,21 @@ def gather(preds):
         return preds
     mine = np.frombuffer(json.dumps(preds).encode('utf-8'), np.uint8)
     sizes = multihost_utils.process_allgather(np.int32(len(mine)))   # [P]
-    padded = np.pad(mine, (0, int(sizes.max()) - len(mine)))
+    rows = multihost_utils.process_allgather(np.pad(mine, (0, int(sizes.max()) - len(mine))))
     merged = list(preds)
-    for row, n in zip(multihost_utils.process_allgather(padded), sizes):   # [P, max size]
+    for row, n in zip(rows, sizes):   # [P, max size]
         for i, p in enumerate(json.loads(bytes(row[:n]))):
             if p is not None:
                 merged[i] = p
     return merged
 
 
-# ----------------------------------------------------------------------------------------------
-# Rank classification (P3 / T0's held-out evaluation): every answer choice is scored by the summed
-# log-likelihood of its tokens (EOS included); the prediction is the best one (ties: the first).
+# Rank classification (P3 / T0's held-out tasks): the best choice by summed log-likelihood ----
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def choice_scores(params, cfg, hcfg, instruction, inputs, choices):
-    """[B, C] log-likelihoods of choices [B, C, Lc] (all padding: -inf), inputs [B, Lx], instruction
-    [Li] of ONE template."""
+    """[B, C] log-likelihoods (EOS included) of choices [B, C, Lc] (padding only: -inf)."""
     B, C, Lc = choices.shape
     mods = None
     if hcfg is not None:
@@ -240,9 +228,8 @@ def choice_scores(params, cfg, hcfg, instruction, inputs, choices):
     enc = M.t5_encode(params['t5'], cfg, inputs, mods)   # [B, Lx, D]
     kv = M.cross_kv(params['t5'], cfg, enc, inputs != M.PAD_ID, mods)
     # each input's keys and values C times in a row, one per choice
-    kv['k'] = jnp.repeat(kv['k'], C, axis=1)   # [Ld, B*C, S, H, K]
-    kv['v'] = jnp.repeat(kv['v'], C, axis=1)
-    kv['bias'] = jnp.repeat(kv['bias'], C, axis=0)   # [B*C, ...]
+    for name, axis in (('k', 1), ('v', 1), ('bias', 0)):   # k, v: [Ld, B*C, S, H, K]
+        kv[name] = jnp.repeat(kv[name], C, axis=axis)
     flat = choices.reshape(B * C, Lc)
     logits = M.t5_decode(params['t5'], cfg, M.shift_right(flat), kv, mods)   # [B*C, Lc, V]
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), flat[..., None], -1)[..., 0]
@@ -251,20 +238,17 @@ def choice_scores(params, cfg, hcfg, instruction, inputs, choices):
 
 
 def rank_classify(params, cfg, hcfg, split, batch_size=64):
-    """Choice scores [N, C] (float32) of a load_split() result with 'choices': per template, chunks
-    of about batch_size decoder rows sorted by input length, cut to their widths' buckets."""
+    """Choice scores [N, C] (float32) in chunks of one template and about batch_size rows."""
     instructions, inputs, choices = split['instruction'], split['input'], split['choices']
     lengths = split['lengths']   # [N, 3]: instruction, input, target
     n, num_choices, choice_len = choices.shape
     choice_lengths = data.row_lengths(choices.reshape(n * num_choices, -1)).reshape(n, -1).max(1)
-    per_chunk = max(1, batch_size // num_choices)   # instances
-    order = np.argsort(lengths[:, 1], kind='stable')
-    chunks = []
-    for group in grouped([instructions[i].tobytes() for i in order], order).values():
-        chunks += [np.array(group[i:i + per_chunk]) for i in range(0, len(group), per_chunk)]
-    params, mine = host_share(params, chunks)
-    scores = [None] * n
-    for idx in mine:
+    work = []
+    for rows in grouped([row.tobytes() for row in instructions], range(n)).values():   # templates
+        rows = np.array(rows)
+        work += [rows[c] for c in chunks(lengths[rows, 1], max(1, batch_size // num_choices))]
+
+    def score_chunk(params, idx):
         # padded to a power of two with copies of its own rows: few shapes to compile
         take = np.resize(idx, data.next_pow2(len(idx)))
         wi = data.bucket(int(lengths[idx, 0].max()), instructions.shape[1])
@@ -272,14 +256,12 @@ def rank_classify(params, cfg, hcfg, split, batch_size=64):
         wc = data.bucket(int(choice_lengths[idx].max()), choice_len)
         out = choice_scores(params, cfg, hcfg, jnp.asarray(instructions[idx[0], :wi]),
                             jnp.asarray(inputs[take, :wx]), jnp.asarray(choices[take, :, :wc]))
-        for i, row in zip(idx, np.asarray(out)[:len(idx)].tolist()):
-            scores[i] = row
-    return np.array(gather(scores), np.float32)
+        return np.asarray(out)[:len(idx)].tolist()
+    return np.array(on_hosts(params, work, score_chunk, 'chunks'), np.float32)
 
 
 def p3_metrics(rows: list[dict]) -> dict:
-    """rows: {task (template), category (dataset), correct} -> accuracy x100 per template; per
-    dataset its templates' mean and median; overall, their means over datasets (mean: headline)."""
+    """rows: {task (template), category (dataset), correct} -> the metrics of docs/formats.md."""
     per_template = grouped([r['task'] for r in rows], [float(r['correct']) for r in rows])
     accuracy = {t: 100.0 * float(np.mean(v)) for t, v in sorted(per_template.items())}
     dataset_of = {r['task']: r['category'] for r in rows}
@@ -323,8 +305,7 @@ def write_results(out_dir, metrics, rows):
     (out / 'predictions.jsonl').write_text(''.join(lines))
 
 
-# ----------------------------------------------------------------------------------------------
-# The script: evaluate a run; one-off mode (--instruction, inputs on stdin); --merge-into.
+# The script: evaluate a run; one-off mode (--instruction, inputs on stdin); --merge-into ------
 
 
 @dataclasses.dataclass
@@ -350,7 +331,7 @@ def check_args(args: EvalArgs):
         raise FileNotFoundError(f'--task-state {args.task_state}: no such file')
     if args.merge_into and not args.instruction:
         raise data.DataError('--merge-into needs --instruction: the task whose LoRA to merge')
-    if not (args.merge_into or args.instruction is not None):
+    if args.instruction is None:   # the run's meta is read for one-off mode and --merge-into only
         return
     hyper = runs.newest_loadable(args.checkpoint, runs.read_meta)[1]['hyper_config'] or {}
     if args.merge_into and (not hyper.get('lora_rank') or hyper['adapters'] or hyper['prefixes']
@@ -386,13 +367,19 @@ def read_lines(stream):
 
 
 def instruction_state(args, params, cfg, hcfg, itok):
-    """The task state of --instruction, formatted and cut as in training (itok: its tokenizer)."""
-    text = data.instruction_text(args.task, args.instruction, args.format, args.shots)
-    ids = padded(itok, text, data.lengths(args)[0], '--instruction')   # [Li]
-    return task_state(params, cfg, hcfg, ids)
+    """The task state of --task-state, else of --instruction formatted and cut as in training."""
+    if args.task_state:
+        state = runs.load_task_state(args.task_state)
+    else:
+        text = data.instruction_text(args.task, args.instruction, args.format, args.shots)
+        ids = padded(itok, text, data.lengths(args)[0], '--instruction')   # [Li]
+        state = task_state(params, cfg, hcfg, ids)
+    if args.save_task_state:
+        runs.save_task_state(args.save_task_state, state)
+    return state
 
 
-def one_off(args, cfg, hcfg, params, tokenizer, lines, itok=None):
+def one_off(args, cfg, hcfg, params, tokenizer, lines, itok):
     """Predictions for raw inputs under --instruction or --task-state (itok: the instruction's)."""
     instruction = ''
     if args.instruction:
@@ -404,22 +391,14 @@ def one_off(args, cfg, hcfg, params, tokenizer, lines, itok=None):
     inputs = np.stack([padded(tokenizer, x, lx, f'stdin line {n}{where}')
                        for n, x in enumerate(texts, 1)])   # [N, lx]
     mods = None
-    if hcfg is not None and args.task_state:
-        mods = runs.load_task_state(args.task_state)
-    elif hcfg is not None:
-        mods = instruction_state(args, params, cfg, hcfg, itok or tokenizer)
-    if hcfg is not None and args.save_task_state:
-        runs.save_task_state(args.save_task_state, mods)
+    if hcfg is not None:
+        mods = instruction_state(args, params, cfg, hcfg, itok)
     ids = predict_ids(params, cfg, mods, inputs, ly, args.batch_size)   # [N, ly]
     return [tokenizer.decode(row) for row in ids]
 
 
-def merge_into(args):
-    """One task's generated LoRA folded into the run's T5, saved as a transformers folder (with
-    spiece.model when the run has one): plain T5 code then serves the task."""
-    cfg, hcfg, params, meta = runs.load_run(args.checkpoint)
-    tokenizer = data.load_tokenizer(meta['tokenizer'])
-    itok = data.load_tokenizer(instruction_tokenizer(hcfg, meta['args']) or meta['tokenizer'])
+def merge_into(args, cfg, hcfg, params, tokenizer, itok):
+    """One task's LoRA merged into the run's T5, a transformers folder: plain T5 code serves it."""
     state = instruction_state(args, params, cfg, hcfg, itok)   # as one-off mode encodes it
     M.save_t5(HN.merge_lora(params['t5'], state), cfg, args.merge_into)
     if isinstance(tokenizer, data.SentencePieceTokenizer):
@@ -427,48 +406,39 @@ def merge_into(args):
     print(f'{args.merge_into}: T5 with the task\'s LoRA merged in (T5ForConditionalGeneration)')
 
 
-def main(args: EvalArgs, run=None):
+def main(args: EvalArgs, run: dict):   # run: the evaluated run's own arguments (run_args)
     check_args(args)
-    if args.merge_into:
-        return merge_into(args)
     one_off_mode = args.instruction is not None or args.task_state
-    if one_off_mode:   # read stdin first: an empty one fails before a model is loaded
+    if one_off_mode and not args.merge_into:   # stdin first: an empty one fails before a load
         lines = read_lines(sys.stdin)
         if not lines:
             raise data.DataError('one-off mode: no instance inputs on stdin (one per line)')
-        # HINT knows the task by its instruction only
-        empty = not (args.task_state or args.instruction.strip())
-        if empty and runs.newest_loadable(args.checkpoint, runs.read_meta)[1]['hyper_config']:
-            raise data.DataError('--instruction is empty: a HINT run needs the task\'s instruction')
     cfg, hcfg, params, meta = runs.load_run(args.checkpoint, args.dtype)
     tokenizer = data.load_tokenizer(meta['tokenizer'])
     itok = instruction_tokenizer(hcfg, meta['args'])   # a name (RoBERTa's) or None
+    own = data.load_tokenizer(itok or meta['tokenizer'])
+    if args.merge_into:
+        return merge_into(args, cfg, hcfg, params, tokenizer, own)
     if one_off_mode:
         if hcfg is None and args.format != 'full-input' and args.instruction:
             print('note: an input-only baseline ignores the instruction', file=sys.stderr)
-        own = data.load_tokenizer(itok or meta['tokenizer'])
-        for pred in one_off(args, cfg, hcfg, params, tokenizer, lines, own):
-            print(pred)
+        print('\n'.join(one_off(args, cfg, hcfg, params, tokenizer, lines, own)))
         return None
     split = first(load_split(args, args.split, tokenizer, itok), args.eval_instances)
     metrics, rows = evaluate(params, cfg, hcfg, split, tokenizer, args.batch_size)
-    if run is None:
-        run = run_args(args.checkpoint)
     out_dir = results_dir(args, run)
     write_results(out_dir, metrics, rows)
     print(json.dumps(metrics['overall']), f'({metrics["count"]} instances; {out_dir}/metrics.json)')
     return metrics
 
 
-# The settings that decide what an evaluation measures: where one differs from the run's own, the
-# results go to a folder of their own, never over the run's metrics.json.
+# What an evaluation measures: one that differs from the run's own writes to a folder of its own.
 SETTINGS = tuple(f.name for f in dataclasses.fields(data.DataArgs) if f.name != 'cache_dir') + (
     'eval_instances',)
 
 
 def run_args(checkpoint):
-    """The arguments of the run that wrote `checkpoint` (its newest checkpoint's meta that reads;
-    JSON lists as tuples), {} when none has them."""
+    """The run's own arguments, in its newest meta that reads (lists as tuples); {} for none."""
     try:
         saved = runs.newest_loadable(checkpoint, runs.read_meta, quiet=True)[1].get('args') or {}
     except runs.CheckpointError:
@@ -477,8 +447,7 @@ def run_args(checkpoint):
 
 
 def results_dir(args, run):
-    """--out-dir; else the run folder when this evaluation measures what the run's own did; else
-    <run>/eval-<what differs> (e.g. eval-shots-1), said on stderr."""
+    """--out-dir, the run folder, or when settings differ <run>/eval-<them> (e.g. eval-shots-1)."""
     if args.out_dir:
         return args.out_dir
     folder = epath.Path(args.checkpoint)
@@ -491,33 +460,25 @@ def results_dir(args, run):
         differs['ckpt'], folder = runs.step_of(folder), folder.parent
     if not differs:
         return str(folder)
-    parts = []
-    for k, v in differs.items():
-        value = os.path.basename(str(v).rstrip('/'))   # a path: its last part
-        if isinstance(v, tuple):
-            value = '+'.join(map(str, v))
-        parts.append(k.replace('_', '-') + '-' + (value or 'none'))
+    values = {k: os.path.basename(str(v).rstrip('/')) for k, v in differs.items()}   # paths: a name
+    values.update({k: '+'.join(map(str, v)) for k, v in differs.items() if isinstance(v, tuple)})
+    parts = [k.replace('_', '-') + '-' + (v or 'none') for k, v in values.items()]
     out = str(folder / ('eval-' + '-'.join(parts)))
-    print(f'note: evaluating with other settings than the run\'s own ({", ".join(parts)}): '
-          f'results go to {out}', file=sys.stderr)
+    print(f'note: settings differ from the run\'s own: results go to {out}', file=sys.stderr)
     return out
 
 
 def cli(argv=None):
-    """Data flags default to the evaluated run's own (its checkpoint's meta); flags given override
-    them. Local paths are made absolute here."""
+    """Data flags default to the evaluated run's own; flags given override them."""
     import tyro
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument('--checkpoint', default='')
     ckpt = parser.parse_known_args(argv)[0].checkpoint   # argv None: sys.argv, as for tyro
-    run = {}
-    if ckpt:
-        run = run_args(data.local_path(ckpt))
+    run = run_args(data.local_path(ckpt))   # {} for none
     default = EvalArgs(**{k: v for k, v in run.items() if k in SETTINGS})
     args = tyro.cli(EvalArgs, default=default, args=argv)
     paths = ('checkpoint', 'out_dir', 'merge_into', 'save_task_state', 'task_state')
-    paths += data.DATA_PATHS
-    data.absolute_paths(args, paths, ('tokenizer',))
+    data.absolute_paths(args, paths + data.DATA_PATHS, ('tokenizer',))
     return main(args, run)
 
 

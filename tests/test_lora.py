@@ -169,7 +169,7 @@ def test_merge_into_refuses_a_run_that_is_not_lora_only(tmp_path, monkeypatch):
 
     def no_loading(*a, **kw):
         raise AssertionError('loaded the weights before checking the run')
-    monkeypatch.setattr(HN, 'load_run', no_loading)
+    monkeypatch.setattr(runs, 'load_run', no_loading)
     with pytest.raises(data.DataError, match='not a LoRA-only run'):
         merge_cli(run, str(tmp_path / 'merged'), monkeypatch)
     assert not os.path.exists(tmp_path / 'merged')
