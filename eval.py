@@ -397,10 +397,26 @@ def one_off(args, cfg, hcfg, params, tokenizer, lines, itok):
     return [tokenizer.decode(row) for row in ids]
 
 
+def merge_lora(t5_params, state):
+    """Plain T5 parameters with one task's generated LoRA folded in: W_q + A_q B_q and W_v + A_v B_v
+    in every attention block. state: one task (select_task) holding a LoRA and nothing else."""
+    blocks = (('encoder', 'self_attn', 'lora'), ('decoder', 'self_attn', 'self_lora'),
+              ('decoder', 'cross_attn', 'cross_lora'))
+    names = set(state['encoder']) | set(state['decoder'])
+    assert names == {name for *_, name in blocks} and state['memory'] is None, 'a LoRA only'
+    assert state['encoder']['lora']['q_a'].ndim == 3, 'one task (select_task), not a batch'
+    out = jax.tree.map(jnp.asarray, t5_params)   # new dicts, the same arrays
+    for stack, block, name in blocks:
+        lora, w = state[stack][name], out[stack]['layers'][block]
+        for n in 'qv':   # [L, D, R] @ [L, R, HK] -> [L, D, HK], our kernels' [in, out] layout
+            w[n] = (w[n] + lora[n + '_a'] @ lora[n + '_b']).astype(w[n].dtype)
+    return out
+
+
 def merge_into(args, cfg, hcfg, params, tokenizer, itok):
     """One task's LoRA merged into the run's T5, a transformers folder: plain T5 code serves it."""
     state = instruction_state(args, params, cfg, hcfg, itok)   # as one-off mode encodes it
-    M.save_t5(HN.merge_lora(params['t5'], state), cfg, args.merge_into)
+    M.save_t5(merge_lora(params['t5'], state), cfg, args.merge_into)
     if isinstance(tokenizer, data.SentencePieceTokenizer):
         shutil.copy(tokenizer.name, os.path.join(args.merge_into, 'spiece.model'))
     print(f'{args.merge_into}: T5 with the task\'s LoRA merged in (T5ForConditionalGeneration)')

@@ -232,19 +232,3 @@ def hint_forward(params, cfg, hcfg, instruction_ids, input_ids, decoder_input_id
         instructions = jnp.take(instruction_ids, first_row, axis=0)
         state = select_task(encode_task(params, cfg, hcfg, instructions, r1), task_of_row)
     return M.t5_forward(params['t5'], cfg, input_ids, decoder_input_ids, mods=state, rng=r2)
-
-
-def merge_lora(t5_params, state):
-    """Plain T5 parameters with one task's generated LoRA folded in: W_q + A_q B_q and W_v + A_v B_v
-    in every attention block. state: one task (select_task) holding a LoRA and nothing else."""
-    blocks = (('encoder', 'self_attn', 'lora'), ('decoder', 'self_attn', 'self_lora'),
-              ('decoder', 'cross_attn', 'cross_lora'))
-    names = set(state['encoder']) | set(state['decoder'])
-    assert names == {name for *_, name in blocks} and state['memory'] is None, 'a LoRA only'
-    assert state['encoder']['lora']['q_a'].ndim == 3, 'one task (select_task), not a batch'
-    out = jax.tree.map(jnp.asarray, t5_params)   # new dicts, the same arrays
-    for stack, block, name in blocks:
-        lora, w = state[stack][name], out[stack]['layers'][block]
-        for n in 'qv':   # [L, D, R] @ [L, R, HK] -> [L, D, HK], our kernels' [in, out] layout
-            w[n] = (w[n] + lora[n + '_a'] @ lora[n + '_b']).astype(w[n].dtype)
-    return out

@@ -110,7 +110,7 @@ def test_merged_lora_is_a_plain_transformers_t5(hf_t5, tmp_path):
     dec = M.shift_right(ids(7, (3, 6), [6, 4, 2], cfg.vocab_size))
     ours = HN.hint_forward(params, cfg, LORA_ONLY, jnp.broadcast_to(ins, (3, 10)), inp, dec)
     state = HN.select_task(HN.encode_task(params, cfg, LORA_ONLY, ins), 0)
-    merged = HN.merge_lora(params['t5'], state)
+    merged = E.merge_lora(params['t5'], state)
     M.save_t5(merged, cfg, str(tmp_path / 'merged'))
     theirs = hf_logits(str(tmp_path / 'merged'), inp, dec)
     assert np.abs(theirs - np.asarray(ours)).max() <= 1e-4
@@ -120,9 +120,9 @@ def test_merged_lora_is_a_plain_transformers_t5(hf_t5, tmp_path):
     assert float(jnp.abs(M.t5_forward(back, back_cfg, inp, dec) - ours).max()) <= 1e-4
     # a state with other modules, or a batched one, does not merge
     with pytest.raises(AssertionError, match='a LoRA only'):
-        HN.merge_lora(params['t5'], {**state, 'memory': {'E': jnp.zeros((3, cfg.d_model))}})
+        E.merge_lora(params['t5'], {**state, 'memory': {'E': jnp.zeros((3, cfg.d_model))}})
     with pytest.raises(AssertionError, match='not a batch'):
-        HN.merge_lora(params['t5'], HN.encode_task(params, cfg, LORA_ONLY, ins))
+        E.merge_lora(params['t5'], HN.encode_task(params, cfg, LORA_ONLY, ins))
 
 
 def train_run(tmp_path, name, **kw):
