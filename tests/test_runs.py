@@ -24,10 +24,16 @@ RUN = [*TINY, '--save-every', '2', '--keep-checkpoints', '4', '--log-every', '1'
 
 
 def start(script, *args, cache=CACHE, **kw):
-    """`python SCRIPT ARGS` started in the repo root: a Popen with text pipes."""
+    """`python SCRIPT ARGS` started in the repo root: a Popen with text pipes. Ctrl-C reaches it as
+    in a terminal: a process that ignores SIGINT passes that on to what it starts, and a pytest-xdist
+    worker was seen ignoring it after other tests' libraries ran (/proc/PID/status, SigIgn)."""
     argv = [sys.executable, script, *map(str, args), '--cache-dir', str(cache)]
-    return subprocess.Popen(argv, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, **kw)
+    ignored = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(argv, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, **kw)
+    finally:
+        signal.signal(signal.SIGINT, ignored)
 
 
 def steps_of(out):
