@@ -255,8 +255,11 @@ def save(manager, step, state, meta, keep):
         manager.save(step, args=items, force=True)
     except Exception:   # this save's own temporary folder goes; a full disk keeps the others
         for partial in set(temporary_folders(manager.directory)) - before:
-            if jax.process_index() == 0:
-                partial.rmtree(missing_ok=True)
+            try:
+                if jax.process_index() == 0:
+                    partial.rmtree(missing_ok=True)
+            except OSError:   # orbax's threads still write to it: cleared at the next start
+                pass
         raise
     # newer ones of this run are the leftovers of an attempt that resumed from an older one
     ours = [s for s in manager.all_steps() if s <= step]

@@ -9,13 +9,11 @@ The run ends with an evaluation on the test split (metrics.json, predictions.jso
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
 import math
 import os
-import signal
 import sys
 import time
 import uuid
