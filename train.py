@@ -36,9 +36,7 @@ import runs
 @dataclasses.dataclass
 class Args(data.DataArgs):
     # Fields left at None take the task's defaults (TASK_DEFAULTS: the paper's recipe for ni, p3)
-    init: str | None = None
-    """a preset (tiny, mini, small, base, large, xl, xxl), a transformers checkpoint folder or hub
-    name (google/t5-base-lm-adapt), or a run folder of this repo (e.g. C4 pretraining)"""
+    init: str | None = None   # a preset (tiny .. xxl), transformers folder or hub name, or a run
     baseline: Literal['none', 'full-input', 'input-only'] = 'none'   # none: HINT; else plain T5
     adapters: bool = True           # generated parallel adapters on every feed-forward block
     prefixes: bool = True           # generated key/value prefixes in every attention block
@@ -171,8 +169,7 @@ def tokenizer_for(args) -> str:
 
 
 def build_model(args, tokenizer, place=None):
-    """(cfg, hcfg, params) from --init; a transformers checkpoint's weights go straight onto their
-    devices, one at a time, as place(shape) -> sharding says."""
+    """(cfg, hcfg, params) from --init; imported weights go straight to place(array)'s devices."""
     hcfg = hyper_config(args)
     overrides = {'dropout_rate': args.dropout, 'dtype': args.dtype, 'remat': args.remat}
     t5, encoder = None, None
@@ -219,9 +216,7 @@ def make_optimizer(args):
 
 def make_grad_fn(cfg, hcfg, mesh, accum, n_tasks=None):
     """(params, batch, rng) -> (loss, ce, grads). shard_map splits the batch over 'data'; inside,
-    XLA shards it and the parameters over 'fsdp' (a layer's weights are gathered where used, the
-    gradients come out sharded like them). batch['task_id'] and n_tasks (task_ids()): a
-    micro-batch's distinct instructions are encoded once each."""
+    XLA shards it and the parameters over 'fsdp' (weights gathered where used, as FSDP)."""
     split = mesh.shape['data'] > 1   # XLA cannot partition a psum over a 'data' axis of size 1
 
     def data_sum(x):
@@ -277,9 +272,8 @@ def make_train_step(cfg, hcfg, optimizer, schedule, mesh, accum, seed):
 
 
 def task_ids(instruction, per_micro, accum):
-    """(task id [rows], n_tasks) of this host's rows [rows, Li]: equal ids for equal instructions,
-    and a power of two >= the distinct instructions of any micro-batch (rows i, i + accum, ... of
-    each data shard). n_tasks = per_micro turns the sharing off (e.g. a shard split over hosts)."""
+    """(task id [rows], n_tasks): equal ids for equal instructions, and a power of two >= the
+    distinct instructions of any micro-batch (n_tasks = per_micro: no sharing)."""
     ids = np.unique(instruction, axis=0, return_inverse=True)[1].reshape(-1).astype(np.int32)
     if len(ids) % (per_micro * accum):
         return ids, per_micro
@@ -322,9 +316,8 @@ def make_feed(args, train_data, tokenizer, start, old_meta, progress):
         stream = data.c4_stream if args.task == 'c4' else data.p3_stream
         positions = (old_meta or {}).get('stream') or [None] * jax.process_count()
         if len(positions) != jax.process_count():
-            print(f'warning: {progress.last_good} holds stream positions for {len(positions)} '
-                  f'process(es), not {jax.process_count()}: the stream starts again',
-                  file=sys.stderr)
+            print(f'warning: {progress.last_good} holds {len(positions)} stream positions, not '
+                  f'{jax.process_count()}: the stream starts again', file=sys.stderr)
             positions = [None] * jax.process_count()
         feed = stream(args, tokenizer, args.batch_size, jax.process_index(), jax.process_count(),
                       positions[jax.process_index()])
@@ -353,8 +346,7 @@ def to_device(batch, hcfg, args, mesh, progress):
 
 
 def log(args, step, metrics, progress, writer):
-    """The progress line and TensorBoard scalars; stops on a loss that is not finite, warns once on
-    a loss stuck with zero gradient."""
+    """The progress line and TensorBoard scalars; stops on a loss that is not finite."""
     metrics = {k: float(v) for k, v in metrics.items()}
     loss, gnorm = metrics['loss'], metrics['grad_norm']
     if not (math.isfinite(loss) and math.isfinite(gnorm)):
@@ -386,8 +378,7 @@ def log(args, step, metrics, progress, writer):
 
 
 def save(args, step, state, meta, position, manager, lock, progress):
-    """A checkpoint of every process's shards (and stream position); stops, saving nothing,
-    when another run has taken --out-dir."""
+    """A checkpoint of every process's shards and stream position, unless another run took it."""
     taken = runs.lock_lost(lock, args.out_dir)
     if runs.agreed_max(bool(taken)):   # every process stops; the lead knows who took it
         raise TrainingError(f'step {step}: another run took {args.out_dir} ({taken}); stopped '
