@@ -1,9 +1,7 @@
 """Data for HINT: tokenizers; synthetic, Super-NaturalInstructions (SNI), C4 and P3 tasks.
 
-Every task gives an `instruction` (hypernetwork), an `input` (encoder) and a `target` (decoder):
-0-padded int32 arrays, each text cut to L-1 tokens + EOS (HINT.md sections 5-6). `batches` serves
-a deterministic, resumable stream. Getting the data: docs/data.md.
-
+Each task gives an `instruction` (hypernetwork), an `input` (encoder) and a `target` (decoder), as
+0-padded int32 arrays, each text cut to L-1 tokens + EOS. Getting the data: docs/data.md.
     python data.py --task ni --data-dir natural-instructions --split test --shots 2 --show 3
 """
 from __future__ import annotations
@@ -69,15 +67,14 @@ def tokenizer_name(args: DataArgs) -> str:
 
 
 def lengths(args: DataArgs) -> tuple[int, int, int]:
-    """(instruction_len, input_len, target_len) as the paper (synthetic: fits by construction).
-    full-input: an [N, 1] padding instruction; synthetic's input holds both, uncut."""
+    """(instruction_len, input_len, target_len): the flags, else the paper's (synthetic: fits)."""
     li, lx, ly = {'synthetic': (64 + 72 * args.shots, 32, 32), 'ni': (1024, 1024, 256),
                   'c4': (512, 512, 512), 'p3': (512, 1024, 256)}[args.task]
     li, ly = args.instruction_len or li, args.target_len or ly
     if args.format != 'full-input':
         return li, args.input_len or lx, ly
     whole = 1024 if args.task in ('ni', 'p3') else li + lx   # ni, p3: the paper's limit
-    return 1, args.input_len or whole, ly
+    return 1, args.input_len or whole, ly   # an [N, 1] padding instruction
 
 
 def check_args(args: DataArgs):
@@ -89,19 +86,16 @@ def check_args(args: DataArgs):
     for name, low in least.items():
         if getattr(args, name) is not None and getattr(args, name) < low:
             raise DataError(f'--{name.replace("_", "-")} must be at least {low}')
-    most, allowed = 2, '0, 1 or 2'
-    if args.task == 'p3':
-        most, allowed = 5, '0 to 5'
+    most = 5 if args.task == 'p3' else 2
     if not 0 <= args.shots <= most:
-        raise DataError(f'--shots must be {allowed} for --task {args.task}, got {args.shots}')
+        raise DataError(f'--shots must be 0 to {most} for --task {args.task}, got {args.shots}')
     if args.format == 'split' and args.task != 'ni':
         raise DataError(f'--format split is for --task ni only, not {args.task}')
     if args.p3_templates and not os.path.isfile(args.p3_templates):
         raise DataError(f'--p3-templates {args.p3_templates}: no such file')
-    known = P3_TRAIN + tuple(P3_HELD_OUT)
-    unknown = [d for d in args.p3_datasets if d not in known]
+    unknown = set(args.p3_datasets) - set(P3_TRAIN) - set(P3_HELD_OUT)
     if unknown:
-        raise DataError(f'--p3-datasets: unknown {unknown}; known: {", ".join(known)}')
+        raise DataError(f'--p3-datasets: unknown {sorted(unknown)}; see P3_TRAIN, P3_HELD_OUT')
 
 
 DATA_PATHS = ('data_dir', 'cache_dir', 'p3_templates')   # DataArgs' local paths (absolute_paths)
@@ -468,9 +462,7 @@ def build_ni(args: DataArgs, split: str, tokenizer):
     return rows, skipped
 
 
-# 3. C4, as the original's c4_pretrain (t5's prefix-LM objective): the documents' tokens in a row,
-# cut into windows of L = --target-len tokens, each cut in three at a ~ U[1, L-2), b ~ U[a, L-2):
-# instruction w[:a], input w[a:b] (may be empty), target w[b:]; with widths of L, nothing is cut.
+# 3. C4 as the original's c4_pretrain: t5's prefix-LM windows, each cut in three (docs/data.md).
 
 
 def c4_files(args: DataArgs, split: str) -> list[str]:
@@ -508,7 +500,8 @@ def c4_texts(documents, where: str):
 
 
 def c4_segments(args: DataArgs, window: list[int], seed: int, index: int, eos_id: int):
-    """({field: ids}, {field: was cut}) of window `index`: an empty input is EOS alone (t5's)."""
+    """({field: ids}, {field: was cut}) of window `index`: instruction w[:a], input w[a:b] (an
+    empty input is EOS alone, as t5's), target w[b:]."""
     rng = np.random.default_rng([seed, index])
     a = int(rng.integers(1, len(window) - 2))   # high is exclusive: [1, L-2)
     b = int(rng.integers(a, len(window) - 2))
@@ -548,8 +541,7 @@ def build_c4(args: DataArgs, split: str, tokenizer):
     return rows, {}
 
 
-# 4. P3 (T0's prompted datasets) as bigscience/P3 lays it out (docs/data.md): a configuration
-# per (dataset, prompt template), named <dataset>[_<subset>]_<template>.
+# 4. P3 (T0's prompted datasets): a configuration per (dataset, prompt template) (docs/data.md).
 
 # T0's 38 training datasets, named as P3 prefixes its configurations (CommonsenseQA is cos_e v1.11).
 P3_TRAIN = tuple("""adversarial_qa_dbert adversarial_qa_dbidaf adversarial_qa_droberta ag_news
@@ -609,13 +601,11 @@ def p3_configs(args: DataArgs, split: str) -> list[tuple[str, str, list[str], li
             raise DataError(f'{folder}: no {" or ".join(names)}-*.parquet files')
         found.append((max(matches)[1], config, files, p3_split_files(folder, P3_TRAIN_SPLITS)))
     missing = [d for d in table if d not in {f[0] for f in found}]
-    if 'story_cloze_2016' in missing:
+    if 'story_cloze_2016' in missing:   # not public: the message says how to do without it
         others = ' '.join(d for d in table if d != 'story_cloze_2016')
-        raise DataError(f'{root}: no story_cloze_2016_* configuration: get StoryCloze (see '
-                        f'docs/data.md) or evaluate without it: --p3-datasets {others}')
+        raise DataError(f'{root}: no story_cloze_2016 (docs/data.md); or --p3-datasets {others}')
     if missing:
-        raise DataError(f'{root}: no configuration of dataset {missing[0]} (folders '
-                        f'{"*".join(table[missing[0]])}; see docs/data.md)')
+        raise DataError(f'{root}: no {"*".join(table[missing[0]])} folder (see docs/data.md)')
     return found
 
 
@@ -657,8 +647,7 @@ def p3_words(text: str) -> list[str]:
 
 
 def p3_template(prompts: list[str], field: str = '[X]') -> str:
-    """The text the prompts of one template share, each span that varies one `field`: prompts are
-    aligned word by word (difflib); chance matches inside fields are gaps (docs/data.md)."""
+    """The text the prompts of one template share, each span that varies one `field` (docs)."""
     words = p3_words(prompts[0])
     for prompt in prompts[1:]:
         other, out, i, j = p3_words(prompt), [], 0, 0
@@ -818,7 +807,7 @@ def p3_mixture(args: DataArgs, tokenizer, state: dict | None = None):
     texts = p3_texts(args, 'train', configs, tokenizer)
     state = json.loads(json.dumps(state or {'draws': 0, 'counts': [0] * len(configs)}))
     if len(state['counts']) != len(configs):
-        raise DataError(f'the saved P3 position counts {len(state["counts"])} templates, the data '
+        raise DataError(f'the saved P3 position has {len(state["counts"])} templates, the data '
                         f'{len(configs)}: resume with the same --data-dir and --p3-datasets')
     return configs, texts, groups, p3_draws(args, configs, groups, state), state, skipped
 
@@ -897,25 +886,21 @@ def padded(rows: list[dict], widths, pad_id: int) -> dict:
 
 
 def sources(args: DataArgs, split: str) -> list[str]:
-    """The split's source files, after fetching SNI or P3 if needed."""
-    if args.task == 'ni' and not args.data_dir:
-        args.data_dir = fetch_ni(args)
-    if args.task == 'p3' and not args.data_dir:
-        args.data_dir = fetch_p3(args)
+    """The split's source files (the cache key's), after fetching SNI or P3 if needed."""
     if args.task == 'ni':
+        args.data_dir = args.data_dir or fetch_ni(args)
         split_file, tasks = ni_task_files(args.data_dir, split)
         return [split_file] + [p for _, p in tasks]
     if args.task == 'c4':
         return c4_files(args, split)
     if args.task != 'p3':
         return []
-    files = []
+    args.data_dir = args.data_dir or fetch_p3(args)
+    files = [args.p3_templates] if args.p3_templates else []
     for _, _, split_files, train_files in p3_configs(args, split):
         files += split_files
         if split == 'test':   # held-out demonstrations come from the train files
             files += train_files
-    if args.p3_templates:
-        files.append(args.p3_templates)
     return files
 
 
@@ -979,13 +964,11 @@ def interrupted(kept: str = 'nothing was written'):
 
 
 def load_split(args: DataArgs, split: str, tokenizer) -> dict:
-    """{'instruction' [N, Li], 'input' [N, Lx], 'target' [N, Ly] int32, 'examples', 'skipped',
-    'truncated'}; built once, then read from cache_dir."""
+    """{field: [N, L] int32, 'lengths' [N, 3], 'examples', 'skipped', 'truncated'}; cached."""
     if split not in ('train', 'test'):
         raise DataError(f'split must be train or test, got {split!r}')
     check_args(args)
-    files = sources(args, split)
-    path, data = cache_path(args, split, tokenizer, files), None
+    path, data = cache_path(args, split, tokenizer, sources(args, split)), None
     if os.path.exists(path):
         try:
             data, how = load_cache(path), 'cached'
@@ -998,8 +981,7 @@ def load_split(args: DataArgs, split: str, tokenizer) -> dict:
         if args.task != 'c4':   # C4's rows are token ids already
             rows = list(tokenize_rows(rows, args, tokenizer))
         if not rows:
-            where = ', '.join(files[:1]) or args.task
-            raise DataError(f'{where}: no {split} instances (skipped: {skipped})')
+            raise DataError(f'{args.data_dir or args.task}: no {split} rows (skipped: {skipped})')
         data, how = padded([ids for _, ids, _ in rows], lengths(args), tokenizer.pad_id), 'built'
         data.update(examples=[r[0] for r in rows], skipped=skipped,
                     truncated={k: sum(cut[k] for *_, cut in rows) for k in FIELDS})
@@ -1036,12 +1018,10 @@ def bucket(n: int, cap: int) -> int:
 
 def batches(data: dict, batch_size: int, seed: int, start_step: int = 0, process_index: int = 0,
             process_count: int = 1, group_by_length: bool = False):
-    """Yields this host's share of each global batch, cut to the GLOBAL batch's bucket (the same
-    shapes on every host)."""
+    """This host's share of each global batch, cut to the GLOBAL batch's bucket (same shapes)."""
     n = len(data['input'])
     if n == 0 or batch_size % process_count:
-        raise ValueError(f'need data and batch_size ({batch_size}) divisible by process_count '
-                         f'({process_count})')
+        raise ValueError(f'no rows, or batch_size {batch_size} not divisible by {process_count}')
     share = batch_size // process_count
     lens = data.get('lengths')
     if lens is None:
