@@ -102,8 +102,7 @@ DATA_PATHS = ('data_dir', 'cache_dir', 'p3_templates')   # DataArgs' local paths
 
 
 def local_path(path):
-    """A local path made absolute; URLs (gs://...) and '' as they are."""
-    return path if not path or '://' in path else os.path.abspath(path)
+    return path if not path or '://' in path else os.path.abspath(path)   # URLs stay (gs://...)
 
 
 def absolute_paths(args, paths=(), maybe_paths=()):
@@ -500,8 +499,7 @@ def c4_texts(documents, where: str):
 
 
 def c4_segments(args: DataArgs, window: list[int], seed: int, index: int, eos_id: int):
-    """({field: ids}, {field: was cut}) of window `index`: instruction w[:a], input w[a:b] (an
-    empty input is EOS alone, as t5's), target w[b:]."""
+    """({field: ids}, {field: was cut}) of window `index`: w[:a], w[a:b] (maybe empty), w[b:]."""
     rng = np.random.default_rng([seed, index])
     a = int(rng.integers(1, len(window) - 2))   # high is exclusive: [1, L-2)
     b = int(rng.integers(a, len(window) - 2))
@@ -618,10 +616,9 @@ def fetch_p3(args: DataArgs) -> str:
                 for prefix, suffix in p3_table(args, split).values()
                 for name in names for top in ('data/', '')]
     print('data: no --data-dir; fetching the files needed from bigscience/P3', file=sys.stderr)
+    from huggingface_hub import snapshot_download
     with fetching('download bigscience/P3', 'see docs/data.md'):
-        from huggingface_hub import snapshot_download
-        return snapshot_download(repo_id='bigscience/P3', repo_type='dataset',
-                                 allow_patterns=patterns)
+        return snapshot_download('bigscience/P3', repo_type='dataset', allow_patterns=patterns)
 
 
 def read_p3(files: list[str], columns: list[str], limit: int | None = None) -> dict:
@@ -646,8 +643,8 @@ def p3_words(text: str) -> list[str]:
     return re.findall(r'\w+|\s+|[^\w\s]', text)
 
 
-def p3_template(prompts: list[str], field: str = '[X]') -> str:
-    """The text the prompts of one template share, each span that varies one `field` (docs)."""
+def p3_template(prompts: list[str]) -> str:
+    """The text the prompts of one template share, each span that varies one [X] (docs/data.md)."""
     words = p3_words(prompts[0])
     for prompt in prompts[1:]:
         other, out, i, j = p3_words(prompt), [], 0, 0
@@ -666,7 +663,7 @@ def p3_template(prompts: list[str], field: str = '[X]') -> str:
             parts[k - 1:k + 2], k = [None], 1
         else:
             k += 1
-    return ''.join(field if p is None else p for p in parts)
+    return ''.join('[X]' if p is None else p for p in parts)
 
 
 def p3_chance_match(parts: list, k: int, prompts: list[str]) -> bool:
@@ -741,15 +738,13 @@ def p3_groups(files: list[str]) -> list[tuple[str, int, int]]:
 
 @functools.lru_cache(maxsize=512)   # more than T0's ~300 templates: each keeps its current group
 def p3_row_group(path: str, g: int) -> tuple[list, list]:
-    """(prompted inputs, targets) of row group g of a P3 parquet file."""
     import pyarrow.parquet as pq
     table = pq.ParquetFile(path).read_row_group(g, columns=P3_COLUMNS)
     return table.column(0).to_pylist(), table.column(1).to_pylist()
 
 
 def p3_draws(args: DataArgs, configs, groups, state: dict):
-    """Yields (template, row group, row), a pure function of (seed, position): `state` {'draws',
-    'counts' per template} advances in place; a copy of it resumes the stream."""
+    """Yields (template, row group, row): a pure function of (seed, `state`), advanced in place."""
     sizes = [sum(n for *_, n in g) for g in groups]
     rates, names = np.array(sizes, np.float64), np.array([d for d, *_ in configs])
     for d in set(names):   # T0's mixing rates: a template's size, capped per dataset
@@ -951,9 +946,9 @@ def load_cache(path: str) -> dict:
     return data
 
 
-def count_skipped(skipped: dict, first: int = 3) -> dict:
+def count_skipped(skipped: dict) -> dict:
     """{reason: {count, first names}} of a split's 'skipped' {reason: names}."""
-    return {reason: {'count': len(names), 'first': list(names)[:first]}
+    return {reason: {'count': len(names), 'first': list(names)[:3]}
             for reason, names in skipped.items() if names}
 
 
