@@ -4,7 +4,6 @@ Each task gives an `instruction` (hypernetwork), an `input` (encoder) and a `tar
 0-padded int32 arrays, each text cut to L-1 tokens + EOS. Getting the data: docs/data.md.
     python data.py --task ni --data-dir natural-instructions --split test --shots 2 --show 3
 """
-from __future__ import annotations
 
 import collections
 import concurrent.futures
@@ -481,12 +480,11 @@ def c4_documents(args: DataArgs, split: str, process_index: int = 0, process_cou
     from datasets.distributed import split_dataset_by_node
     files = c4_files(args, split)
     name = 'train' if split == 'train' else 'validation'
-    where, source = 'allenai/c4 (en) on the Hugging Face hub', dict(path='allenai/c4', name='en')
-    if files:
-        where, source = files[0] + ', ...', dict(path='json', data_files=files, name=None)
-        name = 'train'   # the json loader's only split
+    where, source = 'allenai/c4 (en) on the hub', dict(path='allenai/c4', name='en', split=name)
+    if files:   # the json loader's only split is 'train'
+        where, source = files[0] + ', ...', dict(path='json', data_files=files, split='train')
     with fetching(f'stream {where}', 'pass --data-dir with c4-*.json.gz shards'):
-        ds = datasets.load_dataset(**source, split=name, streaming=True)
+        ds = datasets.load_dataset(**source, streaming=True)
     return split_dataset_by_node(ds, rank=process_index, world_size=process_count), where
 
 
@@ -931,18 +929,17 @@ def write_atomic(path: str, content: bytes):
 
 
 def save_cache(path: str, data: dict):
-    meta = {k: data[k] for k in ('examples', 'skipped', 'truncated')}
-    meta = json.dumps(meta, ensure_ascii=False).encode('utf-8')
+    meta = json.dumps({k: data[k] for k in ('examples', 'skipped', 'truncated')})
     arrays = {k: data[k] for k in FIELDS + ('choices', 'answer') if k in data}
     npz = io.BytesIO()
-    np.savez_compressed(npz, **arrays, meta=np.frombuffer(meta, np.uint8))
+    np.savez_compressed(npz, **arrays, meta=np.frombuffer(meta.encode(), np.uint8))
     write_atomic(path, npz.getvalue())
 
 
 def load_cache(path: str) -> dict:
     with np.load(path) as z:
-        data = {k: z[k].astype(np.int32) for k in FIELDS + ('choices', 'answer') if k in z.files}
-        data.update(json.loads(z['meta'].tobytes().decode('utf-8')))
+        data = {k: z[k].astype(np.int32) for k in z.files if k != 'meta'}
+        data.update(json.loads(z['meta'].tobytes()))
     return data
 
 
@@ -968,8 +965,7 @@ def load_split(args: DataArgs, split: str, tokenizer) -> dict:
         try:
             data, how = load_cache(path), 'cached'
         except Exception as e:   # cut short by a full disk or a copy: any cache that does not load
-            print(f'data: {path} does not load ({type(e).__name__}: {e}); rebuilding it',
-                  file=sys.stderr)
+            print(f'data: {path} does not load ({e!r}); rebuilding it', file=sys.stderr)
     if data is None:
         build = {'synthetic': build_synthetic, 'ni': build_ni, 'c4': build_c4, 'p3': build_p3}
         rows, skipped = build[args.task](args, split, tokenizer)
@@ -983,8 +979,7 @@ def load_split(args: DataArgs, split: str, tokenizer) -> dict:
         if args.task == 'p3' and split == 'test':   # rank classification's answer choices
             data.update(p3_choice_arrays(data['examples'], tokenizer, lengths(args)[2]))
         save_cache(path, data)
-    lens = [row_lengths(data[k], tokenizer.pad_id) for k in FIELDS]
-    data['lengths'] = np.stack(lens, 1)   # [N, 3]
+    data['lengths'] = np.stack([row_lengths(data[k], tokenizer.pad_id) for k in FIELDS], 1)
     tasks = len({e['task'] for e in data['examples']})
     print(f'data: {args.task}/{split} ({args.format}, {args.shots} shots): {len(data["examples"])} '
           f'instances from {tasks} tasks; skipped {count_skipped(data["skipped"])}; truncated '
