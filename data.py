@@ -94,7 +94,7 @@ def check_args(args: DataArgs):
         raise DataError(f'--p3-templates {args.p3_templates}: no such file')
     unknown = set(args.p3_datasets) - set(P3_TRAIN) - set(P3_HELD_OUT)
     if unknown:
-        raise DataError(f'--p3-datasets: unknown {sorted(unknown)}; see P3_TRAIN, P3_HELD_OUT')
+        raise DataError(f'--p3-datasets: unknown {sorted(unknown)} (known: P3_* in data.py)')
 
 
 DATA_PATHS = ('data_dir', 'cache_dir', 'p3_templates')   # DataArgs' local paths (absolute_paths)
@@ -800,7 +800,7 @@ def p3_mixture(args: DataArgs, tokenizer, state: dict | None = None):
     texts = p3_texts(args, 'train', configs, tokenizer)
     state = json.loads(json.dumps(state or {'draws': 0, 'counts': [0] * len(configs)}))
     if len(state['counts']) != len(configs):
-        raise DataError(f'the saved P3 position has {len(state["counts"])} templates, the data '
+        raise DataError(f'the saved P3 position counts {len(state["counts"])} templates, the data '
                         f'{len(configs)}: resume with the same --data-dir and --p3-datasets')
     return configs, texts, groups, p3_draws(args, configs, groups, state), state, skipped
 
