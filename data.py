@@ -1,12 +1,9 @@
 """Data for HINT: tokenizers; synthetic, Super-NaturalInstructions (SNI), C4 and P3 tasks.
 
-Every task gives an `instruction` (hypernetwork), an `input` (encoder) and a `target` (decoder):
-0-padded int32 arrays, each text cut to L-1 tokens + EOS (HINT.md sections 5-6). `batches` serves
-a deterministic, resumable stream. Getting the data: docs/data.md.
-
+Each task gives an `instruction` (hypernetwork), an `input` (encoder) and a `target` (decoder), as
+0-padded int32 arrays, each text cut to L-1 tokens + EOS. Getting the data: docs/data.md.
     python data.py --task ni --data-dir natural-instructions --split test --shots 2 --show 3
 """
-from __future__ import annotations
 
 import collections
 import concurrent.futures
@@ -69,15 +66,14 @@ def tokenizer_name(args: DataArgs) -> str:
 
 
 def lengths(args: DataArgs) -> tuple[int, int, int]:
-    """(instruction_len, input_len, target_len) as the paper (synthetic: fits by construction).
-    full-input: an [N, 1] padding instruction; synthetic's input holds both, uncut."""
+    """(instruction_len, input_len, target_len): the flags, else the paper's (synthetic: fits)."""
     li, lx, ly = {'synthetic': (64 + 72 * args.shots, 32, 32), 'ni': (1024, 1024, 256),
                   'c4': (512, 512, 512), 'p3': (512, 1024, 256)}[args.task]
     li, ly = args.instruction_len or li, args.target_len or ly
     if args.format != 'full-input':
         return li, args.input_len or lx, ly
     whole = 1024 if args.task in ('ni', 'p3') else li + lx   # ni, p3: the paper's limit
-    return 1, args.input_len or whole, ly
+    return 1, args.input_len or whole, ly   # an [N, 1] padding instruction
 
 
 def check_args(args: DataArgs):
@@ -89,27 +85,23 @@ def check_args(args: DataArgs):
     for name, low in least.items():
         if getattr(args, name) is not None and getattr(args, name) < low:
             raise DataError(f'--{name.replace("_", "-")} must be at least {low}')
-    most, allowed = 2, '0, 1 or 2'
-    if args.task == 'p3':
-        most, allowed = 5, '0 to 5'
+    most = 5 if args.task == 'p3' else 2
     if not 0 <= args.shots <= most:
-        raise DataError(f'--shots must be {allowed} for --task {args.task}, got {args.shots}')
+        raise DataError(f'--shots must be 0 to {most} for --task {args.task}, got {args.shots}')
     if args.format == 'split' and args.task != 'ni':
         raise DataError(f'--format split is for --task ni only, not {args.task}')
     if args.p3_templates and not os.path.isfile(args.p3_templates):
         raise DataError(f'--p3-templates {args.p3_templates}: no such file')
-    known = P3_TRAIN + tuple(P3_HELD_OUT)
-    unknown = [d for d in args.p3_datasets if d not in known]
+    unknown = set(args.p3_datasets) - set(P3_TRAIN) - set(P3_HELD_OUT)
     if unknown:
-        raise DataError(f'--p3-datasets: unknown {unknown}; known: {", ".join(known)}')
+        raise DataError(f'--p3-datasets: unknown {sorted(unknown)} (known: P3_* in data.py)')
 
 
 DATA_PATHS = ('data_dir', 'cache_dir', 'p3_templates')   # DataArgs' local paths (absolute_paths)
 
 
 def local_path(path):
-    """A local path made absolute; URLs (gs://...) and '' as they are."""
-    return path if not path or '://' in path else os.path.abspath(path)
+    return path if not path or '://' in path else os.path.abspath(path)   # URLs stay (gs://...)
 
 
 def absolute_paths(args, paths=(), maybe_paths=()):
@@ -468,9 +460,7 @@ def build_ni(args: DataArgs, split: str, tokenizer):
     return rows, skipped
 
 
-# 3. C4, as the original's c4_pretrain (t5's prefix-LM objective): the documents' tokens in a row,
-# cut into windows of L = --target-len tokens, each cut in three at a ~ U[1, L-2), b ~ U[a, L-2):
-# instruction w[:a], input w[a:b] (may be empty), target w[b:]; with widths of L, nothing is cut.
+# 3. C4 as the original's c4_pretrain: t5's prefix-LM windows, each cut in three (docs/data.md).
 
 
 def c4_files(args: DataArgs, split: str) -> list[str]:
@@ -490,12 +480,11 @@ def c4_documents(args: DataArgs, split: str, process_index: int = 0, process_cou
     from datasets.distributed import split_dataset_by_node
     files = c4_files(args, split)
     name = 'train' if split == 'train' else 'validation'
-    where, source = 'allenai/c4 (en) on the Hugging Face hub', dict(path='allenai/c4', name='en')
-    if files:
-        where, source = files[0] + ', ...', dict(path='json', data_files=files, name=None)
-        name = 'train'   # the json loader's only split
+    where, source = 'allenai/c4 (en) on the hub', dict(path='allenai/c4', name='en', split=name)
+    if files:   # the json loader's only split is 'train'
+        where, source = files[0] + ', ...', dict(path='json', data_files=files, split='train')
     with fetching(f'stream {where}', 'pass --data-dir with c4-*.json.gz shards'):
-        ds = datasets.load_dataset(**source, split=name, streaming=True)
+        ds = datasets.load_dataset(**source, streaming=True)
     return split_dataset_by_node(ds, rank=process_index, world_size=process_count), where
 
 
@@ -508,7 +497,7 @@ def c4_texts(documents, where: str):
 
 
 def c4_segments(args: DataArgs, window: list[int], seed: int, index: int, eos_id: int):
-    """({field: ids}, {field: was cut}) of window `index`: an empty input is EOS alone (t5's)."""
+    """({field: ids}, {field: was cut}) of window `index`: w[:a], w[a:b] (maybe empty), w[b:]."""
     rng = np.random.default_rng([seed, index])
     a = int(rng.integers(1, len(window) - 2))   # high is exclusive: [1, L-2)
     b = int(rng.integers(a, len(window) - 2))
@@ -548,8 +537,7 @@ def build_c4(args: DataArgs, split: str, tokenizer):
     return rows, {}
 
 
-# 4. P3 (T0's prompted datasets) as bigscience/P3 lays it out (docs/data.md): a configuration
-# per (dataset, prompt template), named <dataset>[_<subset>]_<template>.
+# 4. P3 (T0's prompted datasets): a configuration per (dataset, prompt template) (docs/data.md).
 
 # T0's 38 training datasets, named as P3 prefixes its configurations (CommonsenseQA is cos_e v1.11).
 P3_TRAIN = tuple("""adversarial_qa_dbert adversarial_qa_dbidaf adversarial_qa_droberta ag_news
@@ -609,13 +597,11 @@ def p3_configs(args: DataArgs, split: str) -> list[tuple[str, str, list[str], li
             raise DataError(f'{folder}: no {" or ".join(names)}-*.parquet files')
         found.append((max(matches)[1], config, files, p3_split_files(folder, P3_TRAIN_SPLITS)))
     missing = [d for d in table if d not in {f[0] for f in found}]
-    if 'story_cloze_2016' in missing:
+    if 'story_cloze_2016' in missing:   # not public: the message says how to do without it
         others = ' '.join(d for d in table if d != 'story_cloze_2016')
-        raise DataError(f'{root}: no story_cloze_2016_* configuration: get StoryCloze (see '
-                        f'docs/data.md) or evaluate without it: --p3-datasets {others}')
+        raise DataError(f'{root}: no story_cloze_2016 (docs/data.md); or --p3-datasets {others}')
     if missing:
-        raise DataError(f'{root}: no configuration of dataset {missing[0]} (folders '
-                        f'{"*".join(table[missing[0]])}; see docs/data.md)')
+        raise DataError(f'{root}: no {"*".join(table[missing[0]])} folder (see docs/data.md)')
     return found
 
 
@@ -628,10 +614,9 @@ def fetch_p3(args: DataArgs) -> str:
                 for prefix, suffix in p3_table(args, split).values()
                 for name in names for top in ('data/', '')]
     print('data: no --data-dir; fetching the files needed from bigscience/P3', file=sys.stderr)
+    from huggingface_hub import snapshot_download
     with fetching('download bigscience/P3', 'see docs/data.md'):
-        from huggingface_hub import snapshot_download
-        return snapshot_download(repo_id='bigscience/P3', repo_type='dataset',
-                                 allow_patterns=patterns)
+        return snapshot_download('bigscience/P3', repo_type='dataset', allow_patterns=patterns)
 
 
 def read_p3(files: list[str], columns: list[str], limit: int | None = None) -> dict:
@@ -656,9 +641,8 @@ def p3_words(text: str) -> list[str]:
     return re.findall(r'\w+|\s+|[^\w\s]', text)
 
 
-def p3_template(prompts: list[str], field: str = '[X]') -> str:
-    """The text the prompts of one template share, each span that varies one `field`: prompts are
-    aligned word by word (difflib); chance matches inside fields are gaps (docs/data.md)."""
+def p3_template(prompts: list[str]) -> str:
+    """The text the prompts of one template share, each span that varies one [X] (docs/data.md)."""
     words = p3_words(prompts[0])
     for prompt in prompts[1:]:
         other, out, i, j = p3_words(prompt), [], 0, 0
@@ -677,7 +661,7 @@ def p3_template(prompts: list[str], field: str = '[X]') -> str:
             parts[k - 1:k + 2], k = [None], 1
         else:
             k += 1
-    return ''.join(field if p is None else p for p in parts)
+    return ''.join('[X]' if p is None else p for p in parts)
 
 
 def p3_chance_match(parts: list, k: int, prompts: list[str]) -> bool:
@@ -752,15 +736,13 @@ def p3_groups(files: list[str]) -> list[tuple[str, int, int]]:
 
 @functools.lru_cache(maxsize=512)   # more than T0's ~300 templates: each keeps its current group
 def p3_row_group(path: str, g: int) -> tuple[list, list]:
-    """(prompted inputs, targets) of row group g of a P3 parquet file."""
     import pyarrow.parquet as pq
     table = pq.ParquetFile(path).read_row_group(g, columns=P3_COLUMNS)
     return table.column(0).to_pylist(), table.column(1).to_pylist()
 
 
 def p3_draws(args: DataArgs, configs, groups, state: dict):
-    """Yields (template, row group, row), a pure function of (seed, position): `state` {'draws',
-    'counts' per template} advances in place; a copy of it resumes the stream."""
+    """Yields (template, row group, row): a pure function of (seed, `state`), advanced in place."""
     sizes = [sum(n for *_, n in g) for g in groups]
     rates, names = np.array(sizes, np.float64), np.array([d for d, *_ in configs])
     for d in set(names):   # T0's mixing rates: a template's size, capped per dataset
@@ -897,25 +879,21 @@ def padded(rows: list[dict], widths, pad_id: int) -> dict:
 
 
 def sources(args: DataArgs, split: str) -> list[str]:
-    """The split's source files, after fetching SNI or P3 if needed."""
-    if args.task == 'ni' and not args.data_dir:
-        args.data_dir = fetch_ni(args)
-    if args.task == 'p3' and not args.data_dir:
-        args.data_dir = fetch_p3(args)
+    """The split's source files (the cache key's), after fetching SNI or P3 if needed."""
     if args.task == 'ni':
+        args.data_dir = args.data_dir or fetch_ni(args)
         split_file, tasks = ni_task_files(args.data_dir, split)
         return [split_file] + [p for _, p in tasks]
     if args.task == 'c4':
         return c4_files(args, split)
     if args.task != 'p3':
         return []
-    files = []
+    args.data_dir = args.data_dir or fetch_p3(args)
+    files = [args.p3_templates] if args.p3_templates else []
     for _, _, split_files, train_files in p3_configs(args, split):
         files += split_files
         if split == 'test':   # held-out demonstrations come from the train files
             files += train_files
-    if args.p3_templates:
-        files.append(args.p3_templates)
     return files
 
 
@@ -951,24 +929,23 @@ def write_atomic(path: str, content: bytes):
 
 
 def save_cache(path: str, data: dict):
-    meta = {k: data[k] for k in ('examples', 'skipped', 'truncated')}
-    meta = json.dumps(meta, ensure_ascii=False).encode('utf-8')
+    meta = json.dumps({k: data[k] for k in ('examples', 'skipped', 'truncated')})
     arrays = {k: data[k] for k in FIELDS + ('choices', 'answer') if k in data}
     npz = io.BytesIO()
-    np.savez_compressed(npz, **arrays, meta=np.frombuffer(meta, np.uint8))
+    np.savez_compressed(npz, **arrays, meta=np.frombuffer(meta.encode(), np.uint8))
     write_atomic(path, npz.getvalue())
 
 
 def load_cache(path: str) -> dict:
     with np.load(path) as z:
-        data = {k: z[k].astype(np.int32) for k in FIELDS + ('choices', 'answer') if k in z.files}
-        data.update(json.loads(z['meta'].tobytes().decode('utf-8')))
+        data = {k: z[k].astype(np.int32) for k in z.files if k != 'meta'}
+        data.update(json.loads(z['meta'].tobytes()))
     return data
 
 
-def count_skipped(skipped: dict, first: int = 3) -> dict:
+def count_skipped(skipped: dict) -> dict:
     """{reason: {count, first names}} of a split's 'skipped' {reason: names}."""
-    return {reason: {'count': len(names), 'first': list(names)[:first]}
+    return {reason: {'count': len(names), 'first': list(names)[:3]}
             for reason, names in skipped.items() if names}
 
 
@@ -979,35 +956,30 @@ def interrupted(kept: str = 'nothing was written'):
 
 
 def load_split(args: DataArgs, split: str, tokenizer) -> dict:
-    """{'instruction' [N, Li], 'input' [N, Lx], 'target' [N, Ly] int32, 'examples', 'skipped',
-    'truncated'}; built once, then read from cache_dir."""
+    """{field: [N, L] int32, 'lengths' [N, 3], 'examples', 'skipped', 'truncated'}; cached."""
     if split not in ('train', 'test'):
         raise DataError(f'split must be train or test, got {split!r}')
     check_args(args)
-    files = sources(args, split)
-    path, data = cache_path(args, split, tokenizer, files), None
+    path, data = cache_path(args, split, tokenizer, sources(args, split)), None
     if os.path.exists(path):
         try:
             data, how = load_cache(path), 'cached'
         except Exception as e:   # cut short by a full disk or a copy: any cache that does not load
-            print(f'data: {path} does not load ({type(e).__name__}: {e}); rebuilding it',
-                  file=sys.stderr)
+            print(f'data: {path} does not load ({e!r}); rebuilding it', file=sys.stderr)
     if data is None:
         build = {'synthetic': build_synthetic, 'ni': build_ni, 'c4': build_c4, 'p3': build_p3}
         rows, skipped = build[args.task](args, split, tokenizer)
         if args.task != 'c4':   # C4's rows are token ids already
             rows = list(tokenize_rows(rows, args, tokenizer))
         if not rows:
-            where = ', '.join(files[:1]) or args.task
-            raise DataError(f'{where}: no {split} instances (skipped: {skipped})')
+            raise DataError(f'{args.data_dir or args.task}: no {split} rows (skipped: {skipped})')
         data, how = padded([ids for _, ids, _ in rows], lengths(args), tokenizer.pad_id), 'built'
         data.update(examples=[r[0] for r in rows], skipped=skipped,
                     truncated={k: sum(cut[k] for *_, cut in rows) for k in FIELDS})
         if args.task == 'p3' and split == 'test':   # rank classification's answer choices
             data.update(p3_choice_arrays(data['examples'], tokenizer, lengths(args)[2]))
         save_cache(path, data)
-    lens = [row_lengths(data[k], tokenizer.pad_id) for k in FIELDS]
-    data['lengths'] = np.stack(lens, 1)   # [N, 3]
+    data['lengths'] = np.stack([row_lengths(data[k], tokenizer.pad_id) for k in FIELDS], 1)
     tasks = len({e['task'] for e in data['examples']})
     print(f'data: {args.task}/{split} ({args.format}, {args.shots} shots): {len(data["examples"])} '
           f'instances from {tasks} tasks; skipped {count_skipped(data["skipped"])}; truncated '
@@ -1036,12 +1008,10 @@ def bucket(n: int, cap: int) -> int:
 
 def batches(data: dict, batch_size: int, seed: int, start_step: int = 0, process_index: int = 0,
             process_count: int = 1, group_by_length: bool = False):
-    """Yields this host's share of each global batch, cut to the GLOBAL batch's bucket (the same
-    shapes on every host)."""
+    """This host's share of each global batch, cut to the GLOBAL batch's bucket (same shapes)."""
     n = len(data['input'])
     if n == 0 or batch_size % process_count:
-        raise ValueError(f'need data and batch_size ({batch_size}) divisible by process_count '
-                         f'({process_count})')
+        raise ValueError(f'no rows, or batch_size {batch_size} not divisible by {process_count}')
     share = batch_size // process_count
     lens = data.get('lengths')
     if lens is None:

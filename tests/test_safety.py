@@ -163,7 +163,7 @@ def test_empty_and_non_utf8_split_files(sni_copy, tmp_path):
     (['train.py', '--grad-accum', '0'], ['--grad-accum must be at least 1']),
     (['train.py', '--batch-size', '0'], ['--batch-size must be at least 1']),
     (['train.py', '--batch-size', '6', '--grad-accum', '4'], ['--batch-size 6 must divide']),
-    (['train.py', '--shots', '3'], ['--shots must be 0, 1 or 2']),
+    (['train.py', '--shots', '3'], ['--shots must be 0 to 2']),
     (['train.py', '--format', 'split'], ['--format split is for --task ni only']),
     (['data.py', '--task', 'c4', '--target-len', '3'], ['--target-len must be at least 4']),
     (['train.py', '--task', 'ni', '--init', 'tiny'], ['needs --tokenizer']),
