@@ -1,6 +1,5 @@
 """Runs: checkpoints, locks, task-state files, processes and a step's cost, the plumbing of train.py
-and eval.py. A run folder (local or gs://) holds ckpt_<step>/ (orbax's items params/, opt/, meta/),
-args.json, metrics.json, predictions.jsonl, tb/ and run.lock: see docs/checkpoints.md."""
+and eval.py. What a run folder (local or gs://) holds: docs/checkpoints.md."""
 from __future__ import annotations
 
 import atexit
@@ -115,13 +114,6 @@ def newest_loadable(path, read, quiet=False):
     raise CheckpointError(f'{path}: none of its {len(found)} checkpoints loads (see the warnings)')
 
 
-def configs(meta, dtype):
-    hyper = meta['hyper_config'] and dict(meta['hyper_config'])
-    if hyper and hyper.get('roberta'):
-        hyper['roberta'] = M.RobertaConfig(**hyper['roberta'])
-    return M.T5Config(**{**meta['t5_config'], 'dtype': dtype}), hyper and HN.HyperConfig(**hyper)
-
-
 def check_shapes(where, saved, expected):
     """Names the first parameter that is missing, extra or of another shape than the config's."""
     have = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(saved, sep='/').items()}
@@ -130,6 +122,14 @@ def check_shapes(where, saved, expected):
         if have.get(name) != want.get(name):   # None: absent
             raise CheckpointError(f'{where}: parameter {name!r} has shape {have.get(name)}, '
                                   f'the config {want.get(name)}')
+
+
+def configs(meta, dtype):
+    """(T5Config, HyperConfig or None: a baseline) of a checkpoint's meta."""
+    hyper = meta['hyper_config'] and dict(meta['hyper_config'])
+    if hyper and hyper.get('roberta'):
+        hyper['roberta'] = M.RobertaConfig(**hyper['roberta'])
+    return M.T5Config(**{**meta['t5_config'], 'dtype': dtype}), hyper and HN.HyperConfig(**hyper)
 
 
 def read_items(ckpt, targets: dict) -> dict:
@@ -211,9 +211,8 @@ def save(manager, step, state, meta, keep):
     if step in owner:   # an older attempt of this run at this step, before a resume
         delete(manager, [step])
     before = set(temporary_folders(manager.directory))
-    items = ocp.args.Composite(params=ocp.args.StandardSave(state['params']),
-                               opt=ocp.args.StandardSave(state['opt']),
-                               meta=ocp.args.JsonSave({**meta, 'step': step}))
+    arrays = {name: ocp.args.StandardSave(state[name]) for name in ('params', 'opt')}
+    items = ocp.args.Composite(**arrays, meta=ocp.args.JsonSave({**meta, 'step': step}))
     try:
         manager.save(step, args=items, force=True)
     except Exception:   # this save's own temporary folder goes; a full disk keeps the others
