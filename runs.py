@@ -178,7 +178,7 @@ def restore(out_dir, template):
     return newest_loadable(out_dir, read)[1]
 
 
-# --- Writing checkpoints ----------------------------------------------------------------------
+# --- Writing checkpoints --------------------------------------------------------------------------
 
 
 def checkpoint_manager(out_dir):
@@ -268,7 +268,7 @@ def agreed_max(value: int) -> int:
     return int(multihost_utils.process_allgather(np.int32(value)).max())
 
 
-# --- A run's processes, signals and TensorBoard writer ------------------------------------------
+# --- A run's processes, signals and TensorBoard writer --------------------------------------------
 
 
 def init_distributed(args):
@@ -322,7 +322,7 @@ def fsdp_sharding(mesh, x):
     return NamedSharding(mesh, P(*spec))
 
 
-# --- What a step costs: FLOPs for the MFU, memory for a warning before the first step ---------
+# --- What a step costs: FLOPs for the MFU, memory for a warning before the first step -------------
 
 
 def matmul_flops(jaxpr):
@@ -386,8 +386,7 @@ def warn_if_too_big(step_fn, state, batch, n_tasks):
               '--grad-accum (or --fsdp); see docs/memory.md', file=sys.stderr)
 
 
-# --- One run per --out-dir: locally a flock on run.lock, let go however the process ends; on gs://
-# an object naming the run, checked before every save (see docs/checkpoints.md) -------------------
+# --- One run per --out-dir: a flock on run.lock locally; on gs:// run.lock names the run ----------
 
 
 def lock_out_dir(out):
@@ -415,7 +414,7 @@ def lock_object(path, me):
 
 
 def lock_lost(lock, out) -> str:
-    """'' while this process holds --out-dir, else who has taken it (gs:// only)."""
+    """'' while this process holds --out-dir, else who took it (gs:// only; before every save)."""
     if not isinstance(lock, str):
         return ''
     path = epath.Path(out) / 'run.lock'
