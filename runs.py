@@ -1,17 +1,12 @@
-"""Runs: checkpoints, locks, task-state files, processes and what a step costs (the plumbing of
-train.py and eval.py, so that those show the method).
-
-A run folder (local or gs://, through etils.epath) holds ckpt_<step>/ checkpoints with the items
-params/, opt/ (orbax pytrees) and meta/ (JSON: step, configs, tokenizer, arguments, run id), written
-by orbax's CheckpointManager: every process its own shards, into a temporary folder that becomes the
-step folder when complete. Beside them: args.json, metrics.json, predictions.jsonl, tb/, run.lock.
-"""
+"""Runs: checkpoints, locks, task-state files, processes and a step's cost, the plumbing of train.py
+and eval.py. What a run folder (local or gs://) holds: docs/checkpoints.md."""
 from __future__ import annotations
 
 import atexit
 import contextlib
 import fcntl
 import functools
+import importlib.util
 import json
 import logging
 import os
@@ -29,6 +24,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
+from safetensors.numpy import load_file, save_file
 
 import hypernet as HN
 import model as M
@@ -42,16 +38,14 @@ class CheckpointError(ValueError):
 
 
 def quiet_libraries():
-    """orbax and asyncio log each failure with a traceback from their threads, then raise it: the
-    scripts turn what is raised into one line. Called by the scripts, never at import."""
+    """Called by the scripts (never at import): they report in one line what orbax's threads log."""
     for name in ('absl', 'asyncio'):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     sys.excepthook = sys.unraisablehook = functools.partial(quiet_abandoned_io, sys.excepthook)
 
 
 def quiet_abandoned_io(default, kind, error=None, traceback=None):
-    """The other reads or writes of a failed restore or save end after orbax closed their event
-    loop, and tensorstore reports each: the failure itself is already reported."""
+    """Hides the reads and writes a failed restore or save abandons: that failure is reported."""
     if not isinstance(kind, type):   # sys.unraisablehook's one argument
         kind, error, traceback = kind.exc_type, kind.exc_value, kind.exc_traceback
     if not (kind is RuntimeError and 'Event loop is closed' in str(error)):
@@ -59,14 +53,10 @@ def quiet_abandoned_io(default, kind, error=None, traceback=None):
 
 
 def check_writable(path: str, flag: str):
-    """Create the folder (local or gs://) and write a file there: a missing bucket or a read-only
-    disk shows now, not at the first checkpoint."""
-    folder = epath.Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f'{flag} {path}: exists and is not a folder')
-    probe = folder / f'.write-test-{socket.gethostname()}-{os.getpid()}'
+    """Creates the folder and writes a file there: a missing bucket or read-only disk shows now."""
+    probe = epath.Path(path) / f'.write-test-{socket.gethostname()}-{os.getpid()}'
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        probe.parent.mkdir(parents=True, exist_ok=True)
         probe.write_text('ok')
         probe.unlink(missing_ok=True)
     except Exception as e:   # OSError locally; gcsfs's and google-api-core's errors on gs://
@@ -74,8 +64,7 @@ def check_writable(path: str, flag: str):
         raise ValueError(f'{flag} {path}: cannot write there ({reason})') from None
 
 
-# ----------------------------------------------------------------------------------------------
-# Reading checkpoints, onto any number of devices.
+# --- Reading checkpoints, onto any number of devices ----------------------------------------------
 
 
 def checkpoints(run_dir) -> list[str]:
@@ -101,27 +90,16 @@ def read_meta(ckpt) -> dict:
     path = epath.Path(ckpt) / 'meta' / 'metadata'
     try:
         meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f'{path}: missing (an incomplete checkpoint)') from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f'{path}: not valid JSON ({e})') from None
+    except (OSError, ValueError) as e:   # missing (an incomplete checkpoint), not UTF-8, not JSON
+        raise CheckpointError(f'{path}: does not read ({e})') from None
     missing = [k for k in ('step', 't5_config', 'hyper_config', 'tokenizer') if k not in meta]
     if missing:
         raise CheckpointError(f'{path}: missing field {missing[0]!r}')
     return meta
 
 
-def run_of(ckpt):
-    """The id of the run that wrote a checkpoint (None when its meta does not read)."""
-    try:
-        return read_meta(ckpt).get('run')
-    except CheckpointError:
-        return None
-
-
 def newest_loadable(path, read, quiet=False):
-    """(checkpoint, read(checkpoint)) of one checkpoint folder, or of the newest checkpoint of a run
-    folder that reads; each one that does not is skipped with a warning."""
+    """(checkpoint, read(checkpoint)) of a checkpoint, or of a run's newest one that reads."""
     found = [str(path)] if is_checkpoint(path) else checkpoints(path)[::-1]
     if not found or not epath.Path(path).is_dir():
         raise CheckpointError(f'{path}: no checkpoint (a run of train.py holds ckpt_<step>/)')
@@ -136,95 +114,79 @@ def newest_loadable(path, read, quiet=False):
     raise CheckpointError(f'{path}: none of its {len(found)} checkpoints loads (see the warnings)')
 
 
-def configs(meta, dtype='float32'):
-    """(T5Config, HyperConfig or None) of a checkpoint's meta."""
-    cfg = M.T5Config(**{**meta['t5_config'], 'dtype': dtype})
-    if meta['hyper_config'] is None:
-        return cfg, None
-    hyper = dict(meta['hyper_config'])
-    if hyper.get('roberta'):
-        hyper['roberta'] = M.RobertaConfig(**hyper['roberta'])
-    return cfg, HN.HyperConfig(**hyper)
-
-
 def check_shapes(where, saved, expected):
-    """Name the first parameter that is missing, extra or of another shape than the config's."""
+    """Names the first parameter that is missing, extra or of another shape than the config's."""
     have = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(saved, sep='/').items()}
     want = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(expected, sep='/').items()}
     for name in sorted(set(have) | set(want)):
         if have.get(name) != want.get(name):   # None: absent
-            raise CheckpointError(f'{where}: parameter {name!r} has shape {have.get(name)}, the '
-                                  f'config {want.get(name)} (not the config of this checkpoint)')
+            raise CheckpointError(f'{where}: parameter {name!r} has shape {have.get(name)}, '
+                                  f'the config {want.get(name)}')
+
+
+def configs(meta, dtype):
+    """(T5Config, HyperConfig or None: a baseline) of a checkpoint's meta."""
+    hyper = meta['hyper_config'] and dict(meta['hyper_config'])
+    if hyper and hyper.get('roberta'):
+        hyper['roberta'] = M.RobertaConfig(**hyper['roberta'])
+    return M.T5Config(**{**meta['t5_config'], 'dtype': dtype}), hyper and HN.HyperConfig(**hyper)
 
 
 def read_items(ckpt, targets: dict) -> dict:
-    """{name: pytree} of the items in targets ({'params': ..., 'opt': ...}), placed as the target's
-    arrays say (shape structs or arrays with a sharding): any devices, any mesh."""
+    """{name: pytree} of the items in targets, placed on the devices their arrays' shardings say."""
     out = {}
     for name, target in targets.items():
         where = epath.Path(ckpt) / name
-        if not (where / '_METADATA').exists():
-            raise CheckpointError(f'{where}: missing (an incomplete checkpoint)')
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         reader = ocp.StandardCheckpointHandler()
         try:
-            if name == 'params':
+            if name == 'params':   # orbax itself restores the saved shapes without a word
                 check_shapes(where, reader.metadata(where).tree, abstract)
             out[name] = reader.restore(where, args=ocp.args.StandardRestore(abstract))
         except CheckpointError:
             raise
-        except Exception as e:   # tensorstore's and orbax's errors for a damaged or foreign item
+        except Exception as e:   # orbax's and tensorstore's errors: missing, damaged, foreign
             reason = f'{type(e).__name__}: {str(e)[:200]}'
-            raise CheckpointError(f'{where}: cannot be read, damaged or of another config '
-                                  f'({reason})') from None
+            raise CheckpointError(f'{where}: damaged or of another config ({reason})') from None
     return out
 
 
 def load_run(path, dtype='float32'):
-    """(cfg, hcfg, params, meta) of a checkpoint, or of a run's newest checkpoint that loads, on the
-    first device. meta['path'] is the checkpoint read."""
+    """(cfg, hcfg, params, meta) of a run's newest checkpoint that loads, on the first device."""
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
     def read(ckpt):
         meta = read_meta(ckpt)
         cfg, hcfg = configs(meta, dtype)
         init = functools.partial(HN.init_params, cfg, hcfg, skeleton=True)
-        shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                              shapes)
-        return cfg, hcfg, read_items(ckpt, {'params': target})['params'], meta
+        target = jax.jit(init, out_shardings=device).eval_shape(jax.random.PRNGKey(0))
+        return cfg, hcfg, read_items(ckpt, {'params': target})['params'], {**meta, 'path': ckpt}
 
-    ckpt, (cfg, hcfg, params, meta) = newest_loadable(path, read)
-    return cfg, hcfg, params, {**meta, 'path': ckpt}
+    return newest_loadable(path, read)[1]
 
 
 def restore(out_dir, template):
-    """(checkpoint, meta, state) of the newest checkpoint in out_dir that loads, placed like the
-    template's arrays; (None, None, None) when the folder has none."""
+    """(checkpoint, meta, state) of out_dir's newest checkpoint that loads, placed like template."""
     if not checkpoints(out_dir):
         return None, None, None
 
     def read(ckpt):
-        state = read_items(ckpt, {'params': template['params'], 'opt': template['opt']})
         meta = read_meta(ckpt)
-        return meta, {**state, 'step': jnp.int32(meta['step'])}
+        state = read_items(ckpt, {'params': template['params'], 'opt': template['opt']})
+        return ckpt, meta, {**state, 'step': jnp.int32(meta['step'])}
 
-    ckpt, (meta, state) = newest_loadable(out_dir, read)
-    return ckpt, meta, state
+    return newest_loadable(out_dir, read)[1]
 
 
-# ----------------------------------------------------------------------------------------------
-# Writing checkpoints.
+# --- Writing checkpoints --------------------------------------------------------------------------
 
 
 def checkpoint_manager(out_dir):
-    """orbax's CheckpointManager of the run folder: step folders, their listing, temporary folders
-    and atomic saves are orbax's. It deletes the temporary folders that a killed save left."""
+    """orbax's manager of the run folder: step folders, temporary folders, atomic saves."""
     options = ocp.CheckpointManagerOptions(
-        step_name_format=STEPS, cleanup_tmp_directories=True, todelete_subdir=DELETED,
-        enable_async_checkpointing=False)
-    return ocp.CheckpointManager(epath.Path(out_dir), options=options,
-                                 item_names=('params', 'opt', 'meta'))
+        step_name_format=STEPS, todelete_subdir=DELETED, cleanup_tmp_directories=True,
+        enable_async_checkpointing=False)   # a failed save raises in save()
+    return ocp.CheckpointManager(epath.Path(out_dir), options=options)
 
 
 @jax.jit
@@ -233,49 +195,44 @@ def all_finite(tree):
 
 
 def save(manager, step, state, meta, keep):
-    """Write ckpt_<step>/ (all processes, each its own shards) and delete this run's checkpoints
-    beyond the newest `keep`: another run's are never replaced or deleted, non-finite
-    parameters are never written."""
+    """Writes ckpt_<step>/ (every process its shards) and keeps this run's newest `keep`."""
     finite = traverse_util.flatten_dict(jax.device_get(all_finite(state['params'])), sep='/')
     bad = [name for name, ok in finite.items() if not ok]
     if bad:
         raise CheckpointError(f'step {step}: parameter {bad[0]} is not finite, so it was not saved')
-    manager.reload()
-    if step in manager.all_steps():   # an older attempt of this run at this step, before a resume
-        existing = STEPS.find_step(manager.directory, step).path
-        if run_of(existing) not in (meta['run'], None):
-            raise CheckpointError(f'{existing} belongs to another run: not replaced')
-        delete(manager, [step])
     folder = manager.directory / STEPS.build_name(step)
+    manager.reload()
+    owner = dict.fromkeys(manager.all_steps())   # {step: run id}, None where meta does not read
+    for s in owner:
+        with contextlib.suppress(CheckpointError):
+            owner[s] = read_meta(manager.directory / STEPS.build_name(s)).get('run')
+    if owner.get(step) not in (meta['run'], None):
+        raise CheckpointError(f'{folder} belongs to another run: not replaced')
+    if step in owner:   # an older attempt of this run at this step, before a resume
+        delete(manager, [step])
     before = set(temporary_folders(manager.directory))
-    items = ocp.args.Composite(params=ocp.args.StandardSave(state['params']),
-                               opt=ocp.args.StandardSave(state['opt']),
-                               meta=ocp.args.JsonSave({**meta, 'step': step}))
+    arrays = {name: ocp.args.StandardSave(state[name]) for name in ('params', 'opt')}
+    items = ocp.args.Composite(**arrays, meta=ocp.args.JsonSave({**meta, 'step': step}))
     try:
         manager.save(step, args=items, force=True)
     except Exception:   # this save's own temporary folder goes; a full disk keeps the others
-        for partial in set(temporary_folders(manager.directory)) - before:
-            try:
-                if jax.process_index() == 0:
+        if jax.process_index() == 0:
+            for partial in set(temporary_folders(manager.directory)) - before:
+                with contextlib.suppress(OSError):   # orbax's threads still write it: next start
                     partial.rmtree(missing_ok=True)
-            except OSError:   # orbax's threads still write to it: cleared at the next start
-                pass
         raise
     # newer ones of this run are the leftovers of an attempt that resumed from an older one
-    ours = [s for s in manager.all_steps() if s <= step]
-    ours = [s for s in ours if run_of(STEPS.find_step(manager.directory, s).path) == meta['run']]
-    delete(manager, sorted(ours)[:-keep])
+    ours = [s for s, run in owner.items() if run == meta['run'] and s < step]
+    delete(manager, sorted(ours + [step])[:-keep])
     return str(folder)
 
 
-def temporary_folders(run_dir):
-    """The folders of saves under way, or of saves a kill interrupted."""
+def temporary_folders(run_dir):   # of saves under way, or of saves a kill interrupted
     return [p.get() for p in ocp.step.all_temporary_paths(epath.Path(run_dir))]
 
 
 def delete(manager, steps):
-    """Each checkpoint is renamed into deleted/ first: a kill while its files go never leaves one
-    that looks complete with half its files."""
+    """Each checkpoint goes into deleted/ first (a rename): a kill never leaves half of one."""
     for step in steps:
         manager.delete(step)
     if steps and jax.process_index() == 0:
@@ -283,25 +240,21 @@ def delete(manager, steps):
 
 
 def prepare_out_dir(out, resume, overwrite, lead=True):
-    """(manager, lock) of --out-dir: created and locked (by the lead), what a killed run left
-    named and cleared, checkpoints of an earlier run refused unless --resume or --overwrite."""
+    """(manager, lock) of --out-dir, locked and cleared of what a killed run left."""
     check_writable(out, '--out-dir')
     lock, holder = lock_out_dir(out) if lead else (None, '')
     if agreed_max(bool(holder)):   # every process stops; the lead knows which run holds it
-        raise ValueError(f'--out-dir {out} is in use by another run ({holder}): wait for it to '
-                         'end, or pick another --out-dir')
-    leftovers = temporary_folders(out) + list(epath.Path(out).glob(DELETED))
-    for leftover in leftovers if lead else ():   # orbax clears the temporary ones
-        print(f'removing {leftover}: left incomplete by an interrupted run', file=sys.stderr)
-    if lead:
+        raise ValueError(f'--out-dir {out} is in use by another run ({holder})')
+    if lead:   # orbax clears the temporary folders
+        for leftover in temporary_folders(out) + list(epath.Path(out).glob(DELETED)):
+            print(f'removing {leftover}: left incomplete by an interrupted run', file=sys.stderr)
         (epath.Path(out) / DELETED).rmtree(missing_ok=True)
     manager = checkpoint_manager(out)
     manager.wait_until_finished()   # the cleanup runs in a thread of orbax's: a later save waits
     found = manager.all_steps()
     if found and not resume:
         if not overwrite:
-            raise ValueError(f'--out-dir {out} already holds checkpoints (up to step '
-                             f'{max(found)}): add --resume to continue, or --overwrite')
+            raise ValueError(f'--out-dir {out} holds checkpoints: add --resume or --overwrite')
         print(f'--overwrite: deleting {len(found)} checkpoint(s) in {out}', file=sys.stderr)
         delete(manager, found)
     return manager, lock
@@ -315,17 +268,14 @@ def agreed_max(value: int) -> int:
     return int(multihost_utils.process_allgather(np.int32(value)).max())
 
 
-# ----------------------------------------------------------------------------------------------
-# A run's processes, signals and TensorBoard writer.
+# --- A run's processes, signals and TensorBoard writer --------------------------------------------
 
 
 def init_distributed(args):
-    """Join the other processes of a multi-host run. Must come before any other JAX call."""
-    import importlib.util
+    """Joins the other processes of a multi-host run. Must come before any other JAX call."""
     if args.num_processes > 1:
         if not args.coordinator_address or not 0 <= args.process_id < args.num_processes:
-            raise ValueError('--num-processes N needs --coordinator-address HOST:PORT and '
-                             '--process-id in 0..N-1')
+            raise ValueError('--num-processes N needs --coordinator-address, --process-id 0..N-1')
         jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     elif importlib.util.find_spec('libtpu') is not None:   # a Cloud TPU VM: JAX finds the pod
         try:
@@ -346,8 +296,7 @@ def request_stop(signum, frame):
 
 @contextlib.contextmanager
 def stop_signals_and_writer(out_dir, lead):
-    """SIGTERM and Ctrl-C ask for a save and a clean stop; TensorBoard's writer (lead only), closed
-    at the end: on a full disk its last events are lost, never the checkpoints."""
+    """SIGTERM and Ctrl-C ask for a save and a clean stop; the lead's TensorBoard writer."""
     STOP.clear()
     handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     from tensorboardX import SummaryWriter   # imported late: it imports torch, where installed
@@ -365,8 +314,7 @@ def stop_signals_and_writer(out_dir, lead):
 
 
 def fsdp_sharding(mesh, x):
-    """Where an array of the train state lives: split over 'fsdp' along its largest dimension that
-    divides evenly (FSDP), else replicated (scalars; everything under --fsdp 1)."""
+    """Split over 'fsdp' along the largest dimension that divides evenly, else replicated."""
     n, spec = mesh.shape['fsdp'], [None] * x.ndim
     fits = [d for d in range(x.ndim) if x.shape[d] % n == 0]
     if n > 1 and fits:
@@ -374,13 +322,12 @@ def fsdp_sharding(mesh, x):
     return NamedSharding(mesh, P(*spec))
 
 
-# ----------------------------------------------------------------------------------------------
-# What a step costs: FLOPs for the MFU, memory for a warning before the first step.
+# --- What a step costs: FLOPs for the MFU, memory for a warning before the first step -------------
 
 
 def matmul_flops(jaxpr):
-    """2 x the multiply-adds of every matrix product in a jaxpr, a scan's body times its length
-    (XLA's cost_analysis() counts a loop body once: the scanned layers would count once)."""
+    """2 x the multiply-adds of a jaxpr's matrix products, a scan's body times its length (XLA's
+    cost_analysis() counts a loop body once: the scanned layers would count once)."""
     from jax.extend.core import jaxprs_in_params
     total = 0
     for eqn in jaxpr.eqns:
@@ -393,8 +340,7 @@ def matmul_flops(jaxpr):
     return float(total)
 
 
-# Dense bfloat16 peak FLOP/s of one chip (vendor data sheets) by jax's device_kind, first match
-# wins (v5e reports 'TPU v5 lite', v5p 'TPU v5p').
+# Dense bfloat16 FLOP/s of a chip (data sheets) by device_kind, first match (v5e is 'TPU v5 lite')
 PEAK_FLOPS = [('TPU v3', 123e12), ('TPU v4', 275e12), ('TPU v5 lite', 197e12), ('TPU v5', 459e12),
               ('TPU v6 lite', 918e12), ('A100', 312e12), ('H100', 989e12), ('H200', 989e12)]
 
@@ -404,14 +350,12 @@ def peak_flops(device):
 
 
 def step_flops(cache, step_fn, state, batch, n_tasks, fsdp, peak):
-    """Matrix-product FLOPs per device of a train step at this batch's shapes (its jaxpr, --remat's
-    recomputation included), once per shape; 0 where the peak is unknown (no MFU shown)."""
+    """Matrix-product FLOPs per device of a train step, once per shape; 0 without a known peak."""
+    if not peak:
+        return 0.0
     key = (tuple((k, v.shape) for k, v in batch.items()), n_tasks)
     if key not in cache:
-        cache[key] = 0.0
-        if peak:
-            jaxpr = step_fn.trace(state, batch, n_tasks).jaxpr.jaxpr
-            cache[key] = matmul_flops(jaxpr) / fsdp
+        cache[key] = matmul_flops(step_fn.trace(state, batch, n_tasks).jaxpr.jaxpr) / fsdp
     return cache[key]
 
 
@@ -430,28 +374,23 @@ def step_bytes(compiled):
 
 
 def warn_if_too_big(step_fn, state, batch, n_tasks):
-    """Warn when the first step will not fit the device's memory, where JAX reports it (not on
-    CPU). The compile is the step's own: its first call reuses it."""
+    """Warns when a step will not fit the device's memory (JAX reports none on CPU)."""
     device = jax.local_devices()[0]
     limit = (device.memory_stats() or {}).get('bytes_limit')
     if not limit:
         return
-    need = step_bytes(step_fn.lower(state, batch, n_tasks).compile())
+    need = step_bytes(step_fn.lower(state, batch, n_tasks).compile())   # the first step reuses it
     if not fits(need, limit):
         print(f'warning: a train step needs {need / 2 ** 30:.1f} GiB per device, over '
               f'{HEADROOM:.0%} of the {limit / 2 ** 30:.1f} GiB of a {device.device_kind}: raise '
               '--grad-accum (or --fsdp); see docs/memory.md', file=sys.stderr)
 
 
-# ----------------------------------------------------------------------------------------------
-# One run per --out-dir. Locally a flock on run.lock, which the OS lets go however the process
-# ends. gs:// has no such lock: run.lock is an object naming the run, checked before every save
-# (docs/checkpoints.md says what that leaves open).
+# --- One run per --out-dir: a flock on run.lock locally; on gs:// run.lock names the run ----------
 
 
 def lock_out_dir(out):
-    """(lock, '') once this process holds --out-dir, else (None, who holds it). The lock: an open
-    file, or on gs:// the text of run.lock (deleted at exit)."""
+    """(lock, '') once this process holds --out-dir, else (None, who holds it)."""
     path, me = epath.Path(out) / 'run.lock', f'host {socket.gethostname()} pid {os.getpid()}'
     if out.startswith('gs://'):
         return lock_object(path, f'{me} run {uuid.uuid4().hex[:8]}')
@@ -460,12 +399,9 @@ def lock_out_dir(out):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         time.sleep(0.2)   # the holder writes its name just after taking the lock
-        f.seek(0)
-        return None, f.read() or 'another process'
-    f.truncate(0)
-    f.write(me)
-    f.flush()
-    return f, ''
+        return None, path.read_text() or 'another process'
+    path.write_text(me)
+    return f, ''   # an open file: the OS unlocks it when the process ends
 
 
 def lock_object(path, me):
@@ -478,7 +414,7 @@ def lock_object(path, me):
 
 
 def lock_lost(lock, out) -> str:
-    """'' while this process holds --out-dir, else who has taken it (gs:// only)."""
+    """'' while this process holds --out-dir, else who took it (gs:// only; before every save)."""
     if not isinstance(lock, str):
         return ''
     path = epath.Path(out) / 'run.lock'
@@ -491,12 +427,10 @@ def unlock(path, me):
         path.unlink()
 
 
-# ----------------------------------------------------------------------------------------------
-# Task states: one task's generated modules in a safetensors file, served without its instruction.
+# --- Task states: a task's generated modules in a safetensors file, served without its instruction
 
 
 def save_task_state(path, state):
-    from safetensors.numpy import save_file
     flat = traverse_util.flatten_dict(state, sep='/')
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     save_file({k: np.asarray(v) for k, v in flat.items() if v is not None}, path + '.tmp')
@@ -504,8 +438,5 @@ def save_task_state(path, state):
 
 
 def load_task_state(path):
-    from safetensors.numpy import load_file
-    flat = {k: jnp.asarray(v) for k, v in load_file(path).items()}
-    tree = traverse_util.unflatten_dict(flat, sep='/')
-    return {'encoder': tree.get('encoder', {}), 'decoder': tree.get('decoder', {}),
-            'memory': tree.get('memory')}
+    tree = traverse_util.unflatten_dict(load_file(path), sep='/')
+    return {'encoder': {}, 'decoder': {}, 'memory': None, **jax.tree.map(jnp.asarray, tree)}

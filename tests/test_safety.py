@@ -194,7 +194,7 @@ def test_one_off_mode_with_empty_stdin(trained):
 def test_out_dir_that_is_a_file(tmp_path):
     (tmp_path / 'file').write_text('x')
     fails_cleanly(run('train.py', *TINY, '--out-dir', tmp_path / 'file'),
-                  f'--out-dir {tmp_path / "file"}: exists and is not a folder')
+                  f'--out-dir {tmp_path / "file"}: cannot write there (File exists)')
     fails_cleanly(run('train.py', *TINY, '--out-dir', tmp_path / 'file' / 'sub'),
                   f'--out-dir {tmp_path / "file" / "sub"}: cannot write there')
 
