@@ -56,8 +56,7 @@ def _rouge_scorer():
 
 
 def score(prediction: str, references: list[str]) -> dict:
-    """The best over references. '' matches exactly a prediction that normalises to ''; a text
-    with no tokens ('' or only punctuation) has ROUGE-L 0, even against ''."""
+    """The best over references; a text of no tokens ('' or '...') has ROUGE-L 0, even with ''."""
     if not references:
         raise ValueError(f'no references for prediction {prediction!r}')
     exact = [float(normalize_answer(prediction) == normalize_answer(r)) for r in references]
@@ -350,37 +349,34 @@ def read_lines(stdin):
     return lines
 
 
-def instruction_state(args, params, cfg, hcfg, itok):
-    """The task state of --task-state, else of --instruction formatted and cut as in training."""
-    if args.task_state:
-        state = runs.load_task_state(args.task_state)
-    else:
-        text = data.instruction_text(args.task, args.instruction, args.format, args.shots)
-        ids = padded(itok, text, data.lengths(args)[0], '--instruction')   # [Li]
-        state = task_state(params, cfg, hcfg, ids)
-    if args.save_task_state:
-        runs.save_task_state(args.save_task_state, state)
-    return state
-
-
-def one_off(args, cfg, params, tokenizer, lines, mods):
-    """Predictions for stdin's lines under one task state (mods), their texts as in training."""
+def one_off(args, cfg, hcfg, params, tokenizer, itok, lines):
+    """Stdin's lines predicted under --instruction or --task-state, their texts as in training."""
     instruction = ''
     if args.instruction:
         instruction = data.instruction_text(args.task, args.instruction, args.format, args.shots)
+    li, lx, ly = data.lengths(args)
+    mods = None   # a baseline's
+    if hcfg is not None and args.task_state:
+        mods = runs.load_task_state(args.task_state)
+    elif hcfg is not None:
+        mods = task_state(params, cfg, hcfg, padded(itok, instruction, li, '--instruction'))
+    if mods is not None and args.save_task_state:
+        runs.save_task_state(args.save_task_state, mods)
+    if args.merge_into:
+        return merge_into(args, cfg, params, tokenizer, mods)
+    if hcfg is None and args.format != 'full-input' and args.instruction:
+        print('note: an input-only baseline ignores the instruction', file=sys.stderr)
     where = {'full-input': ' (with the instruction)'}.get(args.format, '')   # what a cut cuts
     texts = [data.instance_text(args.task, x, args.format) for x in lines]
     texts = [data.arrange(args.format, instruction, x)[1] for x in texts]
-    lx, ly = data.lengths(args)[1:]
     inputs = np.stack([padded(tokenizer, x, lx, f'stdin line {n}{where}')
                        for n, x in enumerate(texts, 1)])   # [N, lx]
     ids = predict_ids(params, cfg, mods, inputs, ly, args.batch_size)   # [N, ly]
-    return [tokenizer.decode(row) for row in ids]
+    print('\n'.join(tokenizer.decode(row) for row in ids))
 
 
 def merge_lora(t5_params, state):
-    """Plain T5 parameters with one task's generated LoRA folded in: W_q + A_q B_q and W_v + A_v B_v
-    in every attention block. state: one task (select_task) holding a LoRA and nothing else."""
+    """Plain T5 parameters with one task's LoRA folded in: W + A B for every attention's q and v."""
     blocks = (('encoder', 'self_attn', 'lora'), ('decoder', 'self_attn', 'self_lora'),
               ('decoder', 'cross_attn', 'cross_lora'))
     names = set(state['encoder']) | set(state['decoder'])
@@ -402,31 +398,24 @@ def merge_into(args, cfg, params, tokenizer, state):
     print(f'{args.merge_into}: T5 with the task\'s LoRA merged in (T5ForConditionalGeneration)')
 
 
-def main(args: EvalArgs, run: dict):   # run: the evaluated run's own arguments (run_args)
+def main(args: EvalArgs, run: dict):   # run: the evaluated run's own settings (run_args)
     check_args(args)
     one_off_mode = args.instruction is not None or args.task_state
+    lines = []
     if one_off_mode and not args.merge_into:   # stdin first: an empty one fails before a load
         lines = read_lines(sys.stdin)
     cfg, hcfg, params, meta = runs.load_run(args.checkpoint, args.dtype)
     tokenizer = data.load_tokenizer(meta['tokenizer'])
     itok = instruction_tokenizer(hcfg, meta['args'])   # a name (RoBERTa's) or None
-    if not one_off_mode:
-        split = first(load_split(args, args.split, tokenizer, itok), args.eval_instances)
-        metrics, rows = evaluate(params, cfg, hcfg, split, tokenizer, args.batch_size)
-        out_dir = results_dir(args, run)
-        write_results(out_dir, metrics, rows)
-        print(json.dumps(metrics['overall']),
-              f'({metrics["count"]} instances; {out_dir}/metrics.json)')
-        return metrics
-    mods = None   # a baseline's
-    if hcfg is not None:
+    if one_off_mode:
         own = data.load_tokenizer(itok or meta['tokenizer'])   # the instruction encoder's
-        mods = instruction_state(args, params, cfg, hcfg, own)
-    if args.merge_into:
-        return merge_into(args, cfg, params, tokenizer, mods)
-    if hcfg is None and args.format != 'full-input' and args.instruction:
-        print('note: an input-only baseline ignores the instruction', file=sys.stderr)
-    print('\n'.join(one_off(args, cfg, params, tokenizer, lines, mods)))
+        return one_off(args, cfg, hcfg, params, tokenizer, own, lines)
+    split = first(load_split(args, args.split, tokenizer, itok), args.eval_instances)
+    metrics, rows = evaluate(params, cfg, hcfg, split, tokenizer, args.batch_size)
+    out_dir = results_dir(args, run)
+    write_results(out_dir, metrics, rows)
+    print(json.dumps(metrics['overall']), f'({metrics["count"]} instances; {out_dir}/metrics.json)')
+    return metrics
 
 
 # What an evaluation measures: one that differs from the run's own writes to a folder of its own.
