@@ -394,7 +394,7 @@ def merge_into(args, cfg, params, tokenizer, state):
     """One task's LoRA merged into the run's T5, a transformers folder: plain T5 code serves it."""
     M.save_t5(merge_lora(params['t5'], state), cfg, args.merge_into)
     if isinstance(tokenizer, data.SentencePieceTokenizer):
-        epath.Path(tokenizer.name).copy(epath.Path(args.merge_into) / 'spiece.model', True)
+        epath.Path(tokenizer.name).copy(f'{args.merge_into}/spiece.model', overwrite=True)
     print(f'{args.merge_into}: T5 with the task\'s LoRA merged in (T5ForConditionalGeneration)')
 
 
