@@ -227,8 +227,9 @@ def rank_classify(params, cfg, hcfg, split, batch_size=64):
     """Choice scores [N, C] (float32) in chunks of one template and about batch_size rows."""
     instructions, inputs, choices = split['instruction'], split['input'], split['choices']
     n, num_choices, choice_len = choices.shape
-    # [N, 3]: the lengths of the instruction, the input and the longest choice
+    # [N, 3]: the lengths of the instruction, the input and the longest choice, and their caps
     lengths = np.stack([*split['lengths'].T[:2], data.row_lengths(choices.any(1))], 1)
+    caps = instructions.shape[1], inputs.shape[1], choice_len
     work = []
     for rows in grouped([row.tobytes() for row in instructions], range(n)).values():   # templates
         rows = np.array(rows)
@@ -237,8 +238,7 @@ def rank_classify(params, cfg, hcfg, split, batch_size=64):
     def score_chunk(params, idx):
         # padded to a power of two with copies of its own rows: few shapes to compile
         take = np.resize(idx, data.next_pow2(len(idx)))
-        caps = instructions.shape[1], inputs.shape[1], choice_len
-        wi, wx, wc = [data.bucket(int(n), cap) for n, cap in zip(lengths[idx].max(0), caps)]
+        wi, wx, wc = [data.bucket(int(m), cap) for m, cap in zip(lengths[idx].max(0), caps)]
         out = choice_scores(params, cfg, hcfg, jnp.asarray(instructions[idx[0], :wi]),
                             jnp.asarray(inputs[take, :wx]), jnp.asarray(choices[take, :, :wc]))
         return np.asarray(out)[:len(idx)].tolist()
