@@ -29,8 +29,7 @@ import runs
 
 EXCLUDED_TASK_PREFIX = 'task1415_'   # the released script drops it: "this task data is not good"
 
-# The metric the released script reports for each test category.
-HEADLINE_METRIC = dict.fromkeys((
+HEADLINE_METRIC = dict.fromkeys((   # the metric the released script reports per test category
     'Textual Entailment', 'Cause Effect Classification', 'Coreference Resolution',
     'Dialogue Act Recognition', 'Answerability Classification', 'Word Analogy'), 'exact_match')
 HEADLINE_METRIC.update(dict.fromkeys((
@@ -213,8 +212,7 @@ def choice_scores(params, cfg, hcfg, instruction, inputs, choices):
         mods = _encode_task(params, instruction, cfg, hcfg)
     enc = M.t5_encode(params['t5'], cfg, inputs, mods)   # [B, Lx, D]
     kv = M.cross_kv(params['t5'], cfg, enc, inputs != M.PAD_ID, mods)
-    # each input's keys and values C times in a row, one per choice
-    for name, axis in (('k', 1), ('v', 1), ('bias', 0)):   # k, v: [Ld, B*C, S, H, K]
+    for name, axis in (('k', 1), ('v', 1), ('bias', 0)):   # each row C times: [Ld, B*C, S, H, K]
         kv[name] = jnp.repeat(kv[name], C, axis=axis)
     flat = choices.reshape(B * C, Lc)
     logits = M.t5_decode(params['t5'], cfg, M.shift_right(flat), kv, mods)   # [B*C, Lc, V]
