@@ -348,7 +348,7 @@ def read_lines(stdin):
 
 
 def one_off(args, cfg, hcfg, params, tokenizer, itok, lines):
-    """Stdin's lines predicted (or --merge-into's T5 written) under --instruction or --task-state."""
+    """Predictions for stdin's lines (or --merge-into's T5) under --instruction or --task-state."""
     instruction = ''
     if args.instruction:
         instruction = data.instruction_text(args.task, args.instruction, args.format, args.shots)
