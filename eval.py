@@ -1,7 +1,6 @@
 """Evaluate HINT or a baseline: greedy decoding with the KV cache, each instruction encoded once.
 
     python eval.py --checkpoint runs/synthetic                 # the run's own test split
-    python eval.py --checkpoint runs/ni --data-dir natural-instructions --shots 2
     printf 'a b c\\nd e\\n' | python eval.py --checkpoint runs/synthetic --instruction "Reverse."
 """
 import argparse
@@ -9,7 +8,6 @@ import dataclasses
 import functools
 import json
 import os
-import shutil
 import string
 import sys
 import time
@@ -29,25 +27,20 @@ import runs
 
 # SNI metrics: Tk-Instruct's src/compute_metrics.py, so numbers compare (docs/formats.md) -----
 
-# The released script drops this task's rows (src/split_tasks.py: "this task data is not good").
-EXCLUDED_TASK_PREFIX = 'task1415_'   # task1415_youtube_caption_corrections_grammar_correction
+EXCLUDED_TASK_PREFIX = 'task1415_'   # the released script drops it: "this task data is not good"
 
-# The metric the released script reports for each test category.
-HEADLINE_METRIC = dict.fromkeys((
+HEADLINE_METRIC = dict.fromkeys((   # the metric the released script reports per test category
     'Textual Entailment', 'Cause Effect Classification', 'Coreference Resolution',
     'Dialogue Act Recognition', 'Answerability Classification', 'Word Analogy'), 'exact_match')
 HEADLINE_METRIC.update(dict.fromkeys((
     'Overlap Extraction', 'Keyword Tagging', 'Question Rewriting', 'Title Generation',
     'Data to Text', 'Grammar Error Correction'), 'rougeL'))
+_NO_PUNCTUATION = str.maketrans('', '', string.punctuation)
 
 
 def category_key(name: str) -> str:
     """'Data to Text' -> 'data_to_text': how the released script matches categories."""
     return '_'.join(name.lower().split())
-
-
-_HEADLINE_BY_KEY = {category_key(c): m for c, m in HEADLINE_METRIC.items()}
-_NO_PUNCTUATION = str.maketrans('', '', string.punctuation)
 
 
 def normalize_answer(s: str) -> str:
@@ -61,56 +54,48 @@ def _rouge_scorer():
     return rouge_scorer.RougeScorer(['rougeL'], use_stemmer=True)
 
 
-def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F. A text with no tokens ('' or only punctuation) scores 0, even against ''."""
-    return _rouge_scorer().score(target=reference, prediction=prediction)['rougeL'].fmeasure
-
-
 def score(prediction: str, references: list[str]) -> dict:
-    """The best over references: '' matches exactly a prediction that normalises to ''."""
+    """The best over references; a text of no tokens ('' or '...') has ROUGE-L 0, even with ''."""
     if not references:
         raise ValueError(f'no references for prediction {prediction!r}')
-    pred = normalize_answer(prediction)
-    return {'exact_match': max(float(pred == normalize_answer(r)) for r in references),
-            'rougeL': max(rouge_l(prediction, r) for r in references)}
+    exact = [float(normalize_answer(prediction) == normalize_answer(r)) for r in references]
+    rouge = [_rouge_scorer().score(r, prediction)['rougeL'].fmeasure for r in references]
+    return {'exact_match': max(exact), 'rougeL': max(rouge)}
 
 
 def mean(scores: list[dict]) -> dict:
     """{exact_match, rougeL} x100 over instances, rounded to 4 decimals ({} for none)."""
     if not scores:
         return {}
-    return {k: round(100.0 * sum(s[k] for s in scores) / len(scores), 4)
-            for k in ('exact_match', 'rougeL')}
+    return {k: round(100.0 * sum(s[k] for s in scores) / len(scores), 4) for k in scores[0]}
 
 
 def grouped(keys, values) -> dict:
-    """{key: [its values]}, keys in first-seen order."""
     groups = {}
     for key, value in zip(keys, values):
         groups.setdefault(key, []).append(value)
     return groups
 
 
-def group_means(rows: list[dict], scores: list[dict], field: str) -> dict:
-    """{a value of row[field]: mean() of its rows' scores}, sorted by value."""
-    groups = grouped([r.get(field) or '' for r in rows], scores)
-    return {value: mean(group) for value, group in sorted(groups.items())}
+def group_means(keys, scores: list[dict]) -> dict:
+    return {key: mean(group) for key, group in sorted(grouped(keys, scores).items())}
 
 
 def compute_metrics(rows: list[dict]) -> dict:
     """rows: {prediction, references, task, category} -> the metrics of docs/formats.md."""
     scores = [score(r['prediction'], r['references']) for r in rows]
-    kept = [i for i, r in enumerate(rows) if not r['task'].startswith(EXCLUDED_TASK_PREFIX)]
-    kept_rows, kept_scores = [rows[i] for i in kept], [scores[i] for i in kept]
+    tasks, categories = [r['task'] for r in rows], [r.get('category') or '' for r in rows]
+    kept = [i for i, task in enumerate(tasks) if not task.startswith(EXCLUDED_TASK_PREFIX)]
+    kept_scores = [scores[i] for i in kept]
+    metric_of = {category_key(c): m for c, m in HEADLINE_METRIC.items()}
     headline = {}
-    for category, means in group_means(kept_rows, kept_scores, 'category').items():
-        metric = _HEADLINE_BY_KEY.get(category_key(category))
+    for category, means in group_means([categories[i] for i in kept], kept_scores).items():
+        metric = metric_of.get(category_key(category))
         if metric:
             headline[category] = {'metric': metric, 'value': means[metric]}
     return {'overall': mean(scores), 'overall_without_task1415': mean(kept_scores),
-            'count': len(rows), 'per_task': group_means(rows, scores, 'task'),
-            'per_category': group_means(rows, scores, 'category'),
-            'headline_per_category': headline}
+            'count': len(rows), 'per_task': group_means(tasks, scores),
+            'per_category': group_means(categories, scores), 'headline_per_category': headline}
 
 
 # Prediction: one task state per distinct instruction, shared (not copied) by its instances ----
@@ -154,8 +139,8 @@ def load_split(args, split, tokenizer, itok=None):
     """data.load_split, the instructions in the vocabulary of itok (RoBERTa's name) if given."""
     out = data.load_split(args, split, tokenizer)
     if itok:
-        own = dataclasses.replace(args, tokenizer=itok)
-        theirs = data.load_split(own, split, data.load_tokenizer(itok))
+        theirs = data.load_split(dataclasses.replace(args, tokenizer=itok), split,
+                                 data.load_tokenizer(itok))
         out['instruction'], out['lengths'][:, 0] = theirs['instruction'], theirs['lengths'][:, 0]
     return out
 
@@ -188,6 +173,21 @@ def on_hosts(params, work, run, what):
     return gather(results)
 
 
+def gather(results):
+    """Every process's results (None where another process made them), merged on all of them."""
+    if jax.process_count() == 1:
+        return results
+    mine = json.dumps(results).encode('utf-8')
+    width = runs.agreed_max(len(mine))   # padded with spaces, which json.loads ignores
+    rows = multihost_utils.process_allgather(np.frombuffer(mine.ljust(width), np.uint8))   # [P, W]
+    merged = list(results)
+    for row in rows:
+        for i, result in enumerate(json.loads(bytes(row))):
+            if result is not None:
+                merged[i] = result
+    return merged
+
+
 def predict(params, cfg, hcfg, split, tokenizer, batch_size=64):
     """Predicted texts for a load_split() result, in order (each host predicts its share)."""
     tasks = grouped([row.tobytes() for row in split['instruction']], range(len(split['input'])))
@@ -198,21 +198,6 @@ def predict(params, cfg, hcfg, split, tokenizer, batch_size=64):
         ids = predict_ids(params, cfg, mods, split['input'][rows], max_len, batch_size)
         return [tokenizer.decode(row) for row in ids]
     return on_hosts(params, list(tasks.values()), predict_task, 'tasks')
-
-
-def gather(preds):
-    """Every process's predictions (None where another process made them), merged on all of them."""
-    if jax.process_count() == 1:
-        return preds
-    mine = np.frombuffer(json.dumps(preds).encode('utf-8'), np.uint8)
-    sizes = multihost_utils.process_allgather(np.int32(len(mine)))   # [P]
-    rows = multihost_utils.process_allgather(np.pad(mine, (0, int(sizes.max()) - len(mine))))
-    merged = list(preds)
-    for row, n in zip(rows, sizes):   # [P, max size]
-        for i, p in enumerate(json.loads(bytes(row[:n]))):
-            if p is not None:
-                merged[i] = p
-    return merged
 
 
 # Rank classification (P3 / T0's held-out tasks): the best choice by summed log-likelihood ----
@@ -227,8 +212,7 @@ def choice_scores(params, cfg, hcfg, instruction, inputs, choices):
         mods = _encode_task(params, instruction, cfg, hcfg)
     enc = M.t5_encode(params['t5'], cfg, inputs, mods)   # [B, Lx, D]
     kv = M.cross_kv(params['t5'], cfg, enc, inputs != M.PAD_ID, mods)
-    # each input's keys and values C times in a row, one per choice
-    for name, axis in (('k', 1), ('v', 1), ('bias', 0)):   # k, v: [Ld, B*C, S, H, K]
+    for name, axis in (('k', 1), ('v', 1), ('bias', 0)):   # each row C times: [Ld, B*C, S, H, K]
         kv[name] = jnp.repeat(kv[name], C, axis=axis)
     flat = choices.reshape(B * C, Lc)
     logits = M.t5_decode(params['t5'], cfg, M.shift_right(flat), kv, mods)   # [B*C, Lc, V]
@@ -240,9 +224,10 @@ def choice_scores(params, cfg, hcfg, instruction, inputs, choices):
 def rank_classify(params, cfg, hcfg, split, batch_size=64):
     """Choice scores [N, C] (float32) in chunks of one template and about batch_size rows."""
     instructions, inputs, choices = split['instruction'], split['input'], split['choices']
-    lengths = split['lengths']   # [N, 3]: instruction, input, target
     n, num_choices, choice_len = choices.shape
-    choice_lengths = data.row_lengths(choices.reshape(n * num_choices, -1)).reshape(n, -1).max(1)
+    # [N, 3]: the lengths of the instruction, the input and the longest choice, and their caps
+    lengths = np.stack([*split['lengths'].T[:2], data.row_lengths(choices.any(1))], 1)
+    caps = instructions.shape[1], inputs.shape[1], choice_len
     work = []
     for rows in grouped([row.tobytes() for row in instructions], range(n)).values():   # templates
         rows = np.array(rows)
@@ -251,9 +236,7 @@ def rank_classify(params, cfg, hcfg, split, batch_size=64):
     def score_chunk(params, idx):
         # padded to a power of two with copies of its own rows: few shapes to compile
         take = np.resize(idx, data.next_pow2(len(idx)))
-        wi = data.bucket(int(lengths[idx, 0].max()), instructions.shape[1])
-        wx = data.bucket(int(lengths[idx, 1].max()), inputs.shape[1])
-        wc = data.bucket(int(choice_lengths[idx].max()), choice_len)
+        wi, wx, wc = [data.bucket(int(m), cap) for m, cap in zip(lengths[idx].max(0), caps)]
         out = choice_scores(params, cfg, hcfg, jnp.asarray(instructions[idx[0], :wi]),
                             jnp.asarray(inputs[take, :wx]), jnp.asarray(choices[take, :, :wc]))
         return np.asarray(out)[:len(idx)].tolist()
@@ -334,8 +317,8 @@ def check_args(args: EvalArgs):
     if args.instruction is None:   # the run's meta is read for one-off mode and --merge-into only
         return
     hyper = runs.newest_loadable(args.checkpoint, runs.read_meta)[1]['hyper_config'] or {}
-    if args.merge_into and (not hyper.get('lora_rank') or hyper['adapters'] or hyper['prefixes']
-                            or hyper['fusion']):
+    more = any(hyper.get(k) for k in ('adapters', 'prefixes', 'fusion'))   # than a LoRA
+    if args.merge_into and (more or not hyper.get('lora_rank')):
         raise data.DataError(f'--merge-into: {args.checkpoint} is not a LoRA-only run '
                              '(--lora-rank R --no-adapters --no-prefixes --no-fusion)')
     if hyper and not (args.task_state or args.instruction.strip()):   # HINT reads the instruction
@@ -351,55 +334,47 @@ def padded(tokenizer, text, n, what):
     return np.array(ids + [tokenizer.pad_id] * n, np.int32)[:n]
 
 
-def read_lines(stream):
-    """The non-blank lines of stdin, read as bytes so that a line that is not UTF-8 can be named."""
+def read_lines(stdin):
+    """stdin's non-blank lines, read as bytes so that a line that is not UTF-8 is named."""
     lines = []
-    for n, line in enumerate(getattr(stream, 'buffer', stream), 1):
-        if isinstance(line, bytes):
-            try:
-                line = line.decode('utf-8')
-            except UnicodeDecodeError as e:
-                raise data.DataError(f'stdin line {n}: not UTF-8 (byte {line[e.start]:#x} at '
-                                     f'column {e.start + 1})') from None
+    for n, line in enumerate(stdin.buffer, 1):
+        with data.reading(f'stdin line {n}'):   # not UTF-8: an error naming the line
+            line = line.decode('utf-8')
         if line.strip():
             lines.append(line.rstrip('\r\n'))
+    if not lines:
+        raise data.DataError('one-off mode: no instance inputs on stdin (one per line)')
     return lines
 
 
-def instruction_state(args, params, cfg, hcfg, itok):
-    """The task state of --task-state, else of --instruction formatted and cut as in training."""
-    if args.task_state:
-        state = runs.load_task_state(args.task_state)
-    else:
-        text = data.instruction_text(args.task, args.instruction, args.format, args.shots)
-        ids = padded(itok, text, data.lengths(args)[0], '--instruction')   # [Li]
-        state = task_state(params, cfg, hcfg, ids)
-    if args.save_task_state:
-        runs.save_task_state(args.save_task_state, state)
-    return state
-
-
-def one_off(args, cfg, hcfg, params, tokenizer, lines, itok):
-    """Predictions for raw inputs under --instruction or --task-state (itok: the instruction's)."""
+def one_off(args, cfg, hcfg, params, tokenizer, itok, lines):
+    """Predictions for stdin's lines (or --merge-into's T5) under --instruction or --task-state."""
     instruction = ''
     if args.instruction:
         instruction = data.instruction_text(args.task, args.instruction, args.format, args.shots)
+    li, lx, ly = data.lengths(args)
+    mods = None   # a baseline's
+    if hcfg is not None and args.task_state:
+        mods = runs.load_task_state(args.task_state)
+    elif hcfg is not None:
+        mods = task_state(params, cfg, hcfg, padded(itok, instruction, li, '--instruction'))
+    if mods is not None and args.save_task_state:
+        runs.save_task_state(args.save_task_state, mods)
+    if args.merge_into:
+        return merge_into(args, cfg, params, tokenizer, mods)
+    if hcfg is None and args.format != 'full-input' and args.instruction:
+        print('note: an input-only baseline ignores the instruction', file=sys.stderr)
     where = {'full-input': ' (with the instruction)'}.get(args.format, '')   # what a cut cuts
     texts = [data.instance_text(args.task, x, args.format) for x in lines]
     texts = [data.arrange(args.format, instruction, x)[1] for x in texts]
-    lx, ly = data.lengths(args)[1:]
     inputs = np.stack([padded(tokenizer, x, lx, f'stdin line {n}{where}')
                        for n, x in enumerate(texts, 1)])   # [N, lx]
-    mods = None
-    if hcfg is not None:
-        mods = instruction_state(args, params, cfg, hcfg, itok)
     ids = predict_ids(params, cfg, mods, inputs, ly, args.batch_size)   # [N, ly]
-    return [tokenizer.decode(row) for row in ids]
+    print('\n'.join(tokenizer.decode(row) for row in ids))
 
 
 def merge_lora(t5_params, state):
-    """Plain T5 parameters with one task's generated LoRA folded in: W_q + A_q B_q and W_v + A_v B_v
-    in every attention block. state: one task (select_task) holding a LoRA and nothing else."""
+    """Plain T5 parameters with one task's LoRA folded in: W + A B for every attention's q and v."""
     blocks = (('encoder', 'self_attn', 'lora'), ('decoder', 'self_attn', 'self_lora'),
               ('decoder', 'cross_attn', 'cross_lora'))
     names = set(state['encoder']) | set(state['decoder'])
@@ -413,33 +388,26 @@ def merge_lora(t5_params, state):
     return out
 
 
-def merge_into(args, cfg, hcfg, params, tokenizer, itok):
+def merge_into(args, cfg, params, tokenizer, state):
     """One task's LoRA merged into the run's T5, a transformers folder: plain T5 code serves it."""
-    state = instruction_state(args, params, cfg, hcfg, itok)   # as one-off mode encodes it
     M.save_t5(merge_lora(params['t5'], state), cfg, args.merge_into)
     if isinstance(tokenizer, data.SentencePieceTokenizer):
-        shutil.copy(tokenizer.name, os.path.join(args.merge_into, 'spiece.model'))
+        epath.Path(tokenizer.name).copy(f'{args.merge_into}/spiece.model', overwrite=True)
     print(f'{args.merge_into}: T5 with the task\'s LoRA merged in (T5ForConditionalGeneration)')
 
 
-def main(args: EvalArgs, run: dict):   # run: the evaluated run's own arguments (run_args)
+def main(args: EvalArgs, run: dict):   # run: the evaluated run's own settings (run_args)
     check_args(args)
     one_off_mode = args.instruction is not None or args.task_state
+    lines = []
     if one_off_mode and not args.merge_into:   # stdin first: an empty one fails before a load
         lines = read_lines(sys.stdin)
-        if not lines:
-            raise data.DataError('one-off mode: no instance inputs on stdin (one per line)')
     cfg, hcfg, params, meta = runs.load_run(args.checkpoint, args.dtype)
     tokenizer = data.load_tokenizer(meta['tokenizer'])
     itok = instruction_tokenizer(hcfg, meta['args'])   # a name (RoBERTa's) or None
-    own = data.load_tokenizer(itok or meta['tokenizer'])
-    if args.merge_into:
-        return merge_into(args, cfg, hcfg, params, tokenizer, own)
     if one_off_mode:
-        if hcfg is None and args.format != 'full-input' and args.instruction:
-            print('note: an input-only baseline ignores the instruction', file=sys.stderr)
-        print('\n'.join(one_off(args, cfg, hcfg, params, tokenizer, lines, own)))
-        return None
+        own = data.load_tokenizer(itok or meta['tokenizer'])   # the instruction encoder's
+        return one_off(args, cfg, hcfg, params, tokenizer, own, lines)
     split = first(load_split(args, args.split, tokenizer, itok), args.eval_instances)
     metrics, rows = evaluate(params, cfg, hcfg, split, tokenizer, args.batch_size)
     out_dir = results_dir(args, run)
@@ -454,12 +422,13 @@ SETTINGS = tuple(f.name for f in dataclasses.fields(data.DataArgs) if f.name != 
 
 
 def run_args(checkpoint):
-    """The run's own arguments, in its newest meta that reads (lists as tuples); {} for none."""
+    """The run's own SETTINGS, in its newest meta that reads (lists as tuples); {} for none."""
     try:
         saved = runs.newest_loadable(checkpoint, runs.read_meta, quiet=True)[1].get('args') or {}
     except runs.CheckpointError:
         return {}
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+    own = {k: saved[k] for k in SETTINGS if k in saved}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in own.items()}
 
 
 def results_dir(args, run):
@@ -467,9 +436,8 @@ def results_dir(args, run):
     if args.out_dir:
         return args.out_dir
     folder = epath.Path(args.checkpoint)
-    differs = {k: getattr(args, k) for k in SETTINGS if k in run and run[k] != getattr(args, k)}
-    if args.split != 'test':
-        differs['split'] = args.split
+    own = {**run, 'split': 'test'}   # the run's own evaluation: its test split
+    differs = {k: getattr(args, k) for k, v in own.items() if getattr(args, k) != v}
     if not run:
         differs['settings'] = 'unknown'
     if runs.is_checkpoint(folder):   # one checkpoint, perhaps not the one the run evaluated
@@ -489,10 +457,8 @@ def cli(argv=None):
     import tyro
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument('--checkpoint', default='')
-    ckpt = parser.parse_known_args(argv)[0].checkpoint   # argv None: sys.argv, as for tyro
-    run = run_args(data.local_path(ckpt))   # {} for none
-    default = EvalArgs(**{k: v for k, v in run.items() if k in SETTINGS})
-    args = tyro.cli(EvalArgs, default=default, args=argv)
+    run = run_args(parser.parse_known_args(argv)[0].checkpoint)   # argv None: sys.argv, as tyro
+    args = tyro.cli(EvalArgs, default=EvalArgs(**run), args=argv)
     paths = ('checkpoint', 'out_dir', 'merge_into', 'save_task_state', 'task_state')
     data.absolute_paths(args, paths + data.DATA_PATHS, ('tokenizer',))
     return main(args, run)

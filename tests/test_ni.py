@@ -113,17 +113,22 @@ def test_ni_trains_and_evaluates_end_to_end(tmp_path, shots):
     assert [json.loads(l)['prediction'] for l in open(out / 'predictions.jsonl')] == [r['prediction'] for r in rows]
 
 
+def stdin(text):
+    """A stand-in for sys.stdin: eval.py reads its bytes (sys.stdin.buffer)."""
+    return io.TextIOWrapper(io.BytesIO(text.encode('utf-8')))
+
+
 @needs_shared
 def test_eval_one_off_mode_reads_stdin(tmp_path, monkeypatch, capsys):
     T.main(ni_args(tmp_path, 'run', shots=0, steps=1, eval_instances=4))
     capsys.readouterr()                                   # drop the training log
-    monkeypatch.setattr(sys, 'stdin', io.StringIO('The movie was great.\n\nI hated it.\n'))
+    monkeypatch.setattr(sys, 'stdin', stdin('The movie was great.\n\nI hated it.\n'))
     state_file = str(tmp_path / 'task.safetensors')
     E.cli(['--checkpoint', str(tmp_path / 'run'), '--instruction', 'Classify the sentiment',
            '--save-task-state', state_file])
     first = capsys.readouterr().out.splitlines()
     assert len(first) == 2                                # one prediction per non-empty input line
-    monkeypatch.setattr(sys, 'stdin', io.StringIO('The movie was great.\nI hated it.\n'))
+    monkeypatch.setattr(sys, 'stdin', stdin('The movie was great.\nI hated it.\n'))
     E.cli(['--checkpoint', str(tmp_path / 'run'), '--task-state', state_file])
     assert capsys.readouterr().out.splitlines() == first  # the saved task state serves the same predictions
 
@@ -140,7 +145,7 @@ def test_eval_one_off_mode_formats_as_training(tmp_path, monkeypatch, capsys, fm
         task = json.load(f)
     inputs = {i['id']: i['input'] for i in task['Instances']}
     capsys.readouterr()                                   # drop the training log
-    monkeypatch.setattr(sys, 'stdin', io.StringIO(''.join(inputs[r['id']] + '\n' for r in rows)))
+    monkeypatch.setattr(sys, 'stdin', stdin(''.join(inputs[r['id']] + '\n' for r in rows)))
     E.cli(['--checkpoint', str(tmp_path / 'run'), '--instruction', task['Definition'][0]])
     assert capsys.readouterr().out.splitlines() == [r['prediction'] for r in rows]
 

@@ -181,7 +181,7 @@ def test_one_off_mode_refuses_an_empty_instruction_and_names_a_bad_line(tiny_run
     argv = [sys.executable, 'eval.py', '--checkpoint', str(tiny_run), '--instruction', 'Reverse.']
     r = subprocess.run(argv, cwd=ROOT, env=ENV, input=b'a b c\nd \xff e\n', capture_output=True)
     r.stdout, r.stderr = r.stdout.decode(), r.stderr.decode()
-    fails_cleanly(r, 'stdin line 2: not UTF-8 (byte 0xff at column 3)')
+    fails_cleanly(r, "stdin line 2: UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff")
 
 
 # ----------------------------------------------------------------------------------------------
