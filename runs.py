@@ -126,10 +126,11 @@ def check_shapes(where, saved, expected):
 
 def configs(meta, dtype):
     """(T5Config, HyperConfig or None: a baseline) of a checkpoint's meta."""
-    hyper = meta['hyper_config'] and dict(meta['hyper_config'])
-    if hyper and hyper.get('roberta'):
-        hyper['roberta'] = M.RobertaConfig(**hyper['roberta'])
-    return M.T5Config(**{**meta['t5_config'], 'dtype': dtype}), hyper and HN.HyperConfig(**hyper)
+    cfg, hyper = M.T5Config(**{**meta['t5_config'], 'dtype': dtype}), meta['hyper_config']
+    if hyper is None:
+        return cfg, None
+    roberta = hyper.get('roberta') and M.RobertaConfig(**hyper['roberta'])
+    return cfg, HN.HyperConfig(**{**hyper, 'roberta': roberta})
 
 
 def read_items(ckpt, targets: dict) -> dict:
