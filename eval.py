@@ -347,26 +347,33 @@ def read_lines(stdin):
     return lines
 
 
+def instruction_state(args, params, cfg, hcfg, itok):
+    """The task state of --task-state, else of --instruction formatted as in training."""
+    if args.task_state:
+        state = runs.load_task_state(args.task_state)
+    else:
+        text = data.instruction_text(args.task, args.instruction, args.format, args.shots)
+        ids = padded(itok, text, data.lengths(args)[0], '--instruction')   # [Li]
+        state = task_state(params, cfg, hcfg, ids)
+    if args.save_task_state:
+        runs.save_task_state(args.save_task_state, state)
+    return state
+
+
 def one_off(args, cfg, hcfg, params, tokenizer, itok, lines):
-    """Predictions for stdin's lines (or --merge-into's T5) under --instruction or --task-state."""
+    """Prints predictions for stdin's lines under --instruction or --task-state."""
+    mods = None   # a baseline's
+    if hcfg is not None:
+        mods = instruction_state(args, params, cfg, hcfg, itok)
+    elif args.format != 'full-input' and args.instruction:
+        print('note: an input-only baseline ignores the instruction', file=sys.stderr)
     instruction = ''
     if args.instruction:
         instruction = data.instruction_text(args.task, args.instruction, args.format, args.shots)
-    li, lx, ly = data.lengths(args)
-    mods = None   # a baseline's
-    if hcfg is not None and args.task_state:
-        mods = runs.load_task_state(args.task_state)
-    elif hcfg is not None:
-        mods = task_state(params, cfg, hcfg, padded(itok, instruction, li, '--instruction'))
-    if mods is not None and args.save_task_state:
-        runs.save_task_state(args.save_task_state, mods)
-    if args.merge_into:
-        return merge_into(args, cfg, params, tokenizer, mods)
-    if hcfg is None and args.format != 'full-input' and args.instruction:
-        print('note: an input-only baseline ignores the instruction', file=sys.stderr)
     where = {'full-input': ' (with the instruction)'}.get(args.format, '')   # what a cut cuts
     texts = [data.instance_text(args.task, x, args.format) for x in lines]
     texts = [data.arrange(args.format, instruction, x)[1] for x in texts]
+    lx, ly = data.lengths(args)[1:]
     inputs = np.stack([padded(tokenizer, x, lx, f'stdin line {n}{where}')
                        for n, x in enumerate(texts, 1)])   # [N, lx]
     ids = predict_ids(params, cfg, mods, inputs, ly, args.batch_size)   # [N, ly]
@@ -388,8 +395,9 @@ def merge_lora(t5_params, state):
     return out
 
 
-def merge_into(args, cfg, params, tokenizer, state):
+def merge_into(args, cfg, hcfg, params, tokenizer, itok):
     """One task's LoRA merged into the run's T5, a transformers folder: plain T5 code serves it."""
+    state = instruction_state(args, params, cfg, hcfg, itok)   # as one-off mode encodes it
     M.save_t5(merge_lora(params['t5'], state), cfg, args.merge_into)
     if isinstance(tokenizer, data.SentencePieceTokenizer):
         epath.Path(tokenizer.name).copy(f'{args.merge_into}/spiece.model', overwrite=True)
@@ -405,8 +413,10 @@ def main(args: EvalArgs, run: dict):   # run: the evaluated run's own settings (
     cfg, hcfg, params, meta = runs.load_run(args.checkpoint, args.dtype)
     tokenizer = data.load_tokenizer(meta['tokenizer'])
     itok = instruction_tokenizer(hcfg, meta['args'])   # a name (RoBERTa's) or None
-    if one_off_mode:
-        own = data.load_tokenizer(itok or meta['tokenizer'])   # the instruction encoder's
+    if one_off_mode:   # --merge-into too
+        own = data.load_tokenizer(itok) if itok else tokenizer   # the instruction encoder's
+        if args.merge_into:
+            return merge_into(args, cfg, hcfg, params, tokenizer, own)
         return one_off(args, cfg, hcfg, params, tokenizer, own, lines)
     split = first(load_split(args, args.split, tokenizer, itok), args.eval_instances)
     metrics, rows = evaluate(params, cfg, hcfg, split, tokenizer, args.batch_size)
