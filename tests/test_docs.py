@@ -207,3 +207,44 @@ def test_train_help_lists_the_flags():
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert '--task' in r.stdout and '--lora-rank' in r.stdout
+
+
+def test_bench_synthetic_as_typed(tmp_path):
+    """The README's synthetic table is this script's output: all three models trained and scored."""
+    command = 'python bench/synthetic.py --steps 5000'
+    assert f'`{command}`' in open(PAGES[0]).read()
+    clone(tmp_path)
+    os.makedirs(tmp_path / 'bench')
+    shutil.copy(os.path.join(ROOT, 'bench', 'synthetic.py'), tmp_path / 'bench')
+    out = typed(tmp_path, command, '--steps', '2', '--max-instances-per-task', '2',
+                '--eval-instances', '4')
+    for name in ('hint', 'full-input', 'input-only'):
+        assert re.search(rf'^\| {name} \| [\d.]+ \| [\d.]+ \| [\d.]+ \|', out, re.M), out[-2000:]
+
+
+@needs_shared
+def test_bench_speed_as_typed(tmp_path):
+    """The README's speed command, on the shared SNI sample beside the clone; tiny shapes, no (iii)
+    training step (T5-small shapes: minutes)."""
+    command = 'python bench/speed.py --no-eval --no-old --no-plot --hint-limit 32'
+    assert ' '.join(command.split()) in ' '.join(open(PAGES[0]).read().split())
+    os.symlink(os.path.abspath(os.path.join(SNI, '..', '..')), tmp_path / 'shared')
+    repo = tmp_path / 'repo'
+    os.makedirs(repo / 'bench')
+    clone(repo)
+    shutil.copy(os.path.join(ROOT, 'bench', 'speed.py'), repo / 'bench')
+    out = typed(repo, command, '--hint-limit', '4', '--sizes', 'tiny', '--repeats', '1',
+                '--no-train', '--cache-dir', '.cache')
+    assert len(re.findall(r'^\| tiny \| Def', out, re.M)) == 3, out[-2000:]
+
+
+def test_bench_memory_as_typed(tmp_path):
+    """The README's memory table comes from this script: a tiny model's rows."""
+    command = 'python bench/memory.py'
+    assert f'`{command}`' in open(PAGES[0]).read()
+    clone(tmp_path)
+    os.makedirs(tmp_path / 'bench')
+    shutil.copy(os.path.join(ROOT, 'bench', 'memory.py'), tmp_path / 'bench')
+    out = typed(tmp_path, command, '--models', 'tiny', '--devices', '1', '8', '--memory', '16',
+                '--lengths', '64', '64', '16', '--batch-size', '16', '--no-flops')
+    assert re.search(r'^\| 8 x 16 \| (\d+|no) \|$', out, re.M), out[-2000:]
