@@ -209,13 +209,18 @@ def test_train_help_lists_the_flags():
     assert '--task' in r.stdout and '--lora-rank' in r.stdout
 
 
+def clone_with_bench(folder, script):
+    """clone(), plus bench/<script> beside the scripts it imports."""
+    os.makedirs(folder / 'bench')
+    clone(folder)
+    shutil.copy(os.path.join(ROOT, 'bench', script), folder / 'bench')
+
+
 def test_bench_synthetic_as_typed(tmp_path):
     """The README's synthetic table is this script's output: all three models trained and scored."""
     command = 'python bench/synthetic.py --steps 5000'
     assert f'`{command}`' in open(PAGES[0]).read()
-    clone(tmp_path)
-    os.makedirs(tmp_path / 'bench')
-    shutil.copy(os.path.join(ROOT, 'bench', 'synthetic.py'), tmp_path / 'bench')
+    clone_with_bench(tmp_path, 'synthetic.py')
     out = typed(tmp_path, command, '--steps', '2', '--max-instances-per-task', '2',
                 '--eval-instances', '4')
     for name in ('hint', 'full-input', 'input-only'):
@@ -229,12 +234,9 @@ def test_bench_speed_as_typed(tmp_path):
     command = 'python bench/speed.py --no-eval --no-old --no-plot --hint-limit 32'
     assert ' '.join(command.split()) in ' '.join(open(PAGES[0]).read().split())
     os.symlink(os.path.abspath(os.path.join(SNI, '..', '..')), tmp_path / 'shared')
-    repo = tmp_path / 'repo'
-    os.makedirs(repo / 'bench')
-    clone(repo)
-    shutil.copy(os.path.join(ROOT, 'bench', 'speed.py'), repo / 'bench')
-    out = typed(repo, command, '--hint-limit', '4', '--sizes', 'tiny', '--repeats', '1',
-                '--no-train', '--cache-dir', '.cache')
+    clone_with_bench(tmp_path / 'repo', 'speed.py')
+    out = typed(tmp_path / 'repo', command, '--hint-limit', '4', '--sizes', 'tiny', '--repeats',
+                '1', '--no-train', '--cache-dir', '.cache')
     assert len(re.findall(r'^\| tiny \| Def', out, re.M)) == 3, out[-2000:]
 
 
@@ -242,9 +244,7 @@ def test_bench_memory_as_typed(tmp_path):
     """The README's memory table comes from this script: a tiny model's rows."""
     command = 'python bench/memory.py'
     assert f'`{command}`' in open(PAGES[0]).read()
-    clone(tmp_path)
-    os.makedirs(tmp_path / 'bench')
-    shutil.copy(os.path.join(ROOT, 'bench', 'memory.py'), tmp_path / 'bench')
+    clone_with_bench(tmp_path, 'memory.py')
     out = typed(tmp_path, command, '--models', 'tiny', '--devices', '1', '8', '--memory', '16',
                 '--lengths', '64', '64', '16', '--batch-size', '16', '--no-flops')
     assert re.search(r'^\| 8 x 16 \| (\d+|no) \|$', out, re.M), out[-2000:]
